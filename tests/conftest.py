@@ -1,0 +1,18 @@
+"""Shared test set-up: 8 fake CPU devices and JAX's persistent compilation cache.
+
+XLA_FLAGS must be set before JAX initialises its backends, which happens lazily on first
+use, so setting it here (at collection time) is early enough.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+_CACHE = os.environ.get(
+    "DIFFJAX_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "diffjax-jax-tests")
+)
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
