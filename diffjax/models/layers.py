@@ -1,0 +1,425 @@
+"""Building blocks of the ADM UNet and its noise-aware classifier (Flax Linen).
+
+Dimension letters: B batch, H/W height/width, C channels, L = H*W tokens, E embedding width.
+Layout is NHWC throughout; kernels are HWIO (`[kh, kw, C_in, C_out]`), as `flax.linen.Conv`.
+
+Blocks follow Dhariwal & Nichol (2021, "ADM", openai/guided-diffusion) so that its configs
+transcribe one to one: `ResBlock` (GroupNorm, SiLU, conv, timestep conditioning additive or
+scale-shift/FiLM, dropout, zero-initialised last conv, optional BigGAN up/down resampling),
+`AttentionBlock` (multi-head self-attention through `jax.nn.dot_product_attention`),
+`Downsample` / `Upsample` (strided conv or average pool / nearest neighbour + conv).
+`encoder_half` builds the down path and middle block shared by `unet.UNet` and
+`classifier.EncoderClassifier`, with the same parameter names in both.
+
+CPU speed: XLA:CPU computes a convolution's weight gradient slowly. `Conv` can compute it as
+k*k shifted GEMMs under `jax.custom_vjp` (exact up to float rounding); this path is chosen at
+trace time only when the default backend is CPU (`cpu_fast_conv="auto"`), so TPU/GPU always
+run the native `lax.conv_general_dilated` and its native gradients. Parameters are identical
+in both paths, so checkpoints move freely between backends.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Array = jax.Array
+Dtype = Any
+
+# PyTorch's default init for Linear/Conv weights (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)).
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+CPU_FAST_CONV_CHOICES = ("auto", "on", "off")
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+def use_fast_conv(option: str) -> bool:
+    """Resolves the `cpu_fast_conv` option at trace time.
+
+    "auto": the shifted-GEMM weight gradient iff `jax.default_backend() == "cpu"`;
+    "on": always (useful to test it); "off": always the native convolution gradient.
+    """
+    if option not in CPU_FAST_CONV_CHOICES:
+        raise ValueError(f"cpu_fast_conv={option!r} is invalid; use one of {CPU_FAST_CONV_CHOICES}")
+    if option == "auto":
+        return jax.default_backend() == "cpu"
+    return option == "on"
+
+
+def _conv_native(x: Array, w: Array, stride: int, padding: int) -> Array:
+    """x: [B, H, W, C], w: [kh, kw, C, D] -> [B, Ho, Wo, D] (symmetric zero padding)."""
+    return lax.conv_general_dilated(
+        x, w, (stride, stride), ((padding, padding), (padding, padding)),
+        dimension_numbers=_DIMENSION_NUMBERS)
+
+
+def _conv_weight_grad(x: Array, g: Array, kernel_hw: tuple[int, int], stride: int,
+                      padding: int) -> Array:
+    """d(sum(g * conv(x, w)))/dw as kh*kw GEMMs over shifted (strided) views of padded x.
+
+    dw[i, j] = sum_{b, p, q} xpad[b, p*stride + i, q*stride + j, :]^T g[b, p, q, :].
+    x: [B, H, W, C], g: [B, Ho, Wo, D] -> [kh, kw, C, D] float32 accumulation.
+    """
+    kh, kw = kernel_hw
+    b, ho, wo, _ = g.shape
+    c = x.shape[-1]
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            view = lax.slice(xp, (0, i, j, 0),
+                             (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
+                             (1, stride, stride, 1))
+            taps.append(jnp.einsum("bhwc,bhwd->cd", view, g,
+                                   preferred_element_type=jnp.float32))
+    return jnp.stack(taps).reshape(kh, kw, c, g.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_fast_grad(x: Array, w: Array, stride: int, padding: int) -> Array:
+    """Same value as the native convolution; its VJP computes dw by shifted GEMMs.
+
+    x: [B, H, W, C], w: [kh, kw, C, D] -> [B, Ho, Wo, D]. The input gradient is the exact
+    transpose of the native convolution (`jax.linear_transpose`).
+    """
+    return _conv_native(x, w, stride, padding)
+
+
+def _conv_fast_fwd(x, w, stride, padding):
+    return _conv_native(x, w, stride, padding), (x, w)
+
+
+def _conv_fast_bwd(stride, padding, residuals, g):
+    x, w = residuals
+    transpose = jax.linear_transpose(
+        lambda x_: _conv_native(x_, w, stride, padding), jax.ShapeDtypeStruct(x.shape, x.dtype))
+    (dx,) = transpose(g)
+    dw = _conv_weight_grad(x, g, w.shape[:2], stride, padding).astype(w.dtype)
+    return dx, dw
+
+
+conv_fast_grad.defvjp(_conv_fast_fwd, _conv_fast_bwd)
+
+
+class Conv(nn.Module):
+    """kxk convolution, NHWC, symmetric padding k//2 (= 'SAME' at stride 1; ADM's padding).
+
+    Params: 'kernel' [k, k, C_in, features] and 'bias' [features], as `nn.Conv`.
+    x: [B, H, W, C_in] -> [B, ceil(H/strides), ceil(W/strides), features] in `dtype`.
+    """
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = torch_default_init
+    bias_init: Callable = nn.initializers.zeros
+    cpu_fast_conv: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if self.kernel_size % 2 != 1:
+            raise ValueError(f"Conv kernel_size={self.kernel_size} must be odd (symmetric padding)")
+        k = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
+                            self.param_dtype)
+        x = x.astype(self.dtype)
+        kernel = kernel.astype(self.dtype)
+        if use_fast_conv(self.cpu_fast_conv):
+            y = conv_fast_grad(x, kernel, self.strides, k // 2)
+        else:
+            y = _conv_native(x, kernel, self.strides, k // 2)
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array:
+    """ADM's sinusoidal embedding: t: [B] (float, e.g. timestep index) -> [B, dim] float32.
+
+    Columns are [cos(t f_0..f_{h-1}), sin(t f_0..f_{h-1})] with f_i = max_period^(-i/h),
+    h = dim // 2, and a zero column appended when dim is odd.
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+def group_norm(x: Array, groups: int, name: str, param_dtype: Dtype) -> Array:
+    """GroupNorm(groups, eps=1e-5) computed in float32 and cast back to x.dtype (ADM's GroupNorm32).
+
+    Must be called inside a compact method; creates a submodule called `name`.
+    """
+    if x.shape[-1] % groups:
+        raise ValueError(f"GroupNorm: {x.shape[-1]} channels are not divisible by "
+                         f"norm_groups={groups}; choose channel counts divisible by it")
+    norm = nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=jnp.float32,
+                        param_dtype=param_dtype, name=name)
+    return norm(x.astype(jnp.float32)).astype(x.dtype)
+
+
+def upsample_nearest(x: Array) -> Array:
+    """[B, H, W, C] -> [B, 2H, 2W, C] by repetition (broadcast; cheap gradient on CPU)."""
+    b, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+    return x.reshape(b, 2 * h, 2 * w, c)
+
+
+def avg_pool_2x2(x: Array) -> Array:
+    """[B, H, W, C] -> [B, H/2, W/2, C] mean over 2x2 windows (H, W even)."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+class Downsample(nn.Module):
+    """Halves H, W: 3x3 stride-2 conv (padding 1, as ADM) or 2x2 average pool."""
+
+    use_conv: bool
+    out_channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    cpu_fast_conv: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [B, H, W, C] -> [B, H/2, W/2, out_channels]."""
+        if self.use_conv:
+            return Conv(self.out_channels, 3, strides=2, dtype=self.dtype,
+                        param_dtype=self.param_dtype, cpu_fast_conv=self.cpu_fast_conv,
+                        name="op")(x)
+        if self.out_channels != x.shape[-1]:
+            raise ValueError("Downsample without conv cannot change the channel count")
+        return avg_pool_2x2(x)
+
+
+class Upsample(nn.Module):
+    """Doubles H, W by nearest neighbour, then an optional 3x3 conv."""
+
+    use_conv: bool
+    out_channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    cpu_fast_conv: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [B, H, W, C] -> [B, 2H, 2W, out_channels]."""
+        x = upsample_nearest(x)
+        if self.use_conv:
+            return Conv(self.out_channels, 3, dtype=self.dtype, param_dtype=self.param_dtype,
+                        cpu_fast_conv=self.cpu_fast_conv, name="conv")(x)
+        if self.out_channels != x.shape[-1]:
+            raise ValueError("Upsample without conv cannot change the channel count")
+        return x
+
+
+class ResBlock(nn.Module):
+    """ADM residual block conditioned on an embedding.
+
+    h = conv(SiLU(GN(x)))  [resampled before the conv when up/down: BigGAN-style]
+    additive:     h = conv0(drop(SiLU(GN(h + W e))))
+    scale-shift:  h = conv0(drop(SiLU(GN(h) * (1 + s) + b))), [s, b] = W e  (FiLM)
+    out = skip(x) + h, skip = identity or 1x1 conv; conv0 is zero-initialised.
+    """
+
+    out_channels: int
+    dropout: float = 0.0
+    use_scale_shift_norm: bool = False
+    up: bool = False
+    down: bool = False
+    norm_groups: int = 32
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    cpu_fast_conv: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: Array, emb: Array, train: bool = False) -> Array:
+        """x: [B, H, W, C], emb: [B, E] -> [B, H', W', out_channels] (H' = 2H / H/2 / H)."""
+        conv = functools.partial(Conv, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 cpu_fast_conv=self.cpu_fast_conv)
+        h = nn.silu(group_norm(x, self.norm_groups, "in_norm", self.param_dtype))
+        if self.up:
+            h, x = upsample_nearest(h), upsample_nearest(x)
+        elif self.down:
+            h, x = avg_pool_2x2(h), avg_pool_2x2(x)
+        h = conv(self.out_channels, name="in_conv")(h)
+        width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
+        emb_out = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
+                           kernel_init=torch_default_init, name="emb_proj")(nn.silu(emb))
+        emb_out = emb_out.astype(h.dtype)[:, None, None, :]
+        if self.use_scale_shift_norm:
+            scale, shift = jnp.split(emb_out, 2, axis=-1)
+            h = group_norm(h, self.norm_groups, "out_norm", self.param_dtype)
+            h = nn.silu(h * (1 + scale) + shift)
+        else:
+            h = nn.silu(group_norm(h + emb_out, self.norm_groups, "out_norm", self.param_dtype))
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = conv(self.out_channels, kernel_init=nn.initializers.zeros, name="out_conv")(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, kernel_size=1, name="skip")(x)
+        return x.astype(h.dtype) + h
+
+
+def attention_heads(channels: int, num_heads: int, num_head_channels: int) -> int:
+    """ADM's rule: channels // num_head_channels if num_head_channels != -1 else num_heads."""
+    if num_head_channels != -1:
+        if num_head_channels <= 0 or channels % num_head_channels:
+            raise ValueError(f"attention: {channels} channels are not divisible by "
+                             f"num_head_channels={num_head_channels}")
+        return channels // num_head_channels
+    if num_heads <= 0 or channels % num_heads:
+        raise ValueError(f"attention: {channels} channels are not divisible by num_heads={num_heads}")
+    return num_heads
+
+
+def split_qkv(qkv: Array, heads: int, new_order: bool) -> tuple[Array, Array, Array]:
+    """[B, L, 3C] -> q, k, v each [B, L, heads, C/heads].
+
+    new_order (ADM's QKVAttention): columns are [q | k | v], each split into heads.
+    legacy (QKVAttentionLegacy): columns are per head [q_h | k_h | v_h]. Same parameters, a
+    different reading of the projection's columns (so weights are not interchangeable).
+    """
+    b, n, c3 = qkv.shape
+    ch = c3 // (3 * heads)
+    if new_order:
+        qkv = qkv.reshape(b, n, 3, heads, ch)
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    qkv = qkv.reshape(b, n, heads, 3, ch)
+    return qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+
+
+class AttentionBlock(nn.Module):
+    """Residual multi-head self-attention over all H*W positions (ADM's AttentionBlock).
+
+    out = x + proj_out(attn(split(qkv(GN(x))))), softmax(q k^T / sqrt(d)) in float32 via
+    `jax.nn.dot_product_attention`; proj_out is zero-initialised.
+    """
+
+    num_heads: int = 1
+    num_head_channels: int = -1
+    use_new_attention_order: bool = False
+    norm_groups: int = 32
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [B, H, W, C] -> [B, H, W, C]."""
+        b, hh, ww, c = x.shape
+        heads = attention_heads(c, self.num_heads, self.num_head_channels)
+        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        h = group_norm(x, self.norm_groups, "norm", self.param_dtype).reshape(b, hh * ww, c)
+        qkv = dense(3 * c, kernel_init=torch_default_init, name="qkv")(h)
+        q, k, v = split_qkv(qkv, heads, self.use_new_attention_order)
+        a = jax.nn.dot_product_attention(q, k, v).reshape(b, hh * ww, c)
+        a = dense(c, kernel_init=nn.initializers.zeros, name="proj_out")(a)
+        return x.astype(a.dtype) + a.reshape(b, hh, ww, c)
+
+
+class TimeEmbed(nn.Module):
+    """t: [B] -> [B, 4 * model_channels]: sinusoid (float32), Dense, SiLU, Dense."""
+
+    model_channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t: Array) -> Array:
+        dense = functools.partial(nn.Dense, 4 * self.model_channels, dtype=self.dtype,
+                                  param_dtype=self.param_dtype, kernel_init=torch_default_init)
+        emb = timestep_embedding(t, self.model_channels)
+        return dense(name="dense_1")(nn.silu(dense(name="dense_0")(emb)))
+
+
+class ADMOptions(Protocol):
+    """Fields read by the shared builders (both `UNet` and `EncoderClassifier` have them)."""
+
+    model_channels: int
+    num_res_blocks: int
+    channel_mult: tuple[int, ...]
+    attention_resolutions: tuple[int, ...]
+    num_heads: int
+    num_head_channels: int
+    dropout: float
+    use_scale_shift_norm: bool
+    resblock_updown: bool
+    conv_resample: bool
+    use_new_attention_order: bool
+    norm_groups: int
+    dtype: Dtype
+    param_dtype: Dtype
+    remat: bool
+    cpu_fast_conv: str
+
+
+def res_block(m: ADMOptions, out_channels: int, name: str, *, up: bool = False,
+              down: bool = False) -> nn.Module:
+    """A `ResBlock` with m's options (rematerialised if m.remat); call as blk(x, emb, train)."""
+    cls = nn.remat(ResBlock, static_argnums=(3,)) if m.remat else ResBlock
+    return cls(out_channels=out_channels, dropout=m.dropout,
+               use_scale_shift_norm=m.use_scale_shift_norm, up=up, down=down,
+               norm_groups=m.norm_groups, dtype=m.dtype, param_dtype=m.param_dtype,
+               cpu_fast_conv=m.cpu_fast_conv, name=name)
+
+
+def attention_block(m: ADMOptions, num_heads: int, name: str) -> nn.Module:
+    """An `AttentionBlock` with m's options (rematerialised if m.remat); call as blk(x)."""
+    cls = nn.remat(AttentionBlock) if m.remat else AttentionBlock
+    return cls(num_heads=num_heads, num_head_channels=m.num_head_channels,
+               use_new_attention_order=m.use_new_attention_order, norm_groups=m.norm_groups,
+               dtype=m.dtype, param_dtype=m.param_dtype, name=name)
+
+
+def encoder_half(m: ADMOptions, x: Array, emb: Array, *, train: bool) -> tuple[Array, list[Array]]:
+    """ADM's input blocks and middle block, built in the calling module's scope.
+
+    Must be called from m's compact `__call__`. Attention is applied after a res block when
+    the current height is in m.attention_resolutions (pixel resolutions).
+    x: [B, H, W, C_in], emb: [B, E] -> (h: [B, H/2^(n-1), W/2^(n-1), C_mid], skips), where
+    skips are the outputs of every input block (what the UNet decoder concatenates).
+    Parameter names: input_blocks_{i}_{conv,res,attn,down}, middle_{res_0,attn,res_1}.
+    """
+    ch = m.channel_mult[0] * m.model_channels
+    h = Conv(ch, 3, dtype=m.dtype, param_dtype=m.param_dtype, cpu_fast_conv=m.cpu_fast_conv,
+             name="input_blocks_0_conv")(x)
+    skips, k = [h], 1
+    for level, mult in enumerate(m.channel_mult):
+        for _ in range(m.num_res_blocks):
+            h = res_block(m, mult * m.model_channels, f"input_blocks_{k}_res")(h, emb, train)
+            if h.shape[1] in m.attention_resolutions:
+                h = attention_block(m, m.num_heads, f"input_blocks_{k}_attn")(h)
+            skips.append(h)
+            k += 1
+        if level != len(m.channel_mult) - 1:
+            name = f"input_blocks_{k}_down"
+            if m.resblock_updown:
+                h = res_block(m, h.shape[-1], name, down=True)(h, emb, train)
+            else:
+                h = Downsample(m.conv_resample, h.shape[-1], dtype=m.dtype,
+                               param_dtype=m.param_dtype, cpu_fast_conv=m.cpu_fast_conv,
+                               name=name)(h)
+            skips.append(h)
+            k += 1
+    h = res_block(m, h.shape[-1], "middle_res_0")(h, emb, train)
+    h = attention_block(m, m.num_heads, "middle_attn")(h)
+    h = res_block(m, h.shape[-1], "middle_res_1")(h, emb, train)
+    return h, skips
+
+
+def num_params(params: Any) -> int:
+    """Total number of scalars in a pytree of arrays or ShapeDtypeStructs."""
+    return int(sum(np.prod(p.shape, dtype=np.int64) for p in jax.tree.leaves(params)))

@@ -1,0 +1,155 @@
+"""The ADM UNet of Dhariwal & Nichol (2021), Flax Linen, NHWC.
+
+Option names are those of openai/guided-diffusion's `UNetModel`, so its configs transcribe
+one to one, with one deliberate difference: `attention_resolutions` holds pixel resolutions
+(e.g. (32, 16, 8) at 64x64), not ADM's downsample rates (ADM's `image_size // res`).
+
+Architecture (per `channel_mult` level: `num_res_blocks` ResBlocks, each followed by
+attention when the current height is in `attention_resolutions`, then a downsample; a middle
+ResBlock-Attention-ResBlock; the mirrored decoder with `num_res_blocks + 1` ResBlocks per
+level, each taking the concatenated skip of the matching encoder block; GroupNorm, SiLU and a
+zero-initialised 3x3 conv to the output). With learn_sigma the output has 2*out_channels
+channels: [mean output | variance interpolation v] as in iDDPM.
+
+Notes:
+- `use_new_attention_order` changes only how the qkv projection's columns are split into
+  heads and q/k/v (ADM's QKVAttention vs QKVAttentionLegacy); parameter shapes and counts are
+  the same, the function of given weights is not.
+- `class_null_label=True` adds row `num_classes` to the label table: the null label used by
+  classifier-free guidance (the trainer drops labels to it).
+- `low_res` (super-resolution, ADM's SuperResModel) is resized to the input's H, W by
+  bilinear interpolation with half-pixel centres (PyTorch's `align_corners=False`) and
+  concatenated to x on channels, so the first conv sees C + C_low channels.
+- `norm_groups` (32 in ADM) exists so that tiny test models can have few channels.
+- `cpu_fast_conv`: see `layers.Conv` ("auto" = fast weight gradients only on CPU).
+- `remat`: every ResBlock and AttentionBlock is rematerialised (`nn.remat`); same params,
+  same outputs and gradients, less activation memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffjax.models import layers
+
+Array = jax.Array
+
+
+class UNet(nn.Module):
+    """ADM UNet: (x [B,H,W,C], t [B], y [B] | None) -> [B, H, W, out_channels * (1 + learn_sigma)].
+
+    `t` is the model's time input (e.g. the timestep index in [0, T), fed to the sinusoid).
+    Dropout draws from the "dropout" RNG stream when train=True and dropout > 0.
+    """
+
+    out_channels: int
+    model_channels: int
+    num_res_blocks: int
+    channel_mult: tuple[int, ...]
+    attention_resolutions: tuple[int, ...]
+    num_heads: int = 1
+    num_head_channels: int = -1
+    num_heads_upsample: int = -1
+    dropout: float = 0.0
+    num_classes: int | None = None
+    class_null_label: bool = False
+    learn_sigma: bool = False
+    use_scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    conv_resample: bool = True
+    use_new_attention_order: bool = False
+    norm_groups: int = 32
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+    cpu_fast_conv: str = "auto"
+
+    def _validate(self, x: Array, t: Array, y: Array | None, low_res: Array | None) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"UNet expects x of shape [B, H, W, C], got {x.shape}")
+        factor = 2 ** (len(self.channel_mult) - 1)
+        if x.shape[1] % factor or x.shape[2] % factor:
+            raise ValueError(f"UNet: image size {x.shape[1]}x{x.shape[2]} must be divisible by "
+                             f"2**(len(channel_mult)-1) = {factor}")
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"UNet expects t of shape [B] = ({x.shape[0]},), got {t.shape}")
+        if (y is None) != (self.num_classes is None):
+            raise ValueError("UNet: pass labels y if and only if num_classes is set "
+                             f"(num_classes={self.num_classes}, y given: {y is not None})")
+        if y is not None and y.shape != (x.shape[0],):
+            raise ValueError(f"UNet expects y of shape [B] = ({x.shape[0]},), got {y.shape}")
+        if low_res is not None and (low_res.ndim != 4 or low_res.shape[0] != x.shape[0]):
+            raise ValueError(f"UNet expects low_res of shape [B, h, w, C] with B={x.shape[0]}, "
+                             f"got {low_res.shape}")
+
+    @nn.compact
+    def __call__(self, x: Array, t: Array, y: Array | None = None, *, train: bool = False,
+                 low_res: Array | None = None) -> Array:
+        """x: [B,H,W,C], t: [B] float, y: [B] int32, low_res: [B,h,w,C'] -> [B,H,W,Cout] float32."""
+        self._validate(x, t, y, low_res)
+        if low_res is not None:
+            up = jax.image.resize(low_res, x.shape[:3] + low_res.shape[3:], "bilinear")
+            x = jnp.concatenate([x, up.astype(x.dtype)], axis=-1)
+        emb = layers.TimeEmbed(self.model_channels, self.dtype, self.param_dtype,
+                               name="time_embed")(t)
+        if self.num_classes is not None:
+            rows = self.num_classes + int(self.class_null_label)
+            table = nn.Embed(rows, 4 * self.model_channels, dtype=self.dtype,
+                             param_dtype=self.param_dtype,
+                             embedding_init=nn.initializers.normal(1.0), name="label_emb")
+            emb = emb + table(y)
+        h, skips = layers.encoder_half(self, x.astype(self.dtype), emb, train=train)
+        h = self._decoder_half(h, skips, emb, train)
+        h = nn.silu(layers.group_norm(h.astype(jnp.float32), self.norm_groups, "out_norm",
+                                      self.param_dtype))
+        cout = self.out_channels * (2 if self.learn_sigma else 1)
+        out = layers.Conv(cout, 3, dtype=self.dtype, param_dtype=self.param_dtype,
+                          kernel_init=nn.initializers.zeros, cpu_fast_conv=self.cpu_fast_conv,
+                          name="out_conv")(h)
+        return out.astype(jnp.float32)
+
+    def _decoder_half(self, h: Array, skips: list[Array], emb: Array, train: bool) -> Array:
+        """Output blocks: names output_blocks_{i}_{res,attn,up}. Consumes `skips`."""
+        heads_up = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
+        k = 0
+        for level, mult in reversed(list(enumerate(self.channel_mult))):
+            for i in range(self.num_res_blocks + 1):
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                h = layers.res_block(self, mult * self.model_channels,
+                                     f"output_blocks_{k}_res")(h, emb, train)
+                if h.shape[1] in self.attention_resolutions:
+                    h = layers.attention_block(self, heads_up, f"output_blocks_{k}_attn")(h)
+                if level and i == self.num_res_blocks:
+                    name = f"output_blocks_{k}_up"
+                    if self.resblock_updown:
+                        h = layers.res_block(self, h.shape[-1], name, up=True)(h, emb, train)
+                    else:
+                        h = layers.Upsample(self.conv_resample, h.shape[-1], dtype=self.dtype,
+                                            param_dtype=self.param_dtype,
+                                            cpu_fast_conv=self.cpu_fast_conv, name=name)(h)
+                k += 1
+        return h
+
+
+def count_params(module: nn.Module, input_shape: tuple[int, ...], *,
+                 low_res_shape: tuple[int, ...] | None = None) -> int:
+    """Number of parameters of a UNet or EncoderClassifier for inputs [B, H, W, C].
+
+    Uses `jax.eval_shape` on `module.init`: nothing is allocated or computed. Labels are
+    passed iff the module is a class-conditional UNet.
+    """
+    b = input_shape[0]
+    args: list[Any] = [jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32),
+                       jax.ShapeDtypeStruct((b,), jnp.float32)]
+    kwargs: dict[str, Any] = {}
+    if isinstance(module, UNet):
+        args.append(None if module.num_classes is None else jax.ShapeDtypeStruct((b,), jnp.int32))
+        if low_res_shape is not None:
+            kwargs["low_res"] = jax.ShapeDtypeStruct(tuple(low_res_shape), jnp.float32)
+    variables = jax.eval_shape(lambda *a, **kw: module.init(jax.random.key(0), *a, **kw),
+                               *args, **kwargs)
+    return layers.num_params(variables["params"])
