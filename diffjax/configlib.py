@@ -1,0 +1,393 @@
+"""The base config, its validation, and the one place names become implementations.
+
+Every experiment under ``experiments/`` starts from :func:`base_config` and states only what
+differs. :func:`validate` checks every name and shape constraint once, at start-up, with a
+one-line error listing the valid choices. The ``build_*`` functions turn the validated
+ConfigDict into plain objects (schedule, model, sampler, guidance, optimiser); below them no
+code reads a ConfigDict.
+
+Glossary of config sections:
+  data       source and geometry of the images, global batch size
+  model      the network (ADM option names)
+  diffusion  noise schedule, parameterisation, loss, variance
+  guidance   none / classifier / classifier_free and its scale
+  sampler    sampling algorithm, steps and its options
+  optim      AdamW, schedule, clipping, EMA
+  train      steps, logging, checkpointing, seeds
+  eval       sample counts, metrics, sweeps
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+
+MODES = ("train", "sample", "eval", "summary")
+GUIDANCE_TYPES = ("none", "classifier", "classifier_free")
+MODEL_NAMES = ("unet", "classifier")
+DTYPES = ("float32", "bfloat16")
+SIGMA_SPACINGS = ("model", "karras", "loglinear")
+LR_DECAYS = ("constant", "cosine")
+TIMESTEP_SAMPLERS = ("uniform", "loss_second_moment")
+THRESHOLDINGS = ("none", "static", "dynamic")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message says which and how to fix it."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The shared defaults every experiment starts from (a small unconditional DDPM)."""
+    c = ml_collections.ConfigDict()
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "fashion_mnist_idx"  # see diffjax.data.SOURCES
+    c.data.path = ""  # directory / file root of the source; "" = the source's default
+    c.data.split = "train"
+    c.data.image_size = 28
+    c.data.channels = 1
+    c.data.num_classes = 10  # labels present in the data (0 = unlabelled)
+    c.data.batch_size = 64  # global, across all devices of all processes
+    c.data.random_flip = False
+    c.data.num_workers = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "unet"
+    c.model.model_channels = 32
+    c.model.channel_mult = (1, 2, 2)
+    c.model.num_res_blocks = 1
+    c.model.attention_resolutions = (7,)
+    c.model.num_heads = 1
+    c.model.num_head_channels = -1
+    c.model.num_heads_upsample = -1
+    c.model.dropout = 0.0
+    c.model.class_cond = False
+    c.model.use_scale_shift_norm = False
+    c.model.resblock_updown = False
+    c.model.conv_resample = True
+    c.model.use_new_attention_order = False
+    c.model.dtype = "float32"
+    c.model.param_dtype = "float32"
+    c.model.remat = False
+    c.model.cpu_fast_conv = "auto"
+    c.model.pool = "attention"  # classifier only
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.schedule = "linear"
+    c.diffusion.num_timesteps = 1000
+    c.diffusion.prediction = "eps"
+    c.diffusion.loss = "simple"
+    c.diffusion.variance_type = "fixed_small"
+    c.diffusion.weighting = "uniform"
+    c.diffusion.min_snr_gamma = 5.0
+    c.diffusion.p2_gamma = 1.0
+    c.diffusion.p2_k = 1.0
+    c.diffusion.vlb_weight = 0.001  # lambda of the hybrid loss (iDDPM)
+    c.diffusion.timestep_sampler = "uniform"
+
+    c.guidance = ml_collections.ConfigDict()
+    c.guidance.type = "none"
+    c.guidance.scale = 0.0  # Ho & Salimans w for classifier_free; gradient scale for classifier
+    c.guidance.label_dropout = 0.0  # training-time p of replacing the label by the null label
+    c.guidance.classifier_config = ""  # experiments/classifier_*.py of the guiding classifier
+    c.guidance.classifier_workdir = ""  # the workdir that classifier was trained in
+    c.guidance.interval_sigma_min = 0.0  # guide only for sigma in [min, max]; 0/inf = always
+    c.guidance.interval_sigma_max = float("inf")
+    c.guidance.rescale = 0.0  # CFG rescale phi (Lin et al. 2023); 0 = off
+
+    c.sampler = ml_collections.ConfigDict()
+    c.sampler.name = "ddim"
+    c.sampler.num_steps = 50
+    c.sampler.eta = 0.0
+    c.sampler.sigma_spacing = "model"
+    c.sampler.timestep_spacing = ""  # "" = uniform; "ddimN" or "10,10,5" as in iDDPM
+    c.sampler.rho = 7.0
+    c.sampler.s_churn = 0.0
+    c.sampler.s_tmin = 0.0
+    c.sampler.s_tmax = float("inf")
+    c.sampler.s_noise = 1.0
+    c.sampler.thresholding = "static"
+    c.sampler.dynamic_percentile = 0.995
+    c.sampler.num_samples = 64
+    c.sampler.batch_size = 64
+    c.sampler.seed = 0
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 2e-4
+    c.optim.warmup_steps = 100
+    c.optim.decay = "constant"
+    c.optim.min_lr_ratio = 0.0
+    c.optim.weight_decay = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.grad_clip = 1.0
+    c.optim.ema_decays = (0.9999,)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 1000
+    c.train.log_every = 50
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 3
+    c.train.keep_every = 0  # additionally keep every K-th step's checkpoint; 0 = none
+    c.train.sample_every = 500
+    c.train.num_sample_images = 64
+    c.train.seed = 0
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_samples = 1000
+    c.eval.batch_size = 250
+    c.eval.metrics = ("fd_fashion_mnist",)
+    c.eval.split = "test"
+    c.eval.sweep_guidance_scales = ()
+    c.eval.sweep_num_steps = ()
+    return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrink any experiment to a CPU-sized model of the same family (the ``:smoke`` variant).
+
+    Keeps every option that changes the code path (conditioning, learned variance, scale-shift,
+    resblock up/down, attention) and shrinks widths, depths, batch and step counts.
+    """
+    n_levels = min(len(c.model.channel_mult), 3)
+    c.model.model_channels = 16
+    c.model.channel_mult = tuple(c.model.channel_mult[:n_levels])
+    c.model.num_res_blocks = 1
+    c.data.image_size = min(c.data.image_size, 16)
+    lowest = c.data.image_size // 2 ** (n_levels - 1)
+    c.model.attention_resolutions = (lowest,) if c.model.attention_resolutions else ()
+    if c.model.num_head_channels > 0:
+        c.model.num_head_channels = 16
+    c.data.batch_size = 8
+    c.diffusion.num_timesteps = min(c.diffusion.num_timesteps, 100)
+    c.sampler.num_steps = 4
+    c.sampler.num_samples = 8
+    c.sampler.batch_size = 8
+    c.train.num_steps = 4
+    c.train.log_every = 2
+    c.train.checkpoint_every = 2
+    c.train.sample_every = 4
+    c.train.num_sample_images = 4
+    c.eval.num_samples = 16
+    c.eval.batch_size = 8
+    c.optim.warmup_steps = 1
+    return c
+
+
+def with_variant(get_config: Callable[[], ml_collections.ConfigDict], arg: str | None):
+    """Applies a config variant named after the ``:`` of ``--config path.py:variant``."""
+    c = get_config()
+    if arg in (None, ""):
+        return c
+    if arg == "smoke":
+        return smoke(c)
+    raise ConfigError(f"unknown config variant {arg!r}: valid variants are '' and 'smoke'")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _tables() -> dict[str, Sequence[str]]:
+    """Every named choice of the config and the names that are valid for it."""
+    from diffjax.data import SOURCES
+    from diffjax.diffusion import losses, samplers, schedules
+
+    return {
+        "data.source": SOURCES,
+        "model.name": MODEL_NAMES,
+        "model.dtype": DTYPES,
+        "model.param_dtype": DTYPES,
+        "diffusion.schedule": tuple(schedules.SCHEDULES),
+        "diffusion.prediction": tuple(losses.PREDICTIONS),
+        "diffusion.loss": tuple(losses.LOSS_TYPES),
+        "diffusion.variance_type": tuple(losses.VARIANCE_TYPES),
+        "diffusion.weighting": tuple(losses.WEIGHTINGS),
+        "diffusion.timestep_sampler": TIMESTEP_SAMPLERS,
+        "guidance.type": GUIDANCE_TYPES,
+        "sampler.name": tuple(samplers.SAMPLERS),
+        "sampler.sigma_spacing": SIGMA_SPACINGS,
+        "sampler.thresholding": THRESHOLDINGS,
+        "optim.decay": LR_DECAYS,
+    }
+
+
+def _get(c: ml_collections.ConfigDict, dotted: str) -> Any:
+    node = c
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _check_name(field: str, value: str, valid: Sequence[str]) -> None:
+    if field == "data.source" and isinstance(value, str) and value.startswith("tfds:"):
+        return
+    if value not in valid:
+        raise ConfigError(
+            f"config.{field}={value!r} is not a valid choice; valid: {', '.join(map(str, valid))}"
+            f" (set it with --config.{field}=NAME)"
+        )
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+    """Checks names and shape constraints of a config; raises ConfigError with one line."""
+    for field, valid in _tables().items():
+        _check_name(field, _get(c, field), valid)
+    levels = len(c.model.channel_mult)
+    if c.data.image_size % 2 ** (levels - 1):
+        raise ConfigError(
+            f"data.image_size={c.data.image_size} is not divisible by 2**(len(model.channel_mult)-1)"
+            f"={2 ** (levels - 1)}; change model.channel_mult or data.image_size"
+        )
+    for name, batch in (("data.batch_size", c.data.batch_size),
+                        ("sampler.batch_size", c.sampler.batch_size)):
+        if batch <= 0 or batch % num_devices:
+            raise ConfigError(
+                f"{name}={batch} is not a positive multiple of the {num_devices} devices; "
+                f"set --config.{name} to a multiple of {num_devices}"
+            )
+    learned = c.diffusion.variance_type in ("learned", "learned_range")
+    if c.diffusion.loss in ("hybrid", "vlb") and not learned:
+        raise ConfigError(
+            f"diffusion.loss={c.diffusion.loss!r} trains the variance, so diffusion.variance_type "
+            "must be 'learned_range' or 'learned'"
+        )
+    conditional = c.model.class_cond
+    if conditional and c.data.num_classes <= 0:
+        raise ConfigError("model.class_cond=True needs labelled data: set data.num_classes > 0")
+    if c.guidance.type == "classifier_free" and not conditional:
+        raise ConfigError("guidance.type='classifier_free' needs a class-conditional model: set "
+                          "model.class_cond=True and guidance.label_dropout > 0 for training")
+    if c.guidance.type == "classifier_free" and c.guidance.label_dropout <= 0:
+        raise ConfigError("guidance.type='classifier_free' needs guidance.label_dropout > 0 so "
+                          "the model also learns the unconditional (null-label) denoiser")
+    if not 0.0 <= c.guidance.label_dropout < 1.0:
+        raise ConfigError(f"guidance.label_dropout={c.guidance.label_dropout} must be in [0, 1)")
+    if c.sampler.num_steps < 1 or c.train.num_steps < 0:
+        raise ConfigError("sampler.num_steps must be >= 1 and train.num_steps >= 0")
+    if not c.optim.ema_decays or not all(0.0 <= d < 1.0 for d in c.optim.ema_decays):
+        raise ConfigError(f"optim.ema_decays={tuple(c.optim.ema_decays)} must be values in [0, 1)")
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def build_schedule(c: ml_collections.ConfigDict):
+    """The continuous schedule named by ``diffusion.schedule`` (its default parameters)."""
+    from diffjax.diffusion import schedules
+
+    return schedules.SCHEDULES[c.diffusion.schedule]()
+
+
+def build_discrete_schedule(c: ml_collections.ConfigDict):
+    """The T-step table (``diffusion.num_timesteps``) of the configured schedule."""
+    return build_schedule(c).discretize(c.diffusion.num_timesteps)
+
+
+def learns_variance(c: ml_collections.ConfigDict) -> bool:
+    return c.diffusion.variance_type in ("learned", "learned_range")
+
+
+def build_model(c: ml_collections.ConfigDict):
+    """The Flax module of ``model.name`` with the ADM options of ``c.model``."""
+    import jax.numpy as jnp
+
+    from diffjax.models import classifier, unet
+
+    m = c.model
+    dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
+    if m.name == "classifier":
+        return classifier.EncoderClassifier(
+            num_classes=c.data.num_classes,
+            model_channels=m.model_channels,
+            num_res_blocks=m.num_res_blocks,
+            channel_mult=tuple(m.channel_mult),
+            attention_resolutions=tuple(m.attention_resolutions),
+            num_head_channels=m.num_head_channels,
+            use_scale_shift_norm=m.use_scale_shift_norm,
+            resblock_updown=m.resblock_updown,
+            pool=m.pool,
+            dropout=m.dropout,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
+    conditional = m.class_cond
+    return unet.UNet(
+        out_channels=c.data.channels,
+        model_channels=m.model_channels,
+        num_res_blocks=m.num_res_blocks,
+        channel_mult=tuple(m.channel_mult),
+        attention_resolutions=tuple(m.attention_resolutions),
+        num_heads=m.num_heads,
+        num_head_channels=m.num_head_channels,
+        num_heads_upsample=m.num_heads_upsample,
+        dropout=m.dropout,
+        num_classes=c.data.num_classes if conditional else None,
+        class_null_label=conditional and c.guidance.type == "classifier_free",
+        learn_sigma=learns_variance(c),
+        use_scale_shift_norm=m.use_scale_shift_norm,
+        resblock_updown=m.resblock_updown,
+        conv_resample=m.conv_resample,
+        use_new_attention_order=m.use_new_attention_order,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        remat=m.remat,
+        cpu_fast_conv=m.cpu_fast_conv,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler resolved from config: the function, its options and its sigma spacing."""
+
+    name: str
+    fn: Callable[..., Any]
+    num_steps: int
+    options: dict[str, Any]
+    sigma_spacing: str
+    timestep_spacing: str
+    rho: float
+
+
+def build_sampler(c: ml_collections.ConfigDict) -> SamplerSpec:
+    from diffjax.diffusion import samplers
+
+    s = c.sampler
+    options: dict[str, Any] = {}
+    if s.name == "ddim":
+        options["eta"] = s.eta
+    if s.name in ("euler", "heun"):
+        options.update(s_churn=s.s_churn, s_tmin=s.s_tmin, s_tmax=s.s_tmax, s_noise=s.s_noise)
+    if s.name == "ddpm":
+        options["variance"] = {"fixed_small": "small", "fixed_large": "large"}.get(
+            c.diffusion.variance_type, "learned")
+    return SamplerSpec(
+        name=s.name,
+        fn=samplers.SAMPLERS[s.name],
+        num_steps=s.num_steps,
+        options=options,
+        sigma_spacing=s.sigma_spacing,
+        timestep_spacing=s.timestep_spacing,
+        rho=s.rho,
+    )
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """Loads ``get_config(arg)`` of an experiment file (``path`` or ``path:arg``)."""
+    import importlib.util
+    import os
+
+    if arg is None and ":" in os.path.basename(path):
+        path, arg = path.rsplit(":", 1)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found; pass --config experiments/NAME.py")
+    name = "diffjax_experiment_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path!r} has no get_config(arg) function")
+    return module.get_config(arg) if arg is not None else module.get_config()

@@ -1,0 +1,42 @@
+"""Sample grids as PNG: the picture people look at after a run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from etils import epath
+from PIL import Image
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[N, H, W, C] floats in [-1, 1] -> uint8 in [0, 255] (rounded, clipped)."""
+    x = (np.asarray(images, np.float32) + 1.0) * 127.5
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tiles [N, H, W, C] uint8 images into one [rows*(H+pad)+pad, ..., C] image, row-major."""
+    n, h, w, c = images.shape
+    ncol = ncol or math.ceil(math.sqrt(n))
+    nrow = math.ceil(n / ncol)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
+    for i in range(n):
+        r, k = divmod(i, ncol)
+        y, x = pad + r * (h + pad), pad + k * (w + pad)
+        grid[y:y + h, x:x + w] = images[i]
+    return grid
+
+
+def save_grid(images: np.ndarray, path: str, ncol: int | None = None, scale: int = 1) -> str:
+    """Writes images in [-1, 1] as one PNG grid, local or ``gs://`` (``scale`` enlarges)."""
+    grid = make_grid(to_uint8(images), ncol)
+    mode = "L" if grid.shape[-1] == 1 else "RGB"
+    img = Image.fromarray(grid[..., 0] if mode == "L" else grid, mode)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    out = epath.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("wb") as f:
+        img.save(f, format="PNG")
+    return path

@@ -1,0 +1,95 @@
+"""What each ``--mode`` of ``diffjax.main`` does, given a validated config and a mesh.
+
+Kept apart from ``main.py`` so that the modes can be called (and tested) without flags.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from diffjax import checkpoint, configlib, parallel
+
+USER_ERRORS: tuple[type[Exception], ...] = (
+    configlib.ConfigError, checkpoint.CheckpointError, FileNotFoundError)
+
+
+def param_count(c: ml_collections.ConfigDict) -> int:
+    """Parameters of the configured model from ``jax.eval_shape`` (nothing allocated)."""
+    from diffjax.train.loop import init_params_fn
+
+    shapes = jax.eval_shape(init_params_fn(configlib.build_model(c), c), jax.random.PRNGKey(0))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+
+
+def summary(c: ml_collections.ConfigDict, mesh) -> str:
+    """The resolved config, the mesh and the parameter count, as printed by ``--mode summary``."""
+    n = param_count(c)
+    return "\n".join([
+        "# resolved config",
+        str(c),
+        "# devices",
+        parallel.describe(mesh),
+        "# model",
+        f"{c.model.name}: {n:,} parameters ({n / 1e6:.2f}M)",
+    ])
+
+
+def train(c: ml_collections.ConfigDict, workdir: str, mesh, *, allow_config_change=False):
+    from diffjax.train import loop
+
+    return loop.train(c, workdir, mesh, allow_config_change=allow_config_change)
+
+
+def _params_for_sampling(c, mesh, workdir, checkpoint_path, step):
+    """EMA params (first decay) of the latest or given checkpoint, replicated on the mesh."""
+    from diffjax.train.loop import Trainer
+
+    source = checkpoint_path or workdir
+    directory = source if epath.Path(source).name == "checkpoints" else \
+        checkpoint.checkpoint_dir(source)
+    if not epath.Path(directory).exists():
+        raise checkpoint.CheckpointError(
+            f"no checkpoints at {directory}; train first or pass --checkpoint RUN_DIR")
+    manager = checkpoint.make_manager(directory, read_only=True)
+    trainer = Trainer(c, mesh)
+    state, got = checkpoint.restore(manager, trainer.abstract_state(), None, step)
+    return trainer.model, state.ema_params[0], got
+
+
+def sample(c: ml_collections.ConfigDict, workdir: str, mesh, *, checkpoint="", step=None,
+           seed=None):
+    """Writes ``WORKDIR/samples.npz`` (images in [-1,1], labels) and ``samples.png``."""
+    from diffjax import generate
+    from diffjax.evaluation import grid
+
+    model, params, got = _params_for_sampling(c, mesh, workdir, checkpoint, step)
+    seed = c.sampler.seed if seed is None else seed
+    start = time.perf_counter()
+    images, labels = generate.sample(c, model, mesh, params, c.sampler.num_samples,
+                                     jax.random.PRNGKey(seed))
+    wall = time.perf_counter() - start
+    if jax.process_index() == 0:
+        out = epath.Path(workdir)
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "samples.npz").open("wb") as f:
+            np.savez(f, images=images, labels=labels, step=got, seed=seed)
+        ncol = c.data.num_classes if c.model.class_cond else None
+        grid.save_grid(images, str(out / "samples.png"), ncol=ncol, scale=2)
+        print(f"wrote {len(images)} samples from checkpoint step {got} with {c.sampler.name} "
+              f"({c.sampler.num_steps} steps, seed {seed}) in {wall:.1f}s to {out}/samples.npz "
+              f"and samples.png")
+    return images, labels
+
+
+def evaluate(c, workdir, mesh, *, checkpoint="", step=None, seed=None):
+    from diffjax.evaluation import run_eval
+
+    model, params, got = _params_for_sampling(c, mesh, workdir, checkpoint, step)
+    return run_eval.evaluate(c, workdir, mesh, model, params, got,
+                             c.sampler.seed if seed is None else seed)
+

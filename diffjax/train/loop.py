@@ -1,0 +1,175 @@
+"""The training loop: restore or create the state, step, log, checkpoint, draw samples.
+
+Small on purpose: the step is pure (:mod:`diffjax.train.step`), the pieces around it are
+helpers. Metrics stay on the devices and are fetched every ``train.log_every`` steps. Only
+process 0 writes logs and images; every process takes part in checkpointing.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from diffjax import checkpoint, configlib, parallel
+from diffjax.train import optim, reporting
+from diffjax.train.feed import DeviceFeeder
+from diffjax.train.state import TrainState, abstract_state, create_sharded_state
+from diffjax.train.step import LossSpec, make_train_step, step_key
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient became NaN/Inf."""
+
+
+def loss_spec(c: ml_collections.ConfigDict) -> LossSpec:
+    d = c.diffusion
+    kwargs = {"vlb_weight": d.vlb_weight, "min_snr_gamma": d.min_snr_gamma,
+              "p2_gamma": d.p2_gamma, "p2_k": d.p2_k}
+    cfg = c.guidance.type == "classifier_free"
+    return LossSpec(
+        prediction=d.prediction, loss_type=d.loss, variance_type=d.variance_type,
+        weighting=d.weighting, loss_kwargs=tuple(sorted(kwargs.items())),
+        timestep_sampler=d.timestep_sampler,
+        label_dropout=c.guidance.label_dropout if cfg else 0.0,
+        null_label=c.data.num_classes,
+    )
+
+
+def make_apply_fn(model, conditional: bool):
+    """``apply(params, x, t, y, train, rngs)`` for the UNet; ``y`` is ignored if unconditional."""
+
+    def apply(params, x, t, y, train, rngs=None):
+        return model.apply({"params": params}, x, t, y if conditional else None,
+                           train=train, rngs=rngs)
+
+    return apply
+
+
+def init_params_fn(model, c: ml_collections.ConfigDict):
+    """``key -> params`` on a one-example dummy batch (shapes from the config)."""
+    shape = (1, c.data.image_size, c.data.image_size, c.data.channels)
+
+    def init(key):
+        y = jnp.zeros((1,), jnp.int32) if c.model.class_cond else None
+        return model.init(key, jnp.zeros(shape), jnp.zeros((1,)), y, train=False)["params"]
+
+    return init
+
+
+class Trainer:
+    """Everything built from the config for training: model, schedule, optimiser, step."""
+
+    def __init__(self, c: ml_collections.ConfigDict, mesh):
+        self.config, self.mesh = c, mesh
+        self.model = configlib.build_model(c)
+        self.ds = configlib.build_discrete_schedule(c)
+        self.lr = optim.learning_rate_schedule(
+            c.optim.learning_rate, c.optim.warmup_steps, c.train.num_steps, c.optim.decay,
+            c.optim.min_lr_ratio)
+        self.tx = optim.make_optimizer(
+            self.lr, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
+            weight_decay=c.optim.weight_decay, grad_clip=c.optim.grad_clip)
+        self.apply_fn = make_apply_fn(self.model, c.model.class_cond)
+        self.init_fn = init_params_fn(self.model, c)
+        step = make_train_step(self.apply_fn, self.ds, self.tx, loss_spec(c),
+                               tuple(c.optim.ema_decays), self.lr)
+        rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+        self.train_step = jax.jit(
+            lambda state, batch: step(state, batch, step_key(state)),
+            in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
+        self._state_args = (self.init_fn, self.tx, c.train.seed, len(c.optim.ema_decays),
+                            self.ds.num_timesteps, rep)
+
+    def new_state(self) -> TrainState:
+        return create_sharded_state(*self._state_args)
+
+    def abstract_state(self) -> TrainState:
+        return abstract_state(*self._state_args)
+
+
+def _check_workdir_config(workdir: str, resolved: dict, allow_change: bool) -> None:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path) or allow_change:
+        return
+    with open(path) as f:
+        previous = json.load(f)
+    keep = lambda d: {k: v for k, v in d.items() if k not in ("train", "eval", "sampler")}  # noqa: E731
+    if keep(previous) != keep(resolved):
+        changed = sorted(k for k in set(previous) | set(resolved)
+                         if previous.get(k) != resolved.get(k))
+        raise configlib.ConfigError(
+            f"{workdir} holds a run of a different config (sections differ: {', '.join(changed)});"
+            f" use another --workdir, or pass --allow_config_change to continue it anyway"
+        )
+
+
+def train(c: ml_collections.ConfigDict, workdir: str, mesh, *, allow_config_change: bool = False,
+          data_iterator=None) -> TrainState:
+    """Trains to ``train.num_steps``, resuming from ``workdir/checkpoints`` if it has any."""
+    from diffjax import data as data_lib
+    from diffjax import generate
+
+    resolved = c.to_dict()
+    _check_workdir_config(workdir, resolved, allow_config_change)
+    per_device = parallel.check_global_batch(c.data.batch_size, mesh)
+    del per_device
+    it = data_iterator or data_lib.iterator_from_config(c, jax.process_index(), jax.process_count())
+    trainer = Trainer(c, mesh)
+    manager = checkpoint.make_manager(checkpoint.checkpoint_dir(workdir), c.train.keep_checkpoints,
+                                      c.train.keep_every)
+    feeder = DeviceFeeder(it, parallel.data_sharding(mesh))
+    if manager.latest_step() is not None:
+        state, start = checkpoint.restore(manager, trainer.abstract_state(), feeder)
+    else:
+        state, start = trainer.new_state(), 0
+    writer = reporting.Reporter(workdir, enabled=jax.process_index() == 0,
+                                total_steps=c.train.num_steps, start_step=start,
+                                batch_size=c.data.batch_size)
+    writer.write_config(resolved)
+    sampler = functools.partial(generate.sample_grid, c, trainer.model, mesh) if (
+        c.train.sample_every > 0) else None
+    pending: list[dict[str, jax.Array]] = []
+    try:
+        for step in range(start, c.train.num_steps):
+            state, metrics = trainer.train_step(state, next(feeder))
+            pending.append(metrics)
+            done = step + 1
+            if done % c.train.log_every == 0 or done == c.train.num_steps:
+                summary = _mean_metrics(jax.device_get(pending))
+                pending = []
+                writer.log(done, summary)
+                if summary.get("nonfinite", 0) > 0:
+                    raise NonFiniteLossError(
+                        f"loss or gradient became NaN/Inf before step {done} (the update was "
+                        f"skipped); lower optim.learning_rate or check the data; last checkpoint "
+                        f"step: {manager.latest_step()}")
+            if done % c.train.checkpoint_every == 0 or done == c.train.num_steps:
+                checkpoint.save(manager, done, state, feeder.snapshot(), resolved)
+            if sampler is not None and (done % c.train.sample_every == 0
+                                        or done == c.train.num_steps):
+                images = sampler(state.ema_params[0], jax.random.PRNGKey(c.train.seed + 1))
+                writer.image_grid(done, images, c.data.num_classes if c.model.class_cond else 0)
+    finally:
+        manager.wait_until_finished()
+        writer.close()
+    return state
+
+
+def _mean_metrics(pending: list[dict[str, Any]]) -> dict[str, float]:
+    out = {}
+    for name in pending[0]:
+        values = np.asarray([m[name] for m in pending], np.float64)
+        out[name] = float(values.sum() if name == "nonfinite" else values.mean())
+    return out
+
+
+def wall_clock() -> float:
+    return time.perf_counter()

@@ -1,0 +1,79 @@
+"""What a run reports: metrics.jsonl, TensorBoard events, a progress bar, sample grids.
+
+Only the process constructed with ``enabled=True`` (process 0) writes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from diffjax.evaluation import grid
+
+
+class Reporter:
+    """Writes ``WORKDIR/metrics.jsonl``, TensorBoard events and PNG grids; shows progress."""
+
+    def __init__(self, workdir: str, *, enabled: bool, total_steps: int, start_step: int,
+                 batch_size: int):
+        self.workdir, self.enabled = epath.Path(workdir), enabled
+        self.total, self.batch_size = total_steps, batch_size
+        self._last_step, self._last_time = start_step, time.perf_counter()
+        self._tb = self._bar = None
+        if not enabled:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        from tensorboardX import SummaryWriter
+        from tqdm import tqdm
+
+        self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+        self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                         file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        if self.enabled:
+            (self.workdir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        now = time.perf_counter()
+        steps = max(step - self._last_step, 1)
+        rate = steps / max(now - self._last_time, 1e-9)
+        self._last_step, self._last_time = step, now
+        metrics = dict(metrics, steps_per_sec=rate, examples_per_sec=rate * self.batch_size)
+        if not self.enabled:
+            return
+        with (self.workdir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for name, value in metrics.items():
+            self._tb.add_scalar(f"train/{name}", value, step)
+        self._tb.flush()
+        self._bar.n = step
+        self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        self._bar.refresh()
+        self._bar.write(
+            f"step {step}/{self.total} loss {metrics['loss']:.4f} grad_norm "
+            f"{metrics.get('grad_norm', float('nan')):.3f} lr {metrics.get('learning_rate', 0):.2e}"
+            f" {rate:.2f} steps/s", file=sys.stderr)
+
+    def image_grid(self, step: int, images: np.ndarray, num_classes: int) -> str | None:
+        """Writes ``samples/step_XXXXXXX.png``; one row per class when class-conditional."""
+        if not self.enabled:
+            return None
+        path = str(self.workdir / "samples" / f"step_{step:07d}.png")
+        ncol = len(images) // num_classes if num_classes and len(images) % num_classes == 0 \
+            else None
+        grid.save_grid(np.asarray(images), path, ncol=ncol, scale=2)
+        self._tb.add_image("samples", grid.make_grid(grid.to_uint8(images), ncol), step,
+                           dataformats="HWC")
+        return path
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
