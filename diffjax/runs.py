@@ -70,15 +70,16 @@ def sample(c: ml_collections.ConfigDict, workdir: str, mesh, *, checkpoint="", s
     model, params, got = _params_for_sampling(c, mesh, workdir, checkpoint, step)
     seed = c.sampler.seed if seed is None else seed
     start = time.perf_counter()
-    images, labels = generate.sample(c, model, mesh, params, c.sampler.num_samples,
-                                     jax.random.PRNGKey(seed))
+    generator = generate.Generator(c, model, mesh)
+    images, labels = generator(params, c.sampler.num_samples, jax.random.PRNGKey(seed),
+                               grouped=True)
     wall = time.perf_counter() - start
     if jax.process_index() == 0:
         out = epath.Path(workdir)
         out.mkdir(parents=True, exist_ok=True)
         with (out / "samples.npz").open("wb") as f:
             np.savez(f, images=images, labels=labels, step=got, seed=seed)
-        ncol = c.data.num_classes if c.model.class_cond else None
+        ncol = -(-len(images) // c.data.num_classes) if c.model.class_cond else None
         grid.save_grid(images, str(out / "samples.png"), ncol=ncol, scale=2)
         print(f"wrote {len(images)} samples from checkpoint step {got} with {c.sampler.name} "
               f"({c.sampler.num_steps} steps, seed {seed}) in {wall:.1f}s to {out}/samples.npz "

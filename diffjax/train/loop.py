@@ -7,7 +7,6 @@ process 0 writes logs and images; every process takes part in checkpointing.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -134,8 +133,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, mesh, *, allow_config_chan
                                 total_steps=c.train.num_steps, start_step=start,
                                 batch_size=c.data.batch_size)
     writer.write_config(resolved)
-    sampler = functools.partial(generate.sample_grid, c, trainer.model, mesh) if (
-        c.train.sample_every > 0) else None
+    sampler = generate.Generator(c, trainer.model, mesh, max_batch=c.train.num_sample_images) \
+        if c.train.sample_every > 0 else None
     pending: list[dict[str, jax.Array]] = []
     try:
         for step in range(start, c.train.num_steps):
@@ -155,7 +154,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, mesh, *, allow_config_chan
                 checkpoint.save(manager, done, state, feeder.snapshot(), resolved)
             if sampler is not None and (done % c.train.sample_every == 0
                                         or done == c.train.num_steps):
-                images = sampler(state.ema_params[0], jax.random.PRNGKey(c.train.seed + 1))
+                images, _ = sampler(state.ema_params[0], c.train.num_sample_images,
+                                    jax.random.PRNGKey(c.train.seed + 1), grouped=True)
                 writer.image_grid(done, images, c.data.num_classes if c.model.class_cond else 0)
     finally:
         manager.wait_until_finished()
