@@ -1,0 +1,193 @@
+"""Tests of diffjax.models.layers against float64 NumPy references written from the formulas."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffjax.models import layers
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _conv_ref(x, w, stride, pad):
+    """float64 out[b,p,q,d] = sum_{i,j,c} xpad[b, p*s+i, q*s+j, c] w[i,j,c,d]."""
+    kh, kw = w.shape[:2]
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    ho = (xp.shape[1] - kh) // stride + 1
+    wo = (xp.shape[2] - kw) // stride + 1
+    out = np.zeros((x.shape[0], ho, wo, w.shape[-1]))
+    for i in range(kh):
+        for j in range(kw):
+            view = xp[:, i:i + (ho - 1) * stride + 1:stride, j:j + (wo - 1) * stride + 1:stride]
+            out += view @ w[i, j]
+    return out
+
+
+def _conv_grads_ref(x, w, g, stride, pad):
+    """float64 (dx, dw) of sum(g * conv(x, w)) by scattering each tap."""
+    kh, kw = w.shape[:2]
+    ho, wo = g.shape[1:3]
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    dxp = np.zeros_like(xp)
+    dw = np.zeros_like(w)
+    for i in range(kh):
+        for j in range(kw):
+            sl = (slice(None), slice(i, i + (ho - 1) * stride + 1, stride),
+                  slice(j, j + (wo - 1) * stride + 1, stride))
+            dw[i, j] = np.einsum("bhwc,bhwd->cd", xp[sl], g)
+            dxp[sl] += g @ w[i, j].T
+    return dxp[:, pad:pad + x.shape[1], pad:pad + x.shape[2]], dw
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("k,stride,shape", [(3, 1, (2, 8, 8, 5)), (3, 2, (2, 8, 6, 4)),
+                                            (1, 1, (2, 5, 5, 3)), (5, 1, (1, 7, 9, 2))])
+def test_fast_conv_matches_native_and_float64(k, stride, shape):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((k, k, shape[-1], 6)).astype(np.float32)
+    pad = k // 2
+    y_ref = _conv_ref(x.astype(np.float64), w.astype(np.float64), stride, pad)
+    g = rng.standard_normal(y_ref.shape).astype(np.float32)
+    dx_ref, dw_ref = _conv_grads_ref(x.astype(np.float64), w.astype(np.float64),
+                                     g.astype(np.float64), stride, pad)
+
+    def vjp(fn):
+        y, pull = jax.vjp(fn, jnp.asarray(x), jnp.asarray(w))
+        return (y, *pull(jnp.asarray(g)))
+
+    fast = jax.jit(lambda: vjp(lambda a, b: layers.conv_fast_grad(a, b, stride, pad)))()
+    native = jax.jit(lambda: vjp(lambda a, b: layers._conv_native(a, b, stride, pad)))()
+    # float32 sums of n terms: relative rounding error of order sqrt(n) * eps.
+    n_terms = max(k * k * shape[-1], shape[0] * y_ref.shape[1] * y_ref.shape[2])
+    tol = 4 * math.sqrt(n_terms) * EPS32
+    for got, want in zip(fast, (y_ref, dx_ref, dw_ref)):
+        assert _rel(got, want) < tol
+    for got, want in zip(fast, native):
+        assert _rel(got, np.asarray(want, np.float64)) < tol
+
+
+def test_conv_module_is_portable_to_nn_conv():
+    x = jax.random.normal(jax.random.key(1), (2, 6, 6, 3))
+    for opt in ("on", "off"):
+        conv = layers.Conv(4, 3, cpu_fast_conv=opt)
+        params = conv.init(jax.random.key(2), x)["params"]
+        params = {"kernel": params["kernel"], "bias": params["bias"] + 0.5}
+        ref = nn.Conv(4, (3, 3), padding=1).apply({"params": params}, x)
+        np.testing.assert_allclose(conv.apply({"params": params}, x), ref, rtol=1e-6, atol=1e-6)
+        assert params["kernel"].shape == (3, 3, 3, 4)
+
+
+def test_use_fast_conv_option():
+    assert layers.use_fast_conv("auto") == (jax.default_backend() == "cpu")
+    assert layers.use_fast_conv("on") and not layers.use_fast_conv("off")
+    with pytest.raises(ValueError, match="cpu_fast_conv"):
+        layers.use_fast_conv("yes")
+    with pytest.raises(ValueError, match="odd"):
+        layers.Conv(2, 2).init(jax.random.key(0), jnp.ones((1, 4, 4, 1)))
+
+
+def test_timestep_embedding_closed_form():
+    t = np.array([0.0, 1.0, 17.5, 999.0])
+    for dim in (8, 7):
+        half = dim // 2
+        f = 10000.0 ** (-np.arange(half) / half)
+        want = np.concatenate([np.cos(t[:, None] * f), np.sin(t[:, None] * f)], axis=1)
+        if dim % 2:
+            want = np.concatenate([want, np.zeros((4, 1))], axis=1)
+        got = layers.timestep_embedding(jnp.asarray(t, jnp.float32), dim)
+        # |arg| <= 999: float32 argument rounding gives abs error <= 999 * eps.
+        np.testing.assert_allclose(got, want, atol=2 * 999 * EPS32)
+
+
+def test_resampling_ops():
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    np.testing.assert_array_equal(layers.upsample_nearest(jnp.asarray(x)),
+                                  np.repeat(np.repeat(x, 2, axis=1), 2, axis=2))
+    want = x[:, :2, :4].reshape(2, 1, 2, 2, 2, 5).mean(axis=(2, 4))
+    np.testing.assert_allclose(layers.avg_pool_2x2(jnp.asarray(x[:, :2])), want, rtol=1e-6)
+
+
+def _attention_ref(x, p, heads, new_order, groups):
+    """float64 ADM AttentionBlock in its channel-first [B, C, L] layout."""
+    b, h, w, c = x.shape
+    xs = x.reshape(b, h * w, c)
+    g = xs.reshape(b, h * w, groups, c // groups)
+    mu = g.mean(axis=(1, 3), keepdims=True)
+    var = g.var(axis=(1, 3), keepdims=True)
+    normed = ((g - mu) / np.sqrt(var + 1e-5)).reshape(b, h * w, c)
+    normed = normed * p["norm"]["scale"] + p["norm"]["bias"]
+    qkv = (normed @ p["qkv"]["kernel"] + p["qkv"]["bias"]).transpose(0, 2, 1)  # [B, 3C, L]
+    ch = c // heads
+    if new_order:
+        q, k, v = (a.reshape(b * heads, ch, -1) for a in np.split(qkv, 3, axis=1))
+    else:
+        q, k, v = np.split(qkv.reshape(b * heads, 3 * ch, -1), 3, axis=1)
+    logits = np.einsum("bct,bcs->bts", q, k) / math.sqrt(ch)
+    wts = np.exp(logits - logits.max(-1, keepdims=True))
+    wts /= wts.sum(-1, keepdims=True)
+    a = np.einsum("bts,bcs->bct", wts, v).reshape(b, c, -1).transpose(0, 2, 1)
+    out = a @ p["proj_out"]["kernel"] + p["proj_out"]["bias"]
+    return x + out.reshape(b, h, w, c)
+
+
+@pytest.mark.parametrize("new_order", [False, True])
+def test_attention_block_matches_adm_reference(new_order):
+    x = jax.random.normal(jax.random.key(0), (2, 3, 3, 8))
+    block = layers.AttentionBlock(num_head_channels=4, use_new_attention_order=new_order,
+                                  norm_groups=2)
+    params = block.init(jax.random.key(1), x)["params"]
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    params = jax.tree.unflatten(tree, [p + 0.3 * jax.random.normal(k, p.shape)
+                                       for p, k in zip(leaves, keys)])
+    got = jax.jit(block.apply)({"params": params}, x)
+    p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    want = _attention_ref(np.asarray(x, np.float64), p64, 2, new_order, 2)
+    # ~10 float32 stages (norm, two projections, softmax, weighted sum) of sums of <= 9
+    # terms: relative error well under 10 * 9 * eps; a wrong head split gives O(1).
+    assert _rel(got, want) < 90 * EPS32
+
+
+def test_attention_heads_rule_and_errors():
+    assert layers.attention_heads(256, 1, 64) == 4
+    assert layers.attention_heads(256, 4, -1) == 4
+    with pytest.raises(ValueError, match="num_head_channels"):
+        layers.attention_heads(96, 1, 64)
+    with pytest.raises(ValueError, match="num_heads"):
+        layers.attention_heads(96, 5, -1)
+
+
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_resblock_init_is_skip_and_shapes(scale_shift):
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 4))
+    emb = jax.random.normal(jax.random.key(1), (2, 16))
+    for up, down, hw in ((False, False, 4), (True, False, 8), (False, True, 2)):
+        blk = layers.ResBlock(8, use_scale_shift_norm=scale_shift, up=up, down=down,
+                              norm_groups=4)
+        out, v = jax.jit(blk.init_with_output)(jax.random.key(2), x, emb)
+        p = v["params"]
+        assert out.shape == (2, hw, hw, 8)
+        assert p["emb_proj"]["kernel"].shape == (16, 16 if scale_shift else 8)
+        xs = x if not up else layers.upsample_nearest(x)
+        xs = xs if not down else layers.avg_pool_2x2(x)
+        skip = layers.Conv(8, 1).apply({"params": p["skip"]}, xs)
+        np.testing.assert_allclose(out, skip, rtol=1e-6, atol=1e-6)  # zero-init out_conv
+
+
+def test_group_norm_rejects_indivisible_channels():
+    with pytest.raises(ValueError, match="norm_groups"):
+        layers.ResBlock(6, norm_groups=4).init(jax.random.key(0), jnp.ones((1, 4, 4, 6)),
+                                               jnp.ones((1, 8)))
+
+
+def test_num_params_counts_shape_structs():
+    tree = {"a": jax.ShapeDtypeStruct((3, 4), jnp.float32), "b": jnp.zeros((5,))}
+    assert layers.num_params(tree) == 17
