@@ -216,3 +216,27 @@ def prefetch_to_mesh(iterator: grain.DatasetIterator, sharding: Any,
     if size < 0:
         raise ValueError(f"prefetch size must be >= 0, got {size}")
     return grain.experimental.ThreadPrefetchDatasetIterator(_OnDevices(iterator, sharding), size)
+
+
+def iterator_from_config(c: Any, process_index: int, process_count: int) -> grain.DatasetIterator:
+    """The training iterator of a diffjax ConfigDict (reads c.data.* and c.train.seed only).
+
+    A thin adapter for the trainer: c.data.path "" means the source's default location;
+    optional fields c.data.resize (default "none"; folders "resize") and c.data.seed
+    (default c.train.seed). Checks c.data.channels / c.data.num_classes against the data.
+    """
+    d = c.data
+    options = {"channels": d.channels} if d.source == "folder" else {}
+    common = dict(source=d.source, split=d.split, image_size=d.image_size,
+                  data_dir=d.path or None, resize=d.get("resize", None), **options)
+    _, shape, num_classes = dataset_info(**common)
+    if shape[-1] != d.channels:
+        raise ValueError(f"data.channels={d.channels} but {d.source} images have {shape[-1]} "
+                         f"channel(s); set data.channels={shape[-1]}")
+    if d.num_classes > 0 and d.num_classes != num_classes:
+        raise ValueError(f"data.num_classes={d.num_classes} but {d.source} has {num_classes} "
+                         f"classes; set data.num_classes={num_classes} (0 = ignore labels)")
+    return make_train_iterator(
+        **common, global_batch_size=d.batch_size, seed=int(d.get("seed", c.train.seed)),
+        random_flip=d.random_flip, process_index=process_index, process_count=process_count,
+        num_workers=d.num_workers)
