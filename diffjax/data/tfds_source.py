@@ -97,7 +97,9 @@ class TfdsSource:
 
     def read_batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """indices: [b] int, b >= 1 -> (images uint8 [b, S, S, C], labels int32 [b])."""
-        records = self._source.__getitems__([int(i) for i in indices])
+        # Record by record: tfds 4.9.10's mock_data breaks the batched __getitems__ (its mock
+        # installs an unbound function), and grain's read threads already overlap the reads.
+        records = [self._source[int(i)] for i in indices]
         images = [np.asarray(r[self._image_key], dtype=np.uint8) for r in records]
         if self._label_key is None:
             labels = np.zeros(len(records), dtype=np.int32)
