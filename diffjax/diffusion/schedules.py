@@ -307,8 +307,11 @@ class DiscreteSchedule:
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or betas.shape[0] < 2:
             raise ValueError(f"betas must be 1-D with at least 2 entries, got shape {betas.shape}.")
-        if not np.all((betas > 0) & (betas <= 1)):
-            raise ValueError("betas must lie in (0, 1]; check the schedule's parameters.")
+        if not np.all((betas > 0) & (betas < 1)):
+            raise ValueError(
+                "betas must lie in (0, 1); check the schedule's parameters (linear betas "
+                "scaled by 1000 / T reach 1 for T <= 20: use more timesteps)."
+            )
         abar = np.cumprod(1.0 - betas)
         abar_prev = np.append(1.0, abar[:-1])
         post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
