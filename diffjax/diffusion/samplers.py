@@ -1,0 +1,341 @@
+"""Samplers over a VE denoiser, each one compiled ``lax.scan`` over its sigma sequence.
+
+Convention (Karras et al. 2022): ``x = x0 + sigma * n``; a denoiser is
+``denoise(x, sigma, cond) -> x0_hat`` with x: [B, ...], sigma: [B] (samplers pass the step's
+sigma broadcast to [B]). The probability-flow ODE is dx/dsigma = (x - D(x, sigma)) / sigma.
+A VP/DDPM model is wrapped into this convention by ``process.make_denoiser``; with log-SNR
+lambda = -log sigma the DPM-Solver(++) formulas below are the published ones with alpha = 1.
+
+Every sampler has the signature
+
+    fn(denoise, x_init, sigmas, key, *, cond=None, return_trajectory=False, **options)
+        -> x: [B, ...]                      (or (x, xs: [N, B, ...]) with return_trajectory)
+
+x_init: [B, ...] = unit Gaussian noise * sigmas[0]; sigmas: [N + 1] decreasing, normally
+ending with 0 (see ``diffjax.diffusion.sigmas``), a NumPy array or a traced jnp array; key: a
+PRNG key, step i draws its noise from ``jax.random.fold_in(key, i)`` (deterministic samplers
+ignore it). xs[i] is the state after step i. Options are Python scalars fixed at trace time.
+The caller jits and shards, e.g. ``jax.jit(lambda p, x, k: euler(partial(D, p), x, s, k))``
+with x sharded over the batch axis; samplers contain no device logic.
+
+Number of network evaluations: ``num_evals(name, num_steps)`` (num_steps = len(sigmas) - 1,
+sigmas ending at 0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+Denoiser = Callable[[Array, Array, Any], Any]
+
+
+def _call(denoise: Denoiser, x: Array, sigma: Array, cond: Any) -> Any:
+    """denoise(x, sigma broadcast to [B], cond)."""
+    return denoise(x, jnp.full((x.shape[0],), sigma, x.dtype), cond)
+
+
+def _loop(step, carry, x_init: Array, sigmas: Any, key: Array, trajectory: bool):
+    """Runs ``step(carry, inputs, step_key) -> carry`` over the steps with one lax.scan.
+
+    carry[0] is the state x; inputs holds i, sigma, sigma_next and the two previous sigmas
+    (equal to sigma where they do not exist yet).
+    """
+    sigmas = jnp.asarray(sigmas, x_init.dtype)
+    if sigmas.ndim != 1 or sigmas.shape[0] < 2:
+        raise ValueError(f"sigmas must be 1-D with at least 2 entries, got shape {sigmas.shape}.")
+    if not jnp.issubdtype(x_init.dtype, jnp.floating) or x_init.ndim < 1:
+        raise ValueError("x_init must be a floating array [B, ...] (unit noise * sigmas[0]).")
+    head = sigmas[:-1]
+    inputs = {
+        "i": jnp.arange(head.shape[0]),
+        "sigma": head,
+        "sigma_next": sigmas[1:],
+        "sigma_prev": jnp.concatenate([head[:1], head[:-1]]),
+        "sigma_prev2": jnp.concatenate([head[:1], head[:1], head[:-2]])[: head.shape[0]],
+    }
+
+    def body(c, inp):
+        c = step(c, inp, jax.random.fold_in(key, inp["i"]))
+        return c, (c[0] if trajectory else None)
+
+    carry, xs = lax.scan(body, carry, inputs)
+    return (carry[0], xs) if trajectory else carry[0]
+
+
+def _noise(key: Array, x: Array) -> Array:
+    return jax.random.normal(key, x.shape, x.dtype)
+
+
+def _churn(x, sigma, key, num_steps, s_churn, s_tmin, s_tmax, s_noise):
+    """Karras Alg. 2 lines 4-6: raise sigma to sigma_hat = (1 + gamma) sigma by adding noise."""
+    if s_churn == 0:
+        return x, sigma
+    gamma_max = min(s_churn / num_steps, math.sqrt(2.0) - 1.0)
+    gamma = jnp.where((sigma >= s_tmin) & (sigma <= s_tmax), gamma_max, 0.0)
+    sigma_hat = sigma * (1.0 + gamma)
+    # sqrt(sigma_hat^2 - sigma^2), written so that gamma = 0 gives exactly 0 (no FMA residue).
+    x = x + sigma * jnp.sqrt(gamma * (2.0 + gamma)) * s_noise * _noise(key, x)
+    return x, sigma_hat
+
+
+def euler(denoise, x_init, sigmas, key, *, cond=None, return_trajectory=False,
+          s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
+    """Euler steps on the probability-flow ODE; Karras Alg. 1 (s_churn=0) / Alg. 2 with Euler.
+
+    Churn: gamma_i = min(s_churn / N, sqrt(2) - 1) where s_tmin <= sigma_i <= s_tmax.
+    """
+    num_steps = jnp.shape(sigmas)[0] - 1
+
+    def step(carry, inp, k):
+        x, sigma_hat = _churn(carry[0], inp["sigma"], k, num_steps, s_churn, s_tmin, s_tmax,
+                              s_noise)
+        d = (x - _call(denoise, x, sigma_hat, cond)) / sigma_hat
+        return (x + (inp["sigma_next"] - sigma_hat) * d,)
+
+    return _loop(step, (x_init,), x_init, sigmas, key, return_trajectory)
+
+
+def heun(denoise, x_init, sigmas, key, *, cond=None, return_trajectory=False,
+         s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
+    """Karras et al. (2022) Alg. 2 (Alg. 1 when s_churn=0): Heun's 2nd-order steps.
+
+    The step into sigma_{i+1} = 0 is a plain Euler step (Alg. 2 line 9), so N steps ending
+    at 0 cost 2N - 1 evaluations.
+    """
+    num_steps = jnp.shape(sigmas)[0] - 1
+
+    def step(carry, inp, k):
+        x, sigma_hat = _churn(carry[0], inp["sigma"], k, num_steps, s_churn, s_tmin, s_tmax,
+                              s_noise)
+        sigma_next = inp["sigma_next"]
+        d = (x - _call(denoise, x, sigma_hat, cond)) / sigma_hat
+        x_euler = x + (sigma_next - sigma_hat) * d
+
+        def correct():
+            d_next = (x_euler - _call(denoise, x_euler, sigma_next, cond)) / sigma_next
+            return x + (sigma_next - sigma_hat) * 0.5 * (d + d_next)
+
+        return (lax.cond(sigma_next > 0, correct, lambda: x_euler),)
+
+    return _loop(step, (x_init,), x_init, sigmas, key, return_trajectory)
+
+
+def ancestral_step(sigma, sigma_next, eta=1.0):
+    """Split a step sigma -> sigma_next into a deterministic part and fresh noise.
+
+    Returns (sigma_down, sigma_up) with sigma_down^2 + sigma_up^2 = sigma_next^2 and
+    sigma_up = min(sigma_next, eta * sigma_next * sqrt(sigma^2 - sigma_next^2) / sigma); with
+    eta = 1 this is the DDPM posterior standard deviation in VE units.
+    """
+    sigma_up = jnp.minimum(
+        sigma_next, eta * sigma_next * jnp.sqrt((sigma - sigma_next) * (sigma + sigma_next)) / sigma
+    )
+    return jnp.sqrt(jnp.maximum(sigma_next**2 - sigma_up**2, 0.0)), sigma_up
+
+
+def euler_ancestral(denoise, x_init, sigmas, key, *, cond=None, return_trajectory=False,
+                    eta=1.0, s_noise=1.0):
+    """Euler step down to sigma_down, then fresh noise of std sigma_up (k-diffusion's Euler a)."""
+
+    def step(carry, inp, k):
+        x, sigma = carry[0], inp["sigma"]
+        sigma_down, sigma_up = ancestral_step(sigma, inp["sigma_next"], eta)
+        d = (x - _call(denoise, x, sigma, cond)) / sigma
+        x = x + (sigma_down - sigma) * d
+        return (x + s_noise * sigma_up * _noise(k, x),)
+
+    return _loop(step, (x_init,), x_init, sigmas, key, return_trajectory)
+
+
+def ddim(denoise, x_init, sigmas, key, *, cond=None, return_trajectory=False, eta=0.0):
+    """Song et al. (2021) eq. 12 in VE units: x' = x0 + sqrt(s'^2 - c^2) eps_hat + c z.
+
+    c = eta * s' sqrt(s^2 - s'^2) / s is DDIM's sigma_t(eta) / sqrt(abar_{t-1}); eta=0 is the
+    deterministic DDIM (identical to ``euler`` in this convention), eta=1 is DDPM's posterior.
+    """
+    if isinstance(eta, (int, float)) and not 0.0 <= eta <= 1.0:
+        raise ValueError(f"ddim eta must be in [0, 1], got {eta}.")
+
+    def step(carry, inp, k):
+        x, sigma, sigma_next = carry[0], inp["sigma"], inp["sigma_next"]
+        x0 = _call(denoise, x, sigma, cond)
+        eps = (x - x0) / sigma
+        c = eta * sigma_next * jnp.sqrt((sigma - sigma_next) * (sigma + sigma_next)) / sigma
+        x = x0 + jnp.sqrt(jnp.maximum(sigma_next**2 - c**2, 0.0)) * eps
+        return (x + c * _noise(k, x) if eta != 0 else x,)
+
+    return _loop(step, (x_init,), x_init, sigmas, key, return_trajectory)
+
+
+VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned")
+
+
+def ddpm_transition(x, x0, sigma, sigma_next, variance="fixed_small", frac=None):
+    """Mean and variance (VE units) of one ancestral DDPM step sigma -> sigma_next.
+
+    With abar = 1 / (1 + sigma^2) the step's beta = 1 - abar/abar_next and
+    beta_tilde = beta (1 - abar_next) / (1 - abar) (Ho et al.; iDDPM respacing). The mean is
+    the posterior mean x0 + (s'^2 / s^2)(x - x0); the VP variance is beta_tilde
+    ("fixed_small"), beta ("fixed_large") or exp(frac log beta + (1 - frac) log beta_tilde)
+    ("learned", iDDPM); VE variance = VP variance / abar_next. iDDPM clips log beta_tilde only
+    at t = 0, where the step ends at sigma 0 and adds no noise, so no clip is needed here.
+    Returns (mean [B, ...], var broadcastable to x).
+    """
+    if variance not in VARIANCE_TYPES:
+        raise ValueError(f"variance must be one of {VARIANCE_TYPES}, got {variance!r}.")
+    beta = (sigma - sigma_next) * (sigma + sigma_next) / (1.0 + sigma**2)
+    ratio = (sigma_next / sigma) ** 2
+    var_small = beta * ratio * (1.0 + sigma**2)
+    if variance == "fixed_small":
+        var = var_small
+    elif variance == "fixed_large":
+        var = beta * (1.0 + sigma_next**2)
+    else:
+        tiny = jnp.finfo(jnp.result_type(x)).tiny
+        log_small = jnp.log(jnp.maximum(beta * ratio * (1.0 + sigma**2) / (1.0 + sigma_next**2),
+                                        tiny))
+        frac = jnp.reshape(frac, jnp.shape(frac) + (1,) * (x.ndim - jnp.ndim(frac)))
+        var = jnp.exp(frac * jnp.log(beta) + (1.0 - frac) * log_small) * (1.0 + sigma_next**2)
+    return x0 + ratio * (x - x0), var
+
+
+def ddpm(denoise, x_init, sigmas, key, *, cond=None, return_trajectory=False,
+         variance="fixed_small"):
+    """Ancestral sampling (Ho et al. 2020 Alg. 2; iDDPM's learned range variance).
+
+    With variance="learned", ``denoise`` must be ``denoise_with_variance(x, sigma, cond) ->
+    (x0_hat, frac)`` with frac: [B, ...] (or [B]) in [0, 1]. No noise is added into sigma 0.
+    """
+
+    def step(carry, inp, k):
+        x, sigma, sigma_next = carry[0], inp["sigma"], inp["sigma_next"]
+        out = _call(denoise, x, sigma, cond)
+        x0, frac = out if variance == "learned" else (out, None)
+        mean, var = ddpm_transition(x, x0, sigma, sigma_next, variance, frac)
+        std = jnp.where(sigma_next > 0, jnp.sqrt(var), 0.0)
+        return (mean + std * _noise(k, x),)
+
+    return _loop(step, (x_init,), x_init, sigmas, key, return_trajectory)
+
+
+def _log_ratio(sigma_a, sigma_b):
+    """lambda_b - lambda_a = log(sigma_a / sigma_b) with lambda = -log sigma."""
+    return jnp.log(sigma_a) - jnp.log(sigma_b)
+
+
+def dpmpp_2m(denoise, x_init, sigmas, key, *, cond=None, return_trajectory=False):
+    """DPM-Solver++(2M), Lu et al. (2022) Alg. 2 with alpha = 1, lambda = -log sigma.
+
+    Step 0 is first order; later steps use D = (1 + 1/2r) x0_i - 1/2r x0_{i-1},
+    r = h_{i-1} / h_i. The step into sigma 0 (h = inf) returns the denoised x0_i.
+    """
+
+    def step(carry, inp, k):
+        x, old = carry
+        sigma, sigma_next = inp["sigma"], inp["sigma_next"]
+        x0 = _call(denoise, x, sigma, cond)
+        safe_next = jnp.where(sigma_next > 0, sigma_next, sigma)
+        h = _log_ratio(sigma, safe_next)
+        r = _log_ratio(inp["sigma_prev"], sigma) / h
+        d = jnp.where(inp["i"] == 0, x0, (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old)
+        x_next = (safe_next / sigma) * x - jnp.expm1(-h) * d
+        return jnp.where(sigma_next > 0, x_next, x0), x0
+
+    return _loop(step, (x_init, jnp.zeros_like(x_init)), x_init, sigmas, key, return_trajectory)
+
+
+def dpmpp_2m_sde(denoise, x_init, sigmas, key, *, cond=None, return_trajectory=False,
+                 eta=1.0, s_noise=1.0, solver_type="midpoint"):
+    """DPM-Solver++(2M) SDE (Lu et al. 2022, as in k-diffusion); eta=0 gives dpmpp_2m.
+
+    With h = log(s / s'), h_eta = (1 + eta) h and q = 1 - e^{-h_eta}:
+    x' = (s'/s) e^{-eta h} x + q x0_i + c (x0_i - x0_{i-1}) / r + s' sqrt(1 - e^{-2 eta h}) z,
+    r = h_{i-1} / h, c = q / 2 ("midpoint") or 1 - q / h_eta ("heun"); step 0 has no
+    correction and the step into sigma 0 returns x0_i. Noise is independent Gaussian per step
+    (k-diffusion defaults to a Brownian tree; the same law for a fixed sigma sequence).
+    """
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}.")
+
+    def step(carry, inp, k):
+        x, old = carry
+        sigma, sigma_next = inp["sigma"], inp["sigma_next"]
+        x0 = _call(denoise, x, sigma, cond)
+        safe_next = jnp.where(sigma_next > 0, sigma_next, sigma)
+        h = _log_ratio(sigma, safe_next)
+        h_eta = h * (1.0 + eta)
+        one_minus = -jnp.expm1(-h_eta)
+        x_next = (safe_next / sigma) * jnp.exp(-eta * h) * x + one_minus * x0
+        r = _log_ratio(inp["sigma_prev"], sigma) / h
+        coef = 0.5 * one_minus if solver_type == "midpoint" else 1.0 - one_minus / h_eta
+        x_next = x_next + jnp.where(inp["i"] > 0, coef / r, 0.0) * (x0 - old)
+        if eta != 0:
+            x_next = x_next + safe_next * jnp.sqrt(-jnp.expm1(-2 * eta * h)) * s_noise * _noise(k, x)
+        return jnp.where(sigma_next > 0, x_next, x0), x0
+
+    return _loop(step, (x_init, jnp.zeros_like(x_init)), x_init, sigmas, key, return_trajectory)
+
+
+def dpmpp_3m_sde(denoise, x_init, sigmas, key, *, cond=None, return_trajectory=False,
+                 eta=1.0, s_noise=1.0):
+    """DPM-Solver++(3M) SDE (k-diffusion's 3rd-order multistep); eta=0 is the 3M ODE solver.
+
+    With h = log(s / s'), h_eta = (1 + eta) h, phi_2 = 1 - (1 - e^{-h_eta}) / h_eta and
+    phi_3 = phi_2 / h_eta - 1/2: x' = e^{-h_eta} x + (1 - e^{-h_eta}) x0_i + phi_2 D1 - phi_3 D2
+    + s' sqrt(1 - e^{-2 eta h}) z, where D1, D2 are first and second divided differences of
+    the last three x0's in lambda (only D1 = (x0_i - x0_{i-1}) / r0 at step 1, none at step 0);
+    the step into sigma 0 returns x0_i.
+    """
+
+    def step(carry, inp, k):
+        x, x0_1, x0_2 = carry
+        sigma, sigma_next, i = inp["sigma"], inp["sigma_next"], inp["i"]
+        x0 = _call(denoise, x, sigma, cond)
+        safe_next = jnp.where(sigma_next > 0, sigma_next, sigma)
+        h = _log_ratio(sigma, safe_next)
+        h_eta = h * (1.0 + eta)
+        x_next = jnp.exp(-h_eta) * x - jnp.expm1(-h_eta) * x0
+        r0 = _log_ratio(inp["sigma_prev"], sigma) / h
+        r1 = _log_ratio(inp["sigma_prev2"], inp["sigma_prev"]) / h
+        phi_2 = jnp.expm1(-h_eta) / h_eta + 1.0
+        phi_3 = phi_2 / h_eta - 0.5
+        d1_0 = (x0 - x0_1) / r0
+        d1_1 = (x0_1 - x0_2) / r1
+        third = phi_2 * (d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)) - phi_3 * (d1_0 - d1_1) / (r0 + r1)
+        x_next = x_next + jnp.where(i >= 2, third, jnp.where(i == 1, phi_2 * d1_0, 0.0))
+        if eta != 0:
+            x_next = x_next + safe_next * jnp.sqrt(-jnp.expm1(-2 * eta * h)) * s_noise * _noise(k, x)
+        return jnp.where(sigma_next > 0, x_next, x0), x0, x0_1
+
+    zeros = jnp.zeros_like(x_init)
+    return _loop(step, (x_init, zeros, zeros), x_init, sigmas, key, return_trajectory)
+
+
+SAMPLERS: dict[str, Callable[..., Any]] = {
+    "ddpm": ddpm,
+    "ddim": ddim,
+    "euler": euler,
+    "heun": heun,
+    "euler_ancestral": euler_ancestral,
+    "dpmpp_2m": dpmpp_2m,
+    "dpmpp_2m_sde": dpmpp_2m_sde,
+    "dpmpp_3m_sde": dpmpp_3m_sde,
+}
+
+_EVALS_PER_STEP = {name: 1 for name in SAMPLERS}
+
+
+def num_evals(name: str, num_steps: int) -> int:
+    """Denoiser evaluations of sampler ``name`` over num_steps steps ending at sigma 0."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid: {sorted(SAMPLERS)}.")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+    return 2 * num_steps - 1 if name == "heun" else _EVALS_PER_STEP[name] * num_steps
