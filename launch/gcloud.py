@@ -133,7 +133,7 @@ def clone_command(tpu: Tpu, url: str, ref: str) -> str:
 def install_command(tpu: Tpu) -> str:
     """Shell command on the hosts installing JAX for TPU, then diffjax from remote_dir."""
     py, d = tpu.python, shlex.quote(tpu.remote_dir)
-    return (f"{py} -m pip install -U 'jax[tpu]' && "
+    return (f'{py} -m pip install -U "jax[tpu]" && '
             f"cd {d} && {py} -m pip install -e .")
 
 

@@ -41,8 +41,10 @@ if opts["--mode"] == "eval":
 '''
 
 FAKE_GCLOUD = r'''
-import json, os, sys
+import fcntl, json, os, sys
 path = os.environ["FAKE_GCLOUD_STATE"]
+lock = open(path + ".lock", "w")
+fcntl.flock(lock, fcntl.LOCK_EX)  # parallel sweeps call gcloud concurrently
 with open(path) as f:
     st = json.load(f)
 args = sys.argv[1:]
@@ -60,6 +62,9 @@ elif args[:4] == ["compute", "tpus", "tpu-vm", "describe"]:
 elif args[:4] == ["compute", "tpus", "tpu-vm", "ssh"] and any("diffjax.main" in a for a in args):
     rc = pop("run_codes", 0)
     print("remote run exit", rc)
+elif args[:2] == ["storage", "cp"]:
+    with open(args[2]) as f:
+        st.setdefault("uploads", {})[args[3]] = json.load(f)
 elif args[:2] == ["storage", "ls"]:
     out = "\n".join(st.get("ls", []))
     rc = 0 if out else 1
