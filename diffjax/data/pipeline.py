@@ -115,6 +115,16 @@ def _check_batching(global_batch_size: int, process_index: int, process_count: i
         raise ValueError(f"seed={seed} must be in [0, 2**32)")
 
 
+def _allow_grain_flags() -> None:
+    """grain 0.2.18's worker start-up reads an absl flag and fails in scripts that never parse
+    flags (google/grain#1355, fixed after 0.2.18); mark flags parsed there, keeping defaults.
+    Under absl.app (diffjax.main) flags are already parsed and this does nothing."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def build_dataset(source: sources.ImageSource, *, global_batch_size: int, seed: int,
                   shuffle: bool, random_flip: bool, process_index: int, process_count: int,
                   num_epochs: int | None, drop_remainder: bool, num_workers: int = 0,
@@ -145,6 +155,7 @@ def build_dataset(source: sources.ImageSource, *, global_batch_size: int, seed: 
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                               prefetch_buffer_size=prefetch_batches))
     if num_workers > 0:
+        _allow_grain_flags()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return ds
 

@@ -140,3 +140,17 @@ def test_bad_arguments_give_one_line_errors(idx_dir):
         with pytest.raises(ValueError, match=message) as e:
             _train(idx_dir, **overrides)
         assert "\n" not in str(e.value)
+
+
+def test_worker_processes_give_the_same_batches_and_resume(idx_dir):
+    options = dict(seed=2, random_flip=True, global_batch_size=4)
+    reference = [{k: np.array(v) for k, v in b.items()} for b in _take(_train(idx_dir, **options), 7)]
+    it = _train(idx_dir, num_workers=2, **options)
+    got = [{k: np.array(v) for k, v in b.items()} for b in _take(it, 3)]
+    state = json.loads(json.dumps(it.get_state()))
+    it.close()
+    resumed = _train(idx_dir, num_workers=2, **options)
+    resumed.set_state(state)
+    got += [{k: np.array(v) for k, v in b.items()} for b in _take(resumed, 4)]
+    resumed.close()
+    _assert_same(got, reference)
