@@ -336,8 +336,7 @@ def make_denoiser(model_fn: Callable, schedule: Any, *, prediction: str,
 
     def denoise(x: Array, sigma: Array, cond: Any = None) -> Array:
         out, ones, sig = _ve_call(model_fn, schedule, x, sigma, cond, prediction, sigma_data)
-        if learned_variance:
-            out = split_output(out, x, "learned_range")[0]
+        out = split_output(out, x, "learned_range" if learned_variance else "fixed_small")[0]
         return prediction_to_x0(out, x, ones, sig, prediction, sigma_data)
 
     return denoise
