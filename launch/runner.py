@@ -5,7 +5,8 @@ sweep's modes in order (``python -m diffjax.main --config ... --workdir ROOT/<ru
 ...``) and, once all exit with 0, writes ``sweep_done.json``. Runs that already have the
 done marker are skipped, so re-running a sweep resumes it (and a train run resumes from
 its own checkpoints). A failing run gets ``sweep_failed.json``, is reported with its log,
-and the others go on.
+and the others go on. On spot TPU VMs a step cut short by a preemption is rerun after the
+VM is recreated and set up again (bounded by ``max_restarts``).
 
 Parallelism: locally, N runs at a time share this machine; on TPU VMs, each VM (all of
 its hosts, ``--worker=all``) runs one run at a time, pulling from a shared queue.
@@ -20,6 +21,7 @@ import shlex
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from launch import gcloud
@@ -27,6 +29,7 @@ from launch.shell import Shell
 from launch.spec import Run, Sweep, expand, override_text
 from launch.storage import (DONE_MARKER, FAILED_MARKER, RUN_MARKER, is_gcs, join,
                             make_store)
+from launch.tpu import Timing, TpuOps
 
 CHECKPOINT_MODES = ("sample", "eval")
 
@@ -77,19 +80,45 @@ class LocalExecutor:
 
 
 class TpuExecutor:
-    """Runs each step on all hosts of one TPU VM over ``gcloud ... ssh --worker=all``."""
+    """Runs each step on all hosts of one TPU VM over ``gcloud ... ssh --worker=all``.
 
-    def __init__(self, shell: Shell, tpus: list[gcloud.Tpu]):
+    Args:
+      shell: prints and runs the commands.
+      tpus: the VMs, each already created and set up (``python -m launch.tpu``).
+      max_restarts: for spot VMs, how many times a step may be rerun after the VM was
+        preempted under it (the VM is recreated and set up again first; training resumes
+        from the run's checkpoints on gs://). 0 reports the preempted run as failed.
+      setup: keyword arguments of ``TpuOps.setup`` (repo, git_url, git_ref) for recreation.
+      timing, sleep: waits of the recovery (see ``launch.tpu.Timing``).
+    """
+
+    def __init__(self, shell: Shell, tpus: list[gcloud.Tpu], *, max_restarts: int = 0,
+                 setup: dict | None = None, timing: Timing | None = None,
+                 sleep: Callable[[float], None] = time.sleep):
         if not tpus:
             raise ValueError("give at least one TPU VM name with --tpu")
         self.shell = shell
         self.slots = list(tpus)
+        self.max_restarts = max_restarts
+        self.setup = setup or {}
+        self.ops = {t.name: TpuOps(t, shell, timing, sleep) for t in tpus}
 
     def command(self, tpu: gcloud.Tpu, args: list[str]) -> list[str]:
         return gcloud.ssh(tpu, gcloud.main_command(tpu, args), keepalive=True)
 
     def execute(self, tpu: gcloud.Tpu, args: list[str], log: Path) -> int:
-        return self.shell.run(self.command(tpu, args), check=False, log=log).returncode
+        rc = self.shell.run(self.command(tpu, args), check=False, log=log).returncode
+        ops, restarts = self.ops[tpu.name], 0
+        while rc != 0 and tpu.spot and restarts < self.max_restarts and ops.preempted():
+            delay = min(ops.timing.backoff * 2 ** restarts, ops.timing.max_backoff)
+            restarts += 1
+            self.shell.say(f"# {tpu.name} was preempted: recreate it and rerun "
+                           f"({restarts}/{self.max_restarts}) in {delay:g} s")
+            ops.sleep(delay)
+            ops.ensure_up()
+            ops.setup(**self.setup)
+            rc = self.shell.run(self.command(tpu, args), check=False, log=log).returncode
+        return rc
 
 
 def _now() -> str:

@@ -47,6 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--runtime-version", default="", help="(with --tpu)")
     run.add_argument("--remote-dir", default="diffjax", help="code dir on the TPU hosts")
     run.add_argument("--remote-python", default="python3", help="python on the TPU hosts")
+    run.add_argument("--spot", action="store_true",
+                     help="the TPU VMs are spot queued resources: recreate on preemption")
+    run.add_argument("--max-restarts", type=int, default=5,
+                     help="with --spot: reruns of one step after preemptions")
+    run.add_argument("--repo", default=".", help="with --spot: checkout copied on recreation")
+    run.add_argument("--git-url", default="", help="with --spot: clone this instead")
+    run.add_argument("--git-ref", default="main")
 
     col = sub.add_parser("collect", help="gather eval/*.json of all runs into tables/plots")
     col.add_argument("--root", required=True)
@@ -65,9 +72,12 @@ def _run(args) -> int:
             raise ValueError("--tpu needs --zone (e.g. --zone us-central2-b)")
         tpus = [gcloud.Tpu(name=n, zone=args.zone, accelerator_type=args.accelerator_type,
                            runtime_version=args.runtime_version, project=args.project,
-                           remote_dir=args.remote_dir, python=args.remote_python)
+                           remote_dir=args.remote_dir, python=args.remote_python,
+                           spot=args.spot)
                 for n in args.tpu]
-        executor = TpuExecutor(shell, tpus)
+        setup = {"repo": Path(args.repo), "git_url": args.git_url, "git_ref": args.git_ref}
+        executor = TpuExecutor(shell, tpus, max_restarts=args.max_restarts if args.spot else 0,
+                               setup=setup)
     else:
         executor = LocalExecutor(shell, main=args.main_module, parallel=args.parallel)
     runner = SweepRunner(sweep, args.root, executor, shell, checkpoint=args.checkpoint,

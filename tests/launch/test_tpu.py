@@ -98,8 +98,8 @@ def _kinds(calls):
     """Short names of the fake gcloud calls, in order."""
     out = []
     for c in calls:
-        if c[:2] == ["storage", "cp"]:
-            out.append("cp")
+        if c[0] == "storage":
+            out.append(c[1])
         elif c[3] == "ssh":
             cmd = c[-1]
             out.append("run" if "diffjax.main" in cmd else "install" if "pip" in cmd else "code")
@@ -178,3 +178,27 @@ def test_sweep_on_tpu_vms(tmp_path, fake_gcloud, capsys):
     assert uploads["gs://bkt/sw/scale-2/sweep_run.json"]["axes"] == {"guidance.scale": 2.0}
     assert "remote run exit 0" in (tmp_path / "logs" / "scale-0" / "log.txt").read_text()
     assert "# skip scale-1: finished" in capsys.readouterr().out
+
+
+def test_sweep_on_a_spot_vm_recreates_it_after_preemption(tmp_path, fake_gcloud, capsys):
+    from launch.runner import SweepRunner, TpuExecutor
+    from launch.spec import Sweep, axis
+
+    config = tmp_path / "exp.py"
+    config.write_text("")
+    sweep = Sweep(config=str(config), mode="train", axes=axis("diffusion.schedule", ["cosine"]),
+                  name="sw")
+    fake = fake_gcloud(qr_states=["SUSPENDED", "SUSPENDED", "ACTIVE"], run_codes=[255, 0])
+    shell = Shell()
+    sleeps = []
+    executor = TpuExecutor(shell, [gcloud.Tpu("a", "us-central2-b", spot=True)],
+                           max_restarts=2, setup={"git_url": "u"},
+                           timing=Timing(poll=0, backoff=7, grace=0), sleep=sleeps.append)
+    runner = SweepRunner(sweep, "gs://bkt/sw", executor, shell, log_dir=str(tmp_path / "logs"))
+    [result] = runner.run()
+    assert result.status == "done"
+    assert [k for k in _kinds(fake.calls) if k != "ls"] == [
+        "cp", "run", "describe", "describe", "delete", "create", "describe", "code", "install",
+        "run", "cp"]
+    assert sleeps == [7]
+    assert "# a was preempted: recreate it and rerun (1/2) in 7 s" in capsys.readouterr().out
