@@ -80,11 +80,10 @@ def load_idx(path: str) -> np.ndarray:
 
 def find_idx_file(data_dir: str, prefix: str, kind: str) -> str | None:
     """Path of `{prefix}-{kind}-ubyte` (kind 'images-idx3' / 'labels-idx1'), .gz or not."""
-    for name in (f"{prefix}-{kind}-ubyte.gz", f"{prefix}-{kind}-ubyte",
-                 f"{prefix}-{kind.replace('-', '.')}-ubyte.gz", f"{prefix}-{kind.replace('-', '.')}-ubyte"):
-        path = os.path.join(data_dir, name)
-        if os.path.isfile(path):
-            return path
+    for stem in (f"{prefix}-{kind}-ubyte", f"{prefix}-{kind.replace('-', '.')}-ubyte"):
+        for path in (os.path.join(data_dir, stem + ".gz"), os.path.join(data_dir, stem)):
+            if os.path.isfile(path):
+                return path
     return None
 
 

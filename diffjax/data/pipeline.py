@@ -3,9 +3,9 @@
 Order. Each epoch visits examples 0..N-1 in a permutation seeded by (seed, epoch) (or in
 stored order without shuffling); epochs follow each other num_epochs times (None = forever)
 and the stream is cut into *global* batches of global_batch_size that run across epoch
-boundaries. The pipeline is a grain MapDataset over batch numbers (indices are computed
-vectorised per batch: grain's per-element shuffle/batch cost ~20 us per example). Process i of n reads only rows
-[i * B, (i + 1) * B) of each global batch (B = global_batch_size / n), so the concatenation of
+boundaries. The pipeline is a grain MapDataset over batch numbers whose map computes a
+batch's indices vectorised (grain's per-element shuffle + batch cost ~20 us per example).
+Process i of n reads only rows [i * B, (i + 1) * B) of each global batch (B = global_batch_size / n), so the concatenation of
 all processes' local batches is the global batch that a single process would see, whatever n.
 Horizontal flips are drawn per global batch from (seed, batch number), so they too do not
 depend on n.
@@ -95,7 +95,7 @@ class _LocalBatchReader:
             flips = flips[self.process_index * b:(self.process_index + 1) * b]
             images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
         image = images.astype(np.float32)
-        image *= np.float32(1 / 127.5)
+        image /= np.float32(127.5)  # exact at 0 and 255: -1 and 1
         image -= np.float32(1)
         batch = {"image": image, "label": np.asarray(labels, dtype=np.int32)}
         if self.with_mask:

@@ -144,7 +144,7 @@ def test_bad_arguments_give_one_line_errors(idx_dir):
 
 def test_worker_processes_give_the_same_batches_and_resume(idx_dir):
     options = dict(seed=2, random_flip=True, global_batch_size=4)
-    reference = [{k: np.array(v) for k, v in b.items()} for b in _take(_train(idx_dir, **options), 7)]
+    reference = _take(_train(idx_dir, **options), 7)
     it = _train(idx_dir, num_workers=2, **options)
     got = [{k: np.array(v) for k, v in b.items()} for b in _take(it, 3)]
     state = json.loads(json.dumps(it.get_state()))
