@@ -65,6 +65,17 @@ elif args[:4] == ["compute", "tpus", "tpu-vm", "ssh"] and any("diffjax.main" in 
 elif args[:2] == ["storage", "cp"]:
     with open(args[2]) as f:
         st.setdefault("uploads", {})[args[3]] = json.load(f)
+elif args[:2] == ["storage", "rsync"]:
+    # gs://<path> is the local directory $FAKE_GCS/<path>; apply --exclude like gcloud.
+    import re, shutil
+    src = os.path.join(os.environ["FAKE_GCS"], args[2][len("gs://"):])
+    exclude = re.compile([a for a in args if a.startswith("--exclude=")][0][len("--exclude="):])
+    for d, _, files in os.walk(src):
+        for name in files:
+            rel = os.path.relpath(os.path.join(d, name), src)
+            if not exclude.match(rel):
+                os.makedirs(os.path.dirname(os.path.join(args[3], rel)), exist_ok=True)
+                shutil.copy(os.path.join(d, name), os.path.join(args[3], rel))
 elif args[:2] == ["storage", "ls"]:
     out = "\n".join(st.get("ls", []))
     rc = 0 if out else 1

@@ -107,3 +107,26 @@ def test_run_then_collect_end_to_end(tmp_path, fake_main, capsys):
                       "sampler-dpmpp_2m_num_steps-25_scale-1": 8.25,
                       "sampler-dpmpp_2m_num_steps-25_scale-2": 8.25}
     assert (root / "fd_fashion_mnist_vs_num_steps.png").exists()
+
+
+def test_collect_gcs_root_copies_only_json_files(root, tmp_path, fake_gcloud, monkeypatch,
+                                                capsys):
+    # The bucket 'bkt' is the local directory tmp_path/gcs/bkt for the fake gcloud.
+    bucket = tmp_path / "gcs" / "bkt"
+    bucket.mkdir(parents=True)
+    root.rename(bucket / "sweep")
+    ckpt = bucket / "sweep" / "sampler-ddim_scale-0" / "checkpoints" / "1500"
+    ckpt.mkdir(parents=True)
+    (ckpt / "_METADATA.json").write_text("{}")
+    (bucket / "sweep" / "sampler-ddim_scale-0" / "samples.npz").write_text("big")
+    monkeypatch.setenv("FAKE_GCS", str(tmp_path / "gcs"))
+    fake = fake_gcloud()
+    out = tmp_path / "local"
+    assert sweep_cli.main(["collect", "--root", "gs://bkt/sweep", "--out", str(out)]) == 0
+    assert fake.calls[0][:4] == ["storage", "rsync", "gs://bkt/sweep", str(out)]
+    copied = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert "sampler-ddim_scale-0/eval/fd.json" in copied
+    assert "sampler-ddim_scale-0/sweep_run.json" in copied
+    assert not any("checkpoints" in c or c.endswith(".npz") for c in copied)
+    assert (out / "results.csv").exists() and (out / "results.md").exists()
+    assert "| sampler-heun_scale-3 | done |" in capsys.readouterr().out
