@@ -27,12 +27,16 @@ Shapes: B batch, H/W spatial, C channels. Images are NHWC float32.
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Callable, Iterable, Sequence
 
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
+from jax.experimental import multihost_utils
 
 NUM_CLASSES = 1008
 POOL_DIM = 2048
@@ -270,9 +274,100 @@ def preprocess_images(images: jax.Array, size: int = INPUT_SIZE) -> jax.Array:
 
 
 def init_params(key: jax.Array) -> dict:
-    """Random parameters of the right structure (He-normal convs, identity batch norm).
+    """Random parameters of the right structure, for tests and shape checks.
 
-    Only for tests and shape checks: real FID needs the converted published weights
+    He-normal conv kernels, N(0, 1/2048) fc kernel, identity batch norm, zero fc bias.
+    Drawn with NumPy, seeded from ``key`` (compiling the module's ``init`` or one sampler
+    per leaf costs ~30 s on CPU). Real FID needs the converted published weights
     (:func:`diffjax.evaluation.convert_inception.load_inception_params`).
     """
-    return InceptionV3().init(key, jnp.zeros((1, 75, 75, 3), jnp.float32))["params"]
+    shapes = jax.eval_shape(lambda: InceptionV3().init(
+        jax.random.key(0), jnp.zeros((1, 75, 75, 3), jnp.float32))["params"])
+    flat = flax.traverse_util.flatten_dict(shapes)
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    out = {}
+    for path, leaf in sorted(flat.items()):
+        name, shape = path[-1], leaf.shape
+        if name in ("kernel", "fc_kernel"):
+            fan_in = int(np.prod(shape[:-1]))
+            std = np.sqrt((2.0 if name == "kernel" else 1.0) / fan_in)
+            out[path] = jnp.asarray((std * rng.standard_normal(shape)).astype(np.float32))
+        elif name in ("bn_scale", "bn_var"):
+            out[path] = jnp.ones(shape, jnp.float32)
+        else:
+            out[path] = jnp.zeros(shape, jnp.float32)
+    return flax.traverse_util.unflatten_dict(out)
+
+
+def _default_apply(params: dict, x: jax.Array) -> dict[str, jax.Array]:
+    return InceptionV3().apply({"params": params}, x)
+
+
+@functools.cache
+def _jitted_step(apply_fn: Callable, size: int) -> Callable:
+    return jax.jit(lambda p, x: apply_fn(p, preprocess_images(x, size)))
+
+
+def _batches(images, batch_size: int) -> Iterable[np.ndarray]:
+    if isinstance(images, (np.ndarray, jax.Array)):
+        return [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+    return images
+
+
+def compute_activations(params: dict, images: Iterable[np.ndarray] | np.ndarray, *,
+                        batch_size: int = 64, sharding: jax.sharding.Sharding | None = None,
+                        progress: bool = True, size: int = INPUT_SIZE,
+                        apply_fn: Callable[[dict, jax.Array], dict[str, jax.Array]] | None
+                        = None) -> dict[str, np.ndarray]:
+    """Inception features of a stream of images, batched and (optionally) sharded.
+
+    images: an iterable of [b, H, W, 3] batches (uint8 in [0, 255] or float in [-1, 1], see
+    :func:`preprocess_images`), or one [N, H, W, 3] array cut into ``batch_size`` pieces.
+    Each batch is cut/padded to a fixed size (``batch_size`` rounded up to a multiple of the
+    sharding's local device count), so the network compiles once per input resolution.
+    With ``sharding`` (e.g. a NamedSharding splitting the batch axis over a mesh, from
+    ``diffjax.parallel``) each process passes its own images and the batch is split over
+    devices; every process must then yield the same number of batches, and every process
+    receives all processes' features (concatenated in process order per batch).
+    apply_fn(params, x [B, size, size, 3] in [-1, 1]) -> dict of [B, ...] features; default
+    the FID InceptionV3. Returns the features of all images, e.g. ``pool`` [N, 2048],
+    ``spatial`` [N, 2023], ``logits`` / ``logits_unbiased`` [N, 1008], as float32 NumPy.
+    """
+    apply_fn = apply_fn or _default_apply
+    shards = 1 if sharding is None else len(sharding.addressable_devices)
+    fixed = -(-batch_size // shards) * shards
+    step = _jitted_step(apply_fn, size)
+    batches = _batches(images, batch_size)
+    total = len(batches) if hasattr(batches, "__len__") else None
+    bar = tqdm.tqdm(batches, total=total, desc="inception activations", unit="batch",
+                    disable=not progress or jax.process_index() != 0)
+    outputs: dict[str, list[np.ndarray]] = {}
+    for batch in bar:
+        batch = np.asarray(batch)
+        for start in range(0, len(batch), fixed):
+            chunk = batch[start:start + fixed]
+            valid = np.zeros(fixed, bool)
+            valid[:len(chunk)] = True
+            if len(chunk) < fixed:
+                pad = np.zeros((fixed - len(chunk), *chunk.shape[1:]), chunk.dtype)
+                chunk = np.concatenate([chunk, pad])
+            feats = _run_sharded(step, params, chunk, valid, sharding)
+            for name, value in feats.items():
+                outputs.setdefault(name, []).append(value)
+    if not outputs:
+        raise ValueError("compute_activations got no images; check the image iterator")
+    return {name: np.concatenate(parts) for name, parts in outputs.items()}
+
+
+def _run_sharded(step, params: dict, chunk: np.ndarray, valid: np.ndarray,
+                 sharding: jax.sharding.Sharding | None) -> dict[str, np.ndarray]:
+    """One fixed-size batch through step; features of the valid rows (all processes)."""
+    if sharding is None:
+        feats = jax.device_get(step(params, jnp.asarray(chunk)))
+        return {k: np.asarray(v)[valid] for k, v in feats.items()}
+    x = jax.make_array_from_process_local_data(sharding, chunk)
+    feats = step(params, x)
+    if jax.process_count() > 1:
+        feats = multihost_utils.process_allgather(feats, tiled=True)
+        valid = multihost_utils.process_allgather(valid, tiled=True)
+    return {k: np.asarray(jax.device_get(v))[valid] for k, v in feats.items()}
