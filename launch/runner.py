@@ -125,7 +125,8 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _validate(sweep: Sweep, root: str, executor, checkpoint: str | None) -> None:
+def _validate(sweep: Sweep, root: str, executor, checkpoint: str | None,
+              shell: Shell) -> None:
     config_file = Path(sweep.config.split(":", 1)[0])
     if not config_file.is_file():
         raise ValueError(f"config {config_file} not found; sweep config paths are relative "
@@ -138,8 +139,11 @@ def _validate(sweep: Sweep, root: str, executor, checkpoint: str | None) -> None
             raise ValueError(f"--checkpoint {checkpoint} must be on gs:// for TPU runs")
     elif checkpoint and not is_gcs(checkpoint) and "train" not in sweep.modes:
         if not Path(checkpoint).exists():
-            raise ValueError(f"checkpoint {checkpoint} does not exist; train it first or "
-                             "pass --checkpoint PATH")
+            message = (f"checkpoint {checkpoint} does not exist; train it first or pass "
+                       "--checkpoint PATH")
+            if not shell.dry_run:
+                raise ValueError(message)
+            shell.say(f"# note: {message}")
 
 
 class SweepRunner:
@@ -162,7 +166,7 @@ class SweepRunner:
         default_logs = Path("sweep_logs") / (sweep.name or "sweep")
         self.log_dir = Path(log_dir) if log_dir else (
             default_logs if is_gcs(self.root) else Path(self.root))
-        _validate(sweep, self.root, executor, self.checkpoint)
+        _validate(sweep, self.root, executor, self.checkpoint, shell)
 
     def log_path(self, run: Run) -> Path:
         return self.log_dir / run.name / "log.txt"
