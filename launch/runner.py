@@ -226,8 +226,10 @@ class SweepRunner:
         self.shell.say(f"# sweep {self.sweep.name}: {len(runs)} runs, {todo.qsize()} to run, "
                        f"{len(self.executor.slots)} at a time")
 
+        stop = threading.Event()
+
         def worker(slot) -> None:
-            while True:
+            while not stop.is_set():
                 try:
                     run = todo.get_nowait()
                 except queue.Empty:
@@ -240,11 +242,18 @@ class SweepRunner:
                 else:
                     self.shell.say(f"# {result.status} {run.name}")
 
-        threads = [threading.Thread(target=worker, args=(s,)) for s in self.executor.slots]
+        threads = [threading.Thread(target=worker, args=(s,), daemon=True)
+                   for s in self.executor.slots]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(timeout=0.5)
+        except KeyboardInterrupt:
+            stop.set()  # Ctrl-C also reached the running commands (same process group)
+            self.shell.say("# interrupted: no further runs start; re-run the sweep to resume")
+            raise
         ordered = [results[r.name] for r in runs]
         self._summarize(ordered)
         return ordered

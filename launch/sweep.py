@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, CommandError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
