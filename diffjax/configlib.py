@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_classes = 10  # labels present in the data (0 = unlabelled)
     c.data.batch_size = 64  # global, across all devices of all processes
     c.data.random_flip = False
+    c.data.resize = "none"  # none (size must match) / pad / resize (then centre-crop)
     c.data.num_workers = 0
 
     c.model = ml_collections.ConfigDict()
@@ -157,7 +158,9 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.model_channels = 16
     c.model.channel_mult = tuple(c.model.channel_mult[:n_levels])
     c.model.num_res_blocks = 1
-    c.data.image_size = min(c.data.image_size, 16)
+    if c.data.image_size > 32:
+        c.data.image_size = 32
+        c.data.resize = "resize"
     lowest = c.data.image_size // 2 ** (n_levels - 1)
     c.model.attention_resolutions = (lowest,) if c.model.attention_resolutions else ()
     if c.model.num_head_channels > 0:
@@ -391,3 +394,29 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path!r} has no get_config(arg) function")
     return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def build_train_iterator(c: ml_collections.ConfigDict, process_index: int, process_count: int):
+    """This process's shard of the training data (grain iterator of local batches).
+
+    ``data.path`` "" means the source's default location. Checks ``data.channels`` and
+    ``data.num_classes`` against the data before any training starts.
+    """
+    from diffjax import data
+
+    d = c.data
+    options = {"channels": d.channels} if d.source == "folder" else {}
+    common = dict(source=d.source, split=d.split, image_size=d.image_size,
+                  data_dir=d.path or None, resize=d.resize, **options)
+    _, shape, num_classes = data.dataset_info(**common)
+    if shape[-1] != d.channels:
+        raise data.DataError(f"data.channels={d.channels} but {d.source} images have "
+                             f"{shape[-1]} channel(s); set --config.data.channels={shape[-1]}")
+    if d.num_classes > 0 and d.num_classes != num_classes:
+        raise data.DataError(f"data.num_classes={d.num_classes} but {d.source} has {num_classes}"
+                             f" classes; set --config.data.num_classes={num_classes} (0 = ignore"
+                             " labels)")
+    return data.make_train_iterator(
+        **common, global_batch_size=d.batch_size, seed=c.train.seed,
+        random_flip=d.random_flip, process_index=process_index, process_count=process_count,
+        num_workers=d.num_workers)

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from diffjax.data import sizing
+from diffjax.data.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 FOLDER_SPLITS = ("train",)
@@ -38,13 +39,13 @@ def _images_under(root: str) -> list[str]:
 def scan_folder(data_dir: str) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
     """Returns (paths, labels int32 [N], class_names); class_names is () for a flat folder."""
     if not data_dir or not os.path.isdir(data_dir):
-        raise ValueError(f"folder source: data_dir={data_dir!r} is not a directory; set data_dir "
+        raise DataError(f"folder source: data_dir={data_dir!r} is not a directory; set data_dir "
                          "to a folder of images (one subfolder per class, or flat)")
     entries = sorted(e for e in os.listdir(data_dir) if not e.startswith("."))
     subdirs = [e for e in entries if os.path.isdir(os.path.join(data_dir, e))]
     top_images = [e for e in entries if _is_image(e) and os.path.isfile(os.path.join(data_dir, e))]
     if subdirs and top_images:
-        raise ValueError(f"folder source: {data_dir} has both images and subfolders; use one "
+        raise DataError(f"folder source: {data_dir} has both images and subfolders; use one "
                          "subfolder per class, or put all images flat in the folder")
     if not subdirs:
         paths, labels, classes = [os.path.join(data_dir, e) for e in top_images], [], ()
@@ -56,7 +57,7 @@ def scan_folder(data_dir: str) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
             paths.extend(class_paths)
             labels.extend([label] * len(class_paths))
     if not paths:
-        raise ValueError(f"folder source: no images ({', '.join(IMAGE_EXTENSIONS)}) found in "
+        raise DataError(f"folder source: no images ({', '.join(IMAGE_EXTENSIONS)}) found in "
                          f"{data_dir}")
     return paths, np.asarray(labels, dtype=np.int32), classes
 
@@ -78,13 +79,13 @@ class FolderSource:
     def __init__(self, data_dir: str, split: str = "train", *, image_size: int | None,
                  channels: int = 3, cache: bool = False):
         if split not in FOLDER_SPLITS:
-            raise ValueError(f"folder source has only split(s) {FOLDER_SPLITS} (the whole "
+            raise DataError(f"folder source has only split(s) {FOLDER_SPLITS} (the whole "
                              f"folder), got '{split}'; point data_dir at another folder instead")
         if image_size is None or image_size <= 0:
-            raise ValueError(f"folder source needs a positive image_size (images are resized "
+            raise DataError(f"folder source needs a positive image_size (images are resized "
                              f"and centre-cropped to it), got {image_size}")
         if channels not in (1, 3):
-            raise ValueError(f"folder source: channels must be 1 or 3, got {channels}")
+            raise DataError(f"folder source: channels must be 1 or 3, got {channels}")
         self.name = "folder"
         self._paths, self._labels, self.class_names = scan_folder(data_dir)
         self._size = image_size
@@ -109,7 +110,7 @@ class FolderSource:
         try:
             return load_image(path, self._size, self._channels)
         except (OSError, ValueError) as e:
-            raise ValueError(f"folder source: cannot read image {path}: {e}") from e
+            raise DataError(f"folder source: cannot read image {path}: {e}") from e
 
     def read_batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """indices: [b] int -> (images uint8 [b, S, S, C], labels int32 [b])."""

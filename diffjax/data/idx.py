@@ -16,6 +16,7 @@ import struct
 import numpy as np
 
 from diffjax.data import sizing
+from diffjax.data.errors import DataError
 
 # IDX type byte -> big-endian NumPy dtype.
 IDX_DTYPES: dict[int, np.dtype] = {
@@ -43,12 +44,12 @@ def _open(path: str):
 def _parse_header(head: bytes, path: str) -> tuple[np.dtype, tuple[int, ...], int]:
     """Returns (dtype, shape, header_length) from the first bytes of an IDX file."""
     if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic {head[:4].hex()}); "
+        raise DataError(f"{path} is not an IDX file (bad magic {head[:4].hex()}); "
                          "expected MNIST-format *-idx?-ubyte[.gz] files")
     ndim = head[3]
     header_length = 4 + 4 * ndim
     if len(head) < header_length:
-        raise ValueError(f"{path} is truncated: IDX header needs {header_length} bytes")
+        raise DataError(f"{path} is truncated: IDX header needs {header_length} bytes")
     shape = struct.unpack(f">{ndim}I", head[4:header_length])
     return IDX_DTYPES[head[2]], tuple(int(s) for s in shape), header_length
 
@@ -72,7 +73,7 @@ def load_idx(path: str) -> np.ndarray:
     dtype, shape, offset = _parse_header(raw, path)
     count = int(np.prod(shape, dtype=np.int64))
     if len(raw) - offset != count * dtype.itemsize:
-        raise ValueError(f"{path} is corrupt: header says shape {shape} ({count * dtype.itemsize} "
+        raise DataError(f"{path} is corrupt: header says shape {shape} ({count * dtype.itemsize} "
                          f"bytes) but the file holds {len(raw) - offset} bytes of data")
     data = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(shape)
     return data.astype(dtype.newbyteorder("="), copy=False)
@@ -106,15 +107,15 @@ class IdxSource:
             missing = f"{prefix}-images-idx3-ubyte[.gz]" if self._images_path is None else (
                 f"{prefix}-labels-idx1-ubyte[.gz]")
             hint = how_to_get or "point data_dir at the folder holding the IDX files"
-            raise ValueError(f"{name}: split '{split}' needs {missing} in {data_dir}, which is "
+            raise DataError(f"{name}: split '{split}' needs {missing} in {data_dir}, which is "
                              f"missing; {hint} (known splits: {sorted(prefixes)})")
         dtype, shape = read_idx_header(self._images_path)
         _, label_shape = read_idx_header(self._labels_path)
         if dtype != np.uint8 or len(shape) not in (3, 4):
-            raise ValueError(f"{self._images_path}: expected uint8 images [N, H, W] or "
+            raise DataError(f"{self._images_path}: expected uint8 images [N, H, W] or "
                              f"[N, H, W, C], got {dtype} {shape}")
         if label_shape != shape[:1]:
-            raise ValueError(f"{self._labels_path} holds {label_shape} labels for {shape[0]} "
+            raise DataError(f"{self._labels_path} holds {label_shape} labels for {shape[0]} "
                              f"images in {self._images_path}; the files do not belong together")
         self._native_shape = tuple(shape[1:]) + ((1,) if len(shape) == 3 else ())
         self._num_examples = shape[0]

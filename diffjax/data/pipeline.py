@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from diffjax.data import sources
+from diffjax.data.errors import DataError
 
 _SHUFFLE_STREAM, _FLIP_STREAM = 0, 1  # separate random streams derived from `seed`
 
@@ -106,13 +107,13 @@ class _LocalBatchReader:
 def _check_batching(global_batch_size: int, process_index: int, process_count: int,
                     seed: int) -> None:
     if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} must be in [0, process_count="
+        raise DataError(f"process_index={process_index} must be in [0, process_count="
                          f"{process_count})")
     if global_batch_size < 1 or global_batch_size % process_count:
-        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+        raise DataError(f"global_batch_size={global_batch_size} must be a positive multiple of "
                          f"process_count={process_count}; change the batch size or processes")
     if not 0 <= seed < 2**32:
-        raise ValueError(f"seed={seed} must be in [0, 2**32)")
+        raise DataError(f"seed={seed} must be in [0, 2**32)")
 
 
 def _allow_grain_flags() -> None:
@@ -132,12 +133,12 @@ def build_dataset(source: sources.ImageSource, *, global_batch_size: int, seed: 
     """The grain pipeline over an already built source (see module docstring)."""
     _check_batching(global_batch_size, process_index, process_count, seed)
     if num_epochs is not None and num_epochs < 1:
-        raise ValueError(f"num_epochs={num_epochs} must be >= 1, or None to repeat forever")
+        raise DataError(f"num_epochs={num_epochs} must be >= 1, or None to repeat forever")
     n = len(source)
     if n == 0:
-        raise ValueError(f"{source.name}: the split is empty")
+        raise DataError(f"{source.name}: the split is empty")
     if drop_remainder and num_epochs is not None and n * num_epochs < global_batch_size:
-        raise ValueError(f"{source.name}: {n} examples x {num_epochs} epoch(s) give no full "
+        raise DataError(f"{source.name}: {n} examples x {num_epochs} epoch(s) give no full "
                          f"batch of {global_batch_size}; lower the batch size or set "
                          "drop_remainder=False")
     total = None if num_epochs is None else n * num_epochs
@@ -260,29 +261,5 @@ def prefetch_to_mesh(iterator: grain.DatasetIterator, sharding: Any,
     caller has consumed, not the ones sitting in the buffer, so it is what to checkpoint.
     """
     if size < 0:
-        raise ValueError(f"prefetch size must be >= 0, got {size}")
+        raise DataError(f"prefetch size must be >= 0, got {size}")
     return grain.experimental.ThreadPrefetchDatasetIterator(_OnDevices(iterator, sharding), size)
-
-
-def iterator_from_config(c: Any, process_index: int, process_count: int) -> grain.DatasetIterator:
-    """The training iterator of a diffjax ConfigDict (reads c.data.* and c.train.seed only).
-
-    A thin adapter for the trainer: c.data.path "" means the source's default location;
-    optional fields c.data.resize (default "none"; folders "resize") and c.data.seed
-    (default c.train.seed). Checks c.data.channels / c.data.num_classes against the data.
-    """
-    d = c.data
-    options = {"channels": d.channels} if d.source == "folder" else {}
-    common = dict(source=d.source, split=d.split, image_size=d.image_size,
-                  data_dir=d.path or None, resize=d.get("resize", None), **options)
-    _, shape, num_classes = dataset_info(**common)
-    if shape[-1] != d.channels:
-        raise ValueError(f"data.channels={d.channels} but {d.source} images have {shape[-1]} "
-                         f"channel(s); set data.channels={shape[-1]}")
-    if d.num_classes > 0 and d.num_classes != num_classes:
-        raise ValueError(f"data.num_classes={d.num_classes} but {d.source} has {num_classes} "
-                         f"classes; set data.num_classes={num_classes} (0 = ignore labels)")
-    return make_train_iterator(
-        **common, global_batch_size=d.batch_size, seed=int(d.get("seed", c.train.seed)),
-        random_flip=d.random_flip, process_index=process_index, process_count=process_count,
-        num_workers=d.num_workers)

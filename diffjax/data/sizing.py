@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from diffjax.data.errors import DataError
+
 RESIZE_MODES = ("none", "pad", "resize")
 
 
@@ -52,7 +54,7 @@ class Sizer:
     def __init__(self, native_shape: tuple[int, int, int], image_size: int | None,
                  resize: str, source_name: str):
         if resize not in RESIZE_MODES:
-            raise ValueError(f"unknown resize mode '{resize}'; valid: {', '.join(RESIZE_MODES)}")
+            raise DataError(f"unknown resize mode '{resize}'; valid: {', '.join(RESIZE_MODES)}")
         self.mode = resize
         self.size = image_size
         if image_size is None:
@@ -60,18 +62,18 @@ class Sizer:
             self.mode = "none"
             return
         if image_size <= 0:
-            raise ValueError(f"image_size must be positive, got {image_size}")
+            raise DataError(f"image_size must be positive, got {image_size}")
         h, w, c = native_shape
         self.output_shape = (image_size, image_size, c)
         if (h, w) == (image_size, image_size):
             self.mode = "none"
         elif resize == "none":
-            raise ValueError(
+            raise DataError(
                 f"{source_name} images are {h}x{w} but image_size={image_size}; set "
                 f"image_size={h} if square, or resize='pad' (centre on a black canvas) or "
                 f"resize='resize' (resize + centre crop)")
         elif resize == "pad" and (h > image_size or w > image_size):
-            raise ValueError(
+            raise DataError(
                 f"{source_name} images are {h}x{w}, larger than image_size={image_size}: "
                 f"cannot pad; use resize='resize' or image_size>={max(h, w)}")
 

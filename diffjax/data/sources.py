@@ -24,6 +24,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from diffjax.data import folder, idx, tfds_source
+from diffjax.data.errors import DataError
 
 
 class ImageSource(Protocol):
@@ -58,7 +59,7 @@ def idx_files(split: str, *, data_dir: str | None = None, image_size: int | None
               num_classes: int | None = None) -> idx.IdxSource:
     """Any MNIST-format IDX dataset: {prefix}-images-idx3-ubyte[.gz] + labels-idx1 files."""
     if data_dir is None:
-        raise ValueError("source 'idx' needs data_dir (the folder holding the IDX files)")
+        raise DataError("source 'idx' needs data_dir (the folder holding the IDX files)")
     return idx.IdxSource(data_dir, split, image_size=image_size, resize=resize,
                          split_prefixes=split_prefixes, num_classes=num_classes, name="idx")
 
@@ -68,10 +69,10 @@ def image_folder(split: str, *, data_dir: str | None = None, image_size: int | N
                  cache: bool = False) -> folder.FolderSource:
     """User images, always resized + centre-cropped (`resize` must be 'resize')."""
     if resize != "resize":
-        raise ValueError(f"folder source always resizes and centre-crops; got resize='{resize}', "
+        raise DataError(f"folder source always resizes and centre-crops; got resize='{resize}', "
                          "use resize='resize'")
     if data_dir is None:
-        raise ValueError("source 'folder' needs data_dir (the folder of images)")
+        raise DataError("source 'folder' needs data_dir (the folder of images)")
     return folder.FolderSource(data_dir, split, image_size=image_size, channels=channels,
                                cache=cache)
 
@@ -104,12 +105,12 @@ def make_source(source: str, *, split: str, data_dir: str | None = None,
     kind, _, tfds_name = source.partition(":")
     if kind not in SOURCES or (kind == "tfds") != bool(tfds_name):
         valid = ", ".join(n if n != "tfds" else "tfds:<name>" for n in SOURCES)
-        raise ValueError(f"unknown data source '{source}'; valid: {valid}")
+        raise DataError(f"unknown data source '{source}'; valid: {valid}")
     factory = SOURCES[kind]
     accepted = set(inspect.signature(factory).parameters) - {"name", "split"}
     unknown = sorted(set(options) - accepted)
     if unknown:
-        raise ValueError(f"source '{source}' does not take option(s) {unknown}; it takes "
+        raise DataError(f"source '{source}' does not take option(s) {unknown}; it takes "
                          f"{sorted(accepted)}")
     resize = default_resize(kind) if resize is None else resize
     args = (tfds_name, split) if kind == "tfds" else (split,)

@@ -13,6 +13,7 @@ import difflib
 import numpy as np
 
 from diffjax.data import sizing
+from diffjax.data.errors import DataError
 
 
 def _tfds():
@@ -34,7 +35,7 @@ def _builder(name: str, data_dir: str | None):
         known = tfds.list_builders(with_community_datasets=False)
         close = difflib.get_close_matches(name.split("/")[0], known, n=5, cutoff=0.6)
         hint = f"did you mean: {', '.join(close)}?" if close else "see tfds.list_builders()"
-        raise ValueError(f"unknown tfds dataset '{name}'; {hint}") from None
+        raise DataError(f"unknown tfds dataset '{name}'; {hint}") from None
 
 
 class TfdsSource:
@@ -51,31 +52,31 @@ class TfdsSource:
         builder = _builder(name, data_dir)
         features = builder.info.features
         if image_key not in features:
-            raise ValueError(f"{self.name} has no feature '{image_key}'; its features are "
+            raise DataError(f"{self.name} has no feature '{image_key}'; its features are "
                              f"{sorted(features.keys())} (set image_key)")
         if label_key is not None and label_key not in features:
-            raise ValueError(f"{self.name} has no feature '{label_key}'; its features are "
+            raise DataError(f"{self.name} has no feature '{label_key}'; its features are "
                              f"{sorted(features.keys())} (set label_key, or None if unlabelled)")
         tfds = _tfds()
         try:
             self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as e:  # tfds raises several unrelated types here; name the fix
             if not builder.is_prepared():
-                raise ValueError(f"{self.name} is not prepared in {builder.data_dir}; prepare it "
+                raise DataError(f"{self.name} is not prepared in {builder.data_dir}; prepare it "
                                  f"with {_build_command(name, data_dir)}") from e
             if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
-                raise ValueError(f"{self.name} in {builder.data_dir} is stored as "
+                raise DataError(f"{self.name} in {builder.data_dir} is stored as "
                                  f"{builder.info.file_format.value}, random access needs "
                                  f"array_record: rebuild with {_build_command(name, data_dir)}"
                                  ) from e
-            raise ValueError(f"{self.name}: cannot open split '{split}': {e}".split("\n")[0]) from e
+            raise DataError(f"{self.name}: cannot open split '{split}': {e}".split("\n")[0]) from e
         self._image_key = image_key
         self._label_key = label_key
         shape = tuple(features[image_key].shape)
         self._num_classes = features[label_key].num_classes if label_key is not None else 0
         if None in shape:
             if resize != "resize" or image_size is None:
-                raise ValueError(f"{self.name} images vary in size {shape}; set image_size and "
+                raise DataError(f"{self.name} images vary in size {shape}; set image_size and "
                                  "resize='resize'")
             self._sizer = None
             self._image_shape = (image_size, image_size, shape[-1])

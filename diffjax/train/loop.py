@@ -18,8 +18,8 @@ import ml_collections
 import numpy as np
 
 from diffjax import checkpoint, configlib, parallel
+from diffjax import data as data_lib
 from diffjax.train import optim, reporting
-from diffjax.train.feed import DeviceFeeder
 from diffjax.train.state import TrainState, abstract_state, create_sharded_state
 from diffjax.train.step import LossSpec, make_train_step, step_key
 
@@ -113,18 +113,17 @@ def _check_workdir_config(workdir: str, resolved: dict, allow_change: bool) -> N
 def train(c: ml_collections.ConfigDict, workdir: str, mesh, *, allow_config_change: bool = False,
           data_iterator=None) -> TrainState:
     """Trains to ``train.num_steps``, resuming from ``workdir/checkpoints`` if it has any."""
-    from diffjax import data as data_lib
     from diffjax import generate
 
     resolved = c.to_dict()
     _check_workdir_config(workdir, resolved, allow_config_change)
     per_device = parallel.check_global_batch(c.data.batch_size, mesh)
     del per_device
-    it = data_iterator or data_lib.iterator_from_config(c, jax.process_index(), jax.process_count())
+    it = data_iterator or configlib.build_train_iterator(c, jax.process_index(), jax.process_count())
     trainer = Trainer(c, mesh)
     manager = checkpoint.make_manager(checkpoint.checkpoint_dir(workdir), c.train.keep_checkpoints,
                                       c.train.keep_every)
-    feeder = DeviceFeeder(it, parallel.data_sharding(mesh))
+    feeder = data_lib.prefetch_to_mesh(it, parallel.data_sharding(mesh))
     if manager.latest_step() is not None:
         state, start = checkpoint.restore(manager, trainer.abstract_state(), feeder)
     else:
@@ -151,7 +150,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, mesh, *, allow_config_chan
                         f"skipped); lower optim.learning_rate or check the data; last checkpoint "
                         f"step: {manager.latest_step()}")
             if done % c.train.checkpoint_every == 0 or done == c.train.num_steps:
-                checkpoint.save(manager, done, state, feeder.snapshot(), resolved)
+                checkpoint.save(manager, done, state, feeder, resolved)
             if sampler is not None and (done % c.train.sample_every == 0
                                         or done == c.train.num_steps):
                 images, _ = sampler(state.ema_params[0], c.train.num_sample_images,

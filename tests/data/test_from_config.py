@@ -1,9 +1,10 @@
-"""iterator_from_config: the trainer's adapter from c.data.* to make_train_iterator."""
+"""configlib.build_train_iterator: the trainer's adapter from c.data.* to make_train_iterator."""
 
 import ml_collections
 import numpy as np
 import pytest
 
+from diffjax import configlib
 from diffjax.data import pipeline
 
 
@@ -18,7 +19,7 @@ def _config(idx_dir, **data):
 
 
 def test_config_iterator_matches_the_direct_call(idx_dir):
-    got = pipeline.iterator_from_config(_config(idx_dir), process_index=1, process_count=2)
+    got = configlib.build_train_iterator(_config(idx_dir), process_index=1, process_count=2)
     want = pipeline.make_train_iterator(
         source="idx", split="train", data_dir=idx_dir, image_size=6, resize="pad",
         global_batch_size=4, seed=0, random_flip=False, process_index=1, process_count=2)
@@ -31,8 +32,8 @@ def test_config_iterator_matches_the_direct_call(idx_dir):
 
 def test_config_mismatches_are_reported(idx_dir):
     with pytest.raises(ValueError, match="data.channels=3 but idx images have 1"):
-        pipeline.iterator_from_config(_config(idx_dir, channels=3), 0, 1)
+        configlib.build_train_iterator(_config(idx_dir, channels=3), 0, 1)
     with pytest.raises(ValueError, match="data.num_classes=10 but idx has 7"):
-        pipeline.iterator_from_config(_config(idx_dir, num_classes=10), 0, 1)
-    unlabelled = pipeline.iterator_from_config(_config(idx_dir, num_classes=0), 0, 1)
+        configlib.build_train_iterator(_config(idx_dir, num_classes=10), 0, 1)
+    unlabelled = configlib.build_train_iterator(_config(idx_dir, num_classes=0), 0, 1)
     assert next(unlabelled)["label"].shape == (4,)
