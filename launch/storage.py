@@ -67,6 +67,9 @@ class GcsStore:
             self.shell.say("# dry run: finished runs under gs:// are not checked")
         result = self.shell.run(gcloud.storage_ls(f"{self.root}/*/{DONE_MARKER}"),
                                 check=False, capture=True)
+        if result.returncode != 0 and not self.shell.dry_run:
+            self.shell.say(f"# no finished runs under {self.root} (the error above is "
+                           "expected for a new sweep)")
         names = set()
         for line in result.stdout.splitlines():
             line = line.strip()
