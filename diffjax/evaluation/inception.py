@@ -16,11 +16,11 @@ so the converter in :mod:`diffjax.evaluation.convert_inception` is a direct rena
 All parameters, batch-norm statistics included, live in the single ``params`` collection:
 ``InceptionV3().apply({"params": params}, x)``.
 
-Preprocessing (``preprocess_images``) follows pytorch-fid: bilinear resize to 299x299 with
-half-pixel centres (``align_corners=False``, no antialiasing), inputs in [-1, 1]. ADM's TF
-evaluator resizes with TF1's ``ResizeBilinear`` (corner-aligned grid) and normalises with
-(x - 128) / 128, so its FID can differ from ours in the last digits; reference statistics
-from either side should be computed with one pipeline.
+Preprocessing (``preprocess_images``) has two modes: ``"tf1"`` (default) reproduces the TF
+graph of ADM's evaluator (TF1 ``ResizeBilinear`` on [0, 255] values, then (v - 128) / 128),
+so statistics are comparable with ADM's reference batches; ``"pytorch_fid"`` reproduces
+pytorch-fid (half-pixel bilinear resize of [-1, 1] values). They differ in the last digits
+of FID: compute reference and sample statistics with the same mode.
 
 Shapes: B batch, H/W spatial, C channels. Images are NHWC float32.
 """
@@ -247,30 +247,65 @@ class InceptionV3(nn.Module):
                 "logits_unbiased": logits_unbiased}
 
 
-def preprocess_images(images: jax.Array, size: int = INPUT_SIZE) -> jax.Array:
-    """Scale images to [-1, 1] float32 and resize them bilinearly to size x size.
+PREPROCESSING = ("tf1", "pytorch_fid")
 
-    images: [B, H, W, 3]; uint8 is read as [0, 255] (ADM's sample/reference ``arr_0``
-    files), any float dtype as [-1, 1] (diffjax's convention). Grayscale [B, H, W, 1] is
-    repeated to 3 channels. The resize is pytorch-fid's: bilinear, half-pixel centres
-    (``align_corners=False``), no antialiasing, edge pixels clamped.
-    Returns [B, size, size, 3] float32.
+
+def preprocess_images(images: jax.Array, size: int = INPUT_SIZE,
+                      mode: str = "tf1") -> jax.Array:
+    """Bring images to the network's input: [B, size, size, 3] float32 in about [-1, 1].
+
+    images: [B, H, W, 3] (grayscale [B, H, W, 1] is repeated to 3 channels); uint8 is read
+    as [0, 255] (ADM's sample/reference ``arr_0`` files), any float dtype as [-1, 1]
+    (diffjax's convention, mapped to [0, 255] by (x + 1) * 127.5 for ``"tf1"``).
+
+    mode ``"tf1"`` (default) reproduces the TF graph behind ADM's evaluator and its reference
+    statistics: TF1 ``ResizeBilinear`` with ``align_corners=False`` (source pixel
+    ``i * in / out``, no half-pixel offset, upper neighbour clamped) on [0, 255] values, then
+    (v - 128) / 128. mode ``"pytorch_fid"`` reproduces pytorch-fid: x / 127.5 - 1, then
+    bilinear resize with half-pixel centres (``align_corners=False``), no antialiasing.
+    The two give FIDs that differ slightly; compare only statistics made with one mode.
     """
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(
             f"images must be [B, H, W, 3] (or [B, H, W, 1]), got shape {images.shape}")
+    if mode not in PREPROCESSING:
+        raise ValueError(f"unknown preprocessing mode {mode!r}; choose one of {PREPROCESSING}")
     if images.dtype == jnp.uint8:
-        x = images.astype(jnp.float32) / 127.5 - 1.0
+        v = images.astype(jnp.float32)  # [0, 255]
     elif jnp.issubdtype(images.dtype, jnp.floating):
-        x = images.astype(jnp.float32)
+        v = (images.astype(jnp.float32) + 1.0) * 127.5
     else:
         raise ValueError(
             f"images must be uint8 in [0, 255] or float in [-1, 1], got dtype {images.dtype}")
-    if x.shape[-1] == 1:
-        x = jnp.repeat(x, 3, axis=-1)
-    if x.shape[1:3] != (size, size):
-        x = jax.image.resize(x, (x.shape[0], size, size, 3), "bilinear", antialias=False)
-    return x
+    if v.shape[-1] == 1:
+        v = jnp.repeat(v, 3, axis=-1)
+    if mode == "pytorch_fid":
+        x = (v / 127.5 - 1.0) if images.dtype == jnp.uint8 else images.astype(jnp.float32)
+        x = jnp.broadcast_to(x, v.shape)
+        if x.shape[1:3] != (size, size):
+            x = jax.image.resize(x, (x.shape[0], size, size, 3), "bilinear", antialias=False)
+        return x
+    rows = jnp.asarray(tf1_resize_matrix(v.shape[1], size))
+    cols = jnp.asarray(tf1_resize_matrix(v.shape[2], size))
+    v = jnp.einsum("oh,bhwc->bowc", rows, v, precision=_HIGHEST)
+    v = jnp.einsum("pw,bowc->bopc", cols, v, precision=_HIGHEST)
+    return (v - 128.0) / 128.0
+
+
+def tf1_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] weights of TF1 bilinear resizing (align_corners=False) along one axis.
+
+    Output i samples source position i * (n_in / n_out) (float32, as TF computes it),
+    between floor and min(floor + 1, n_in - 1).
+    """
+    src = np.arange(n_out, dtype=np.float32) * np.float32(n_in / n_out)
+    lo = np.floor(src).astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = (src - lo).astype(np.float32)
+    w = np.zeros((n_out, n_in), np.float32)
+    np.add.at(w, (np.arange(n_out), lo), 1.0 - frac)
+    np.add.at(w, (np.arange(n_out), hi), frac)
+    return w
 
 
 def init_params(key: jax.Array) -> dict:
@@ -304,8 +339,8 @@ def _default_apply(params: dict, x: jax.Array) -> dict[str, jax.Array]:
 
 
 @functools.cache
-def _jitted_step(apply_fn: Callable, size: int) -> Callable:
-    return jax.jit(lambda p, x: apply_fn(p, preprocess_images(x, size)))
+def _jitted_step(apply_fn: Callable, size: int, mode: str) -> Callable:
+    return jax.jit(lambda p, x: apply_fn(p, preprocess_images(x, size, mode)))
 
 
 def _batches(images, batch_size: int) -> Iterable[np.ndarray]:
@@ -317,12 +352,14 @@ def _batches(images, batch_size: int) -> Iterable[np.ndarray]:
 def compute_activations(params: dict, images: Iterable[np.ndarray] | np.ndarray, *,
                         batch_size: int = 64, sharding: jax.sharding.Sharding | None = None,
                         progress: bool = True, size: int = INPUT_SIZE,
+                        preprocessing: str = "tf1",
                         apply_fn: Callable[[dict, jax.Array], dict[str, jax.Array]] | None
                         = None) -> dict[str, np.ndarray]:
     """Inception features of a stream of images, batched and (optionally) sharded.
 
-    images: an iterable of [b, H, W, 3] batches (uint8 in [0, 255] or float in [-1, 1], see
-    :func:`preprocess_images`), or one [N, H, W, 3] array cut into ``batch_size`` pieces.
+    images: an iterable of [b, H, W, 3] batches (uint8 in [0, 255] or float in [-1, 1],
+    resized and scaled by :func:`preprocess_images` with ``preprocessing`` and ``size``), or
+    one [N, H, W, 3] array cut into ``batch_size`` pieces.
     Each batch is cut/padded to a fixed size (``batch_size`` rounded up to a multiple of the
     sharding's local device count), so the network compiles once per input resolution.
     With ``sharding`` (e.g. a NamedSharding splitting the batch axis over a mesh, from
@@ -336,7 +373,10 @@ def compute_activations(params: dict, images: Iterable[np.ndarray] | np.ndarray,
     apply_fn = apply_fn or _default_apply
     shards = 1 if sharding is None else len(sharding.addressable_devices)
     fixed = -(-batch_size // shards) * shards
-    step = _jitted_step(apply_fn, size)
+    if preprocessing not in PREPROCESSING:
+        raise ValueError(f"unknown preprocessing {preprocessing!r}; choose one of "
+                         f"{PREPROCESSING}")
+    step = _jitted_step(apply_fn, size, preprocessing)
     batches = _batches(images, batch_size)
     total = len(batches) if hasattr(batches, "__len__") else None
     bar = tqdm.tqdm(batches, total=total, desc="inception activations", unit="batch",

@@ -52,18 +52,53 @@ def test_max_pool_padding_never_wins():
 
 def test_preprocess_scaling_and_shape():
     u8 = np.array([0, 255, 127], np.uint8).reshape(1, 1, 3, 1).repeat(3, -1)
-    x = np.asarray(inception.preprocess_images(jnp.asarray(u8), size=3))
+    # float32 x / 127.5 - 1 and (v - 128) / 128 are exact to one ulp of 1.0 (2^-23).
+    x = np.asarray(inception.preprocess_images(jnp.asarray(u8), size=3, mode="pytorch_fid"))
     assert x.shape == (1, 3, 3, 3)
-    # float32 x / 127.5 - 1 is exact to one ulp of 1.0 (2^-23), whatever the cancellation.
     np.testing.assert_allclose(x[0, 0, :, 0], [-1.0, 1.0, 127 / 127.5 - 1], rtol=0,
                                atol=2.0**-23)
+    x = np.asarray(inception.preprocess_images(jnp.asarray(u8), size=3, mode="tf1"))
+    np.testing.assert_allclose(x[0, 0, :, 0], [-1.0, 127 / 128, -1 / 128], rtol=0,
+                               atol=2.0**-23)
     gray = jnp.linspace(-1, 1, 16).reshape(1, 4, 4, 1)
-    y = inception.preprocess_images(gray, size=4)
+    y = inception.preprocess_images(gray, size=4, mode="pytorch_fid")
     np.testing.assert_array_equal(np.asarray(y), np.repeat(np.asarray(gray), 3, -1))
+    y = inception.preprocess_images(gray, size=4, mode="tf1")
+    ref = ((np.asarray(gray) + 1) * 127.5 - 128) / 128
+    np.testing.assert_allclose(np.asarray(y), np.repeat(ref, 3, -1), rtol=0, atol=2.0**-22)
     with pytest.raises(ValueError, match="dtype"):
         inception.preprocess_images(jnp.zeros((1, 4, 4, 3), jnp.int32))
     with pytest.raises(ValueError, match="shape"):
         inception.preprocess_images(jnp.zeros((4, 4, 3)))
+    with pytest.raises(ValueError, match="mode"):
+        inception.preprocess_images(jnp.zeros((1, 4, 4, 3)), mode="bicubic")
+
+
+def _np_tf1_resize(v, out):
+    """TF1 ResizeBilinear (align_corners=False) per output pixel, float64. v: [H, W, C]."""
+    h, w, _ = v.shape
+    res = np.zeros((out, out, v.shape[2]))
+    for i in range(out):
+        in_y = i * np.float32(h / out)
+        top, y_l = int(np.floor(in_y)), in_y - np.floor(in_y)
+        bot = min(top + 1, h - 1)
+        for j in range(out):
+            in_x = j * np.float32(w / out)
+            left, x_l = int(np.floor(in_x)), in_x - np.floor(in_x)
+            right = min(left + 1, w - 1)
+            top_v = v[top, left] + (v[top, right] - v[top, left]) * x_l
+            bot_v = v[bot, left] + (v[bot, right] - v[bot, left]) * x_l
+            res[i, j] = top_v + (bot_v - top_v) * y_l
+    return res
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (40, 33)])
+def test_tf1_resize_matches_per_pixel_formula(shape):
+    u8 = np.random.default_rng(shape[0]).integers(0, 256, size=(1, *shape, 3), dtype=np.uint8)
+    got = np.asarray(inception.preprocess_images(jnp.asarray(u8), size=23, mode="tf1"))
+    ref = (_np_tf1_resize(u8[0].astype(np.float64), 23) - 128) / 128
+    # [0, 255] values interpolated in float32: error <= a few ulp of 255, i.e. ~1e-7 after /128.
+    np.testing.assert_allclose(got[0], ref, rtol=0, atol=1e-6)
 
 
 def test_model_rejects_small_images():
@@ -182,7 +217,7 @@ def test_matches_pytorch_fid_inception(monkeypatch):
     spatial_ref = spatial["x"].permute(0, 2, 3, 1)[..., :7].reshape(2, -1).numpy()
 
     params = ci.convert_state_dict({k: v.numpy() for k, v in tv.state_dict().items()})
-    x = inception.preprocess_images(jnp.asarray(imgs01 * 2.0 - 1.0))
+    x = inception.preprocess_images(jnp.asarray(imgs01 * 2.0 - 1.0), mode="pytorch_fid")
     out = jax.jit(inception.InceptionV3().apply)({"params": params}, x)
     assert out["spatial"].shape == (2, 2023)
     for name, ref in (("pool", pool_ref), ("logits", logits_ref), ("spatial", spatial_ref)):
@@ -204,5 +239,5 @@ def test_resize_matches_torch_bilinear(size):
     x = np.random.default_rng(size).uniform(-1, 1, size=(1, size, size, 3)).astype(np.float32)
     ref = F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=(299, 299),
                         mode="bilinear", align_corners=False).permute(0, 2, 3, 1).numpy()
-    got = np.asarray(inception.preprocess_images(jnp.asarray(x)))
+    got = np.asarray(inception.preprocess_images(jnp.asarray(x), mode="pytorch_fid"))
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)

@@ -269,8 +269,9 @@ def test_compute_activations_with_inception_sharded():
     params = inception.init_params(jax.random.key(0))
     imgs = np.random.default_rng(13).uniform(-1, 1, size=(3, 75, 75, 3)).astype(np.float32)
     mesh = Mesh(np.array(jax.devices()), ("data",))
+    # "pytorch_fid" preprocessing at the input's own size is the identity on [-1, 1].
     got = inception.compute_activations(params, imgs, batch_size=3, size=75,
-                                        sharding=NamedSharding(mesh, PartitionSpec("data")),
+                                        preprocessing="pytorch_fid", sharding=NamedSharding(mesh, PartitionSpec("data")),
                                         progress=False)
     direct = jax.jit(inception.InceptionV3().apply)({"params": params}, jnp.asarray(imgs))
     assert got["pool"].shape == (3, 2048) and got["logits"].shape == (3, 1008)
