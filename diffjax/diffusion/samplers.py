@@ -33,7 +33,9 @@ import jax.numpy as jnp
 from jax import lax
 
 Array = jax.Array
+ArrayLike = jax.typing.ArrayLike
 Denoiser = Callable[[Array, Array, Any], Any]
+Sampled = Array | tuple[Array, Array]  # x [B, ...], or (x, trajectory [N, B, ...])
 
 
 def _call(denoise: Denoiser, x: Array, sigma: Array, cond: Any) -> Any:
@@ -41,7 +43,8 @@ def _call(denoise: Denoiser, x: Array, sigma: Array, cond: Any) -> Any:
     return denoise(x, jnp.full((x.shape[0],), sigma, x.dtype), cond)
 
 
-def _loop(step, carry, x_init: Array, sigmas: Any, key: Array, trajectory: bool):
+def _loop(step: Callable, carry: tuple, x_init: Array, sigmas: ArrayLike, key: Array,
+          trajectory: bool) -> Sampled:
     """Runs ``step(carry, inputs, step_key) -> carry`` over the steps with one lax.scan.
 
     carry[0] is the state x; inputs holds i, sigma, sigma_next and the two previous sigmas
@@ -73,8 +76,9 @@ def _noise(key: Array, x: Array) -> Array:
     return jax.random.normal(key, x.shape, x.dtype)
 
 
-def _churn(x, sigma, key, num_steps, s_churn, s_tmin, s_tmax, s_noise):
-    """Karras Alg. 2 lines 4-6: raise sigma to sigma_hat = (1 + gamma) sigma by adding noise."""
+def _churn(x: Array, sigma: Array, key: Array, num_steps: int, s_churn: float, s_tmin: float,
+           s_tmax: float, s_noise: float) -> tuple[Array, Array]:
+    """Karras Alg. 2 churn: raise sigma to sigma_hat = (1 + gamma) sigma by adding noise."""
     if s_churn == 0:
         return x, sigma
     gamma_max = min(s_churn / num_steps, math.sqrt(2.0) - 1.0)
@@ -85,8 +89,11 @@ def _churn(x, sigma, key, num_steps, s_churn, s_tmin, s_tmax, s_noise):
     return x, sigma_hat
 
 
-def euler(denoise, x_init, sigmas, key, *, cond=None, return_trajectory=False,
-          s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
+def euler(
+    denoise: Denoiser, x_init: Array, sigmas: ArrayLike, key: Array, *, cond: Any = None,
+    return_trajectory: bool = False, s_churn: float = 0.0, s_tmin: float = 0.0,
+    s_tmax: float = math.inf, s_noise: float = 1.0,
+) -> Sampled:
     """Euler steps on the probability-flow ODE; Karras Alg. 1 (s_churn=0) / Alg. 2 with Euler.
 
     Churn: gamma_i = min(s_churn / N, sqrt(2) - 1) where s_tmin <= sigma_i <= s_tmax.
@@ -102,11 +109,14 @@ def euler(denoise, x_init, sigmas, key, *, cond=None, return_trajectory=False,
     return _loop(step, (x_init,), x_init, sigmas, key, return_trajectory)
 
 
-def heun(denoise, x_init, sigmas, key, *, cond=None, return_trajectory=False,
-         s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
+def heun(
+    denoise: Denoiser, x_init: Array, sigmas: ArrayLike, key: Array, *, cond: Any = None,
+    return_trajectory: bool = False, s_churn: float = 0.0, s_tmin: float = 0.0,
+    s_tmax: float = math.inf, s_noise: float = 1.0,
+) -> Sampled:
     """Karras et al. (2022) Alg. 2 (Alg. 1 when s_churn=0): Heun's 2nd-order steps.
 
-    The step into sigma_{i+1} = 0 is a plain Euler step (Alg. 2 line 9), so N steps ending
+    The step into sigma_{i+1} = 0 is a plain Euler step ("if t_{i+1} != 0"), so N steps ending
     at 0 cost 2N - 1 evaluations.
     """
     num_steps = jnp.shape(sigmas)[0] - 1
@@ -127,7 +137,7 @@ def heun(denoise, x_init, sigmas, key, *, cond=None, return_trajectory=False,
     return _loop(step, (x_init,), x_init, sigmas, key, return_trajectory)
 
 
-def ancestral_step(sigma, sigma_next, eta=1.0):
+def ancestral_step(sigma: Array, sigma_next: Array, eta: float = 1.0) -> tuple[Array, Array]:
     """Split a step sigma -> sigma_next into a deterministic part and fresh noise.
 
     Returns (sigma_down, sigma_up) with sigma_down^2 + sigma_up^2 = sigma_next^2 and
@@ -140,8 +150,10 @@ def ancestral_step(sigma, sigma_next, eta=1.0):
     return jnp.sqrt(jnp.maximum(sigma_next**2 - sigma_up**2, 0.0)), sigma_up
 
 
-def euler_ancestral(denoise, x_init, sigmas, key, *, cond=None, return_trajectory=False,
-                    eta=1.0, s_noise=1.0):
+def euler_ancestral(
+    denoise: Denoiser, x_init: Array, sigmas: ArrayLike, key: Array, *, cond: Any = None,
+    return_trajectory: bool = False, eta: float = 1.0, s_noise: float = 1.0,
+) -> Sampled:
     """Euler step down to sigma_down, then fresh noise of std sigma_up (k-diffusion's Euler a)."""
 
     def step(carry, inp, k):
@@ -154,7 +166,10 @@ def euler_ancestral(denoise, x_init, sigmas, key, *, cond=None, return_trajector
     return _loop(step, (x_init,), x_init, sigmas, key, return_trajectory)
 
 
-def ddim(denoise, x_init, sigmas, key, *, cond=None, return_trajectory=False, eta=0.0):
+def ddim(
+    denoise: Denoiser, x_init: Array, sigmas: ArrayLike, key: Array, *, cond: Any = None,
+    return_trajectory: bool = False, eta: float = 0.0,
+) -> Sampled:
     """Song et al. (2021) eq. 12 in VE units: x' = x0 + sqrt(s'^2 - c^2) eps_hat + c z.
 
     c = eta * s' sqrt(s^2 - s'^2) / s is DDIM's sigma_t(eta) / sqrt(abar_{t-1}); eta=0 is the
@@ -177,7 +192,9 @@ def ddim(denoise, x_init, sigmas, key, *, cond=None, return_trajectory=False, et
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned")
 
 
-def ddpm_transition(x, x0, sigma, sigma_next, variance="fixed_small", frac=None):
+def ddpm_transition(x: Array, x0: Array, sigma: Array, sigma_next: Array,
+                    variance: str = "fixed_small", frac: Array | None = None,
+                    ) -> tuple[Array, Array]:
     """Mean and variance (VE units) of one ancestral DDPM step sigma -> sigma_next.
 
     With abar = 1 / (1 + sigma^2) the step's beta = 1 - abar/abar_next and
@@ -206,8 +223,10 @@ def ddpm_transition(x, x0, sigma, sigma_next, variance="fixed_small", frac=None)
     return x0 + ratio * (x - x0), var
 
 
-def ddpm(denoise, x_init, sigmas, key, *, cond=None, return_trajectory=False,
-         variance="fixed_small"):
+def ddpm(
+    denoise: Denoiser, x_init: Array, sigmas: ArrayLike, key: Array, *, cond: Any = None,
+    return_trajectory: bool = False, variance: str = "fixed_small",
+) -> Sampled:
     """Ancestral sampling (Ho et al. 2020 Alg. 2; iDDPM's learned range variance).
 
     With variance="learned", ``denoise`` must be ``denoise_with_variance(x, sigma, cond) ->
@@ -225,12 +244,15 @@ def ddpm(denoise, x_init, sigmas, key, *, cond=None, return_trajectory=False,
     return _loop(step, (x_init,), x_init, sigmas, key, return_trajectory)
 
 
-def _log_ratio(sigma_a, sigma_b):
+def _log_ratio(sigma_a: Array, sigma_b: Array) -> Array:
     """lambda_b - lambda_a = log(sigma_a / sigma_b) with lambda = -log sigma."""
     return jnp.log(sigma_a) - jnp.log(sigma_b)
 
 
-def dpmpp_2m(denoise, x_init, sigmas, key, *, cond=None, return_trajectory=False):
+def dpmpp_2m(
+    denoise: Denoiser, x_init: Array, sigmas: ArrayLike, key: Array, *, cond: Any = None,
+    return_trajectory: bool = False,
+) -> Sampled:
     """DPM-Solver++(2M), Lu et al. (2022) Alg. 2 with alpha = 1, lambda = -log sigma.
 
     Step 0 is first order; later steps use D = (1 + 1/2r) x0_i - 1/2r x0_{i-1},
@@ -251,8 +273,11 @@ def dpmpp_2m(denoise, x_init, sigmas, key, *, cond=None, return_trajectory=False
     return _loop(step, (x_init, jnp.zeros_like(x_init)), x_init, sigmas, key, return_trajectory)
 
 
-def dpmpp_2m_sde(denoise, x_init, sigmas, key, *, cond=None, return_trajectory=False,
-                 eta=1.0, s_noise=1.0, solver_type="midpoint"):
+def dpmpp_2m_sde(
+    denoise: Denoiser, x_init: Array, sigmas: ArrayLike, key: Array, *, cond: Any = None,
+    return_trajectory: bool = False, eta: float = 1.0, s_noise: float = 1.0,
+    solver_type: str = "midpoint",
+) -> Sampled:
     """DPM-Solver++(2M) SDE (Lu et al. 2022, as in k-diffusion); eta=0 gives dpmpp_2m.
 
     With h = log(s / s'), h_eta = (1 + eta) h and q = 1 - e^{-h_eta}:
@@ -283,8 +308,10 @@ def dpmpp_2m_sde(denoise, x_init, sigmas, key, *, cond=None, return_trajectory=F
     return _loop(step, (x_init, jnp.zeros_like(x_init)), x_init, sigmas, key, return_trajectory)
 
 
-def dpmpp_3m_sde(denoise, x_init, sigmas, key, *, cond=None, return_trajectory=False,
-                 eta=1.0, s_noise=1.0):
+def dpmpp_3m_sde(
+    denoise: Denoiser, x_init: Array, sigmas: ArrayLike, key: Array, *, cond: Any = None,
+    return_trajectory: bool = False, eta: float = 1.0, s_noise: float = 1.0,
+) -> Sampled:
     """DPM-Solver++(3M) SDE (k-diffusion's 3rd-order multistep); eta=0 is the 3M ODE solver.
 
     With h = log(s / s'), h_eta = (1 + eta) h, phi_2 = 1 - (1 - e^{-h_eta}) / h_eta and

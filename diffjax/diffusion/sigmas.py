@@ -18,9 +18,6 @@ from typing import Any
 
 import numpy as np
 
-SIGMA_SEQUENCES = ("karras", "loglinear", "discrete")
-
-
 def _append_zero(sigmas: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray(sigmas, np.float64), np.zeros([1])])
 
@@ -124,3 +121,10 @@ def timesteps_of(model_sigmas: Any, sigmas: np.ndarray) -> np.ndarray:
         raise ValueError("sigmas are not on the model's timestep grid; build them with "
                          "discrete_sigmas().")
     return idx
+
+
+SIGMA_SEQUENCES = {
+    "karras": karras_sigmas,
+    "loglinear": loglinear_sigmas,
+    "discrete": discrete_sigmas,
+}

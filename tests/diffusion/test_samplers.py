@@ -212,6 +212,9 @@ def test_discrete_sigmas_respacing():
     assert len(SG.space_timesteps(1000, [10, 10, 5])) == 25
     uni = SG.discrete_sigmas(table, num_steps=4)
     np.testing.assert_array_equal(SG.timesteps_of(table, uni), [999, 666, 333, 0])
+    holder = type("Schedule", (), {"sigmas": table})()  # any object with .sigmas works
+    np.testing.assert_array_equal(SG.discrete_sigmas(holder, spacing="ddim50"), ddim)
+    assert set(SG.SIGMA_SEQUENCES) == {"karras", "loglinear", "discrete"}
     with pytest.raises(ValueError, match="DDIM steps"):
         SG.discrete_sigmas(table, spacing="ddim999")
     with pytest.raises(ValueError, match="strictly increasing"):
