@@ -222,12 +222,13 @@ def test_matches_pytorch_fid_inception(monkeypatch):
     assert out["spatial"].shape == (2, 2023)
     for name, ref in (("pool", pool_ref), ("logits", logits_ref), ("spatial", spatial_ref)):
         got = np.asarray(out[name])
-        scale = np.abs(ref).max()
-        assert scale > 0.1, (name, scale)  # features are not vanishing: the test can fail
-        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * scale, err_msg=name)
+        # He-initialised weights keep features O(1-10) (not vanishing, so the test can
+        # fail); float32 differences measured here are ~1e-5, the bound is 1e-4 absolute.
+        assert 1.0 < np.abs(ref).max() < 100.0, (name, np.abs(ref).max())
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4, err_msg=name)
     bias = params["fc_bias"]
     np.testing.assert_allclose(np.asarray(out["logits_unbiased"]), logits_ref - bias,
-                               rtol=0, atol=1e-4 * np.abs(logits_ref).max())
+                               rtol=0, atol=1e-4)
 
 
 @pytest.mark.skipif(not _HAVE_TORCH_REF, reason="needs torch (pip install torch==2.14.1)")
