@@ -244,6 +244,12 @@ def ddpm(
     return _loop(step, (x_init,), x_init, sigmas, key, return_trajectory)
 
 
+def _finite_next(sigma: Array, sigma_next: Array) -> Array:
+    """sigma_next, or sigma / 2 in the step into 0 (whose multistep branch is discarded), so
+    that h = log(sigma / sigma_next) stays finite and gradients through the scan stay finite."""
+    return jnp.where(sigma_next > 0, sigma_next, 0.5 * sigma)
+
+
 def _log_ratio(sigma_a: Array, sigma_b: Array) -> Array:
     """lambda_b - lambda_a = log(sigma_a / sigma_b) with lambda = -log sigma."""
     return jnp.log(sigma_a) - jnp.log(sigma_b)
@@ -263,9 +269,9 @@ def dpmpp_2m(
         x, old = carry
         sigma, sigma_next = inp["sigma"], inp["sigma_next"]
         x0 = _call(denoise, x, sigma, cond)
-        safe_next = jnp.where(sigma_next > 0, sigma_next, sigma)
+        safe_next = _finite_next(sigma, sigma_next)
         h = _log_ratio(sigma, safe_next)
-        r = _log_ratio(inp["sigma_prev"], sigma) / h
+        r = jnp.where(inp["i"] == 0, 1.0, _log_ratio(inp["sigma_prev"], sigma) / h)
         d = jnp.where(inp["i"] == 0, x0, (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old)
         x_next = (safe_next / sigma) * x - jnp.expm1(-h) * d
         return jnp.where(sigma_next > 0, x_next, x0), x0
@@ -293,7 +299,7 @@ def dpmpp_2m_sde(
         x, old = carry
         sigma, sigma_next = inp["sigma"], inp["sigma_next"]
         x0 = _call(denoise, x, sigma, cond)
-        safe_next = jnp.where(sigma_next > 0, sigma_next, sigma)
+        safe_next = _finite_next(sigma, sigma_next)
         h = _log_ratio(sigma, safe_next)
         h_eta = h * (1.0 + eta)
         one_minus = -jnp.expm1(-h_eta)
@@ -325,12 +331,13 @@ def dpmpp_3m_sde(
         x, x0_1, x0_2 = carry
         sigma, sigma_next, i = inp["sigma"], inp["sigma_next"], inp["i"]
         x0 = _call(denoise, x, sigma, cond)
-        safe_next = jnp.where(sigma_next > 0, sigma_next, sigma)
+        safe_next = _finite_next(sigma, sigma_next)
         h = _log_ratio(sigma, safe_next)
         h_eta = h * (1.0 + eta)
         x_next = jnp.exp(-h_eta) * x - jnp.expm1(-h_eta) * x0
-        r0 = _log_ratio(inp["sigma_prev"], sigma) / h
-        r1 = _log_ratio(inp["sigma_prev2"], inp["sigma_prev"]) / h
+        # r0, r1 are set to 1 where their history does not exist yet (unused, finite grads).
+        r0 = jnp.where(i >= 1, _log_ratio(inp["sigma_prev"], sigma) / h, 1.0)
+        r1 = jnp.where(i >= 2, _log_ratio(inp["sigma_prev2"], inp["sigma_prev"]) / h, 1.0)
         phi_2 = jnp.expm1(-h_eta) / h_eta + 1.0
         phi_3 = phi_2 / h_eta - 0.5
         d1_0 = (x0 - x0_1) / r0

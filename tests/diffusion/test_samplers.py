@@ -460,6 +460,20 @@ def test_sharded_batch_equals_single_device():
     np.testing.assert_allclose(np.asarray(sharded), single, rtol=0, atol=16 * EPS32)
 
 
+@pytest.mark.parametrize("name", sorted(S.SAMPLERS))
+def test_gradients_through_sampler_are_finite(name):
+    """Unused where-branches (first steps, the step into 0) must not poison gradients."""
+    sig = SG.karras_sigmas(5, 0.002, 80.0)
+    opts = {"variance": "learned"} if name == "ddpm" else {}
+
+    def denoise(x, sigma, cond):
+        x0 = MIX.denoise(x, sigma, cond)
+        return (x0, jax.nn.sigmoid(x)) if name == "ddpm" else x0
+
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(S.SAMPLERS[name](denoise, x, sig, KEY, **opts))))
+    assert np.all(np.isfinite(np.asarray(grad(_init(4, 80.0)))))
+
+
 def test_bad_inputs():
     x = _init(4, 1.0)
     with pytest.raises(ValueError, match="at least 2 entries"):
