@@ -31,6 +31,9 @@ def _denoise(x, sigma, cond):
     return MIX.denoise(x, sigma, cond)
 
 
+EXACT = jax.jit(MIX.denoise)  # jitted: op-by-op dispatch would dominate the test time
+
+
 def _points(n=64, sigma=0.5, seed=0):
     rng = np.random.default_rng(seed)
     x = MIX.sample(rng, n) + sigma * rng.standard_normal((n, 2))
@@ -61,15 +64,16 @@ def test_cfg_formula_one_batched_call_and_glide_convention():
         return MIX.denoise(x, sigma, cond)
 
     w = 2.5
-    out = G.classifier_free(recording, w, NULL)(x, sigma, y)
+    out = jax.jit(G.classifier_free(recording, w, NULL))(x, sigma, y)
     assert shapes == [((128, 2), (128,), (128,))]  # both passes in one call of 2B
-    d_c, d_u = MIX.denoise(x, sigma, y), MIX.denoise(x, sigma, jnp.full_like(y, NULL))
+    d_c, d_u = EXACT(x, sigma, y), EXACT(x, sigma, jnp.full_like(y, NULL))
     np.testing.assert_allclose(out, (1 + w) * d_c - w * d_u, rtol=0, atol=16 * EPS32)
     # GLIDE/diffusers: eps_u + s (eps_c - eps_u) in eps space, with s = 1 + w.
     s_glide = 3.5
     eps_c, eps_u = (x - d_c) / sigma[:, None], (x - d_u) / sigma[:, None]
     eps_glide = eps_u + s_glide * (eps_c - eps_u)
-    out_glide = G.classifier_free(_denoise, G.ho_scale_from_glide(s_glide), NULL)(x, sigma, y)
+    out_glide = jax.jit(G.classifier_free(_denoise, G.ho_scale_from_glide(s_glide), NULL))(
+        x, sigma, y)
     np.testing.assert_allclose((x - out_glide) / sigma[:, None], eps_glide, rtol=0,
                                atol=64 * EPS32)
     with pytest.raises(ValueError, match="needs cond"):
@@ -79,16 +83,16 @@ def test_cfg_formula_one_batched_call_and_glide_convention():
 def test_cfg_interval_and_rescale():
     x, y = _points()
     sigma = jnp.asarray(np.linspace(0.1, 3.0, 64), jnp.float32)
-    d_c = MIX.denoise(x, sigma, y)
-    d_u = MIX.denoise(x, sigma, jnp.full_like(y, NULL))
-    out = G.classifier_free(_denoise, 2.0, NULL, interval=(0.5, 2.0))(x, sigma, y)
+    d_c = EXACT(x, sigma, y)
+    d_u = EXACT(x, sigma, jnp.full_like(y, NULL))
+    out = jax.jit(G.classifier_free(_denoise, 2.0, NULL, interval=(0.5, 2.0)))(x, sigma, y)
     inside = np.asarray((sigma > 0.5) & (sigma <= 2.0))
     np.testing.assert_allclose(out[~inside], d_c[~inside], rtol=0, atol=4 * EPS32)
     np.testing.assert_allclose(out[inside], (3 * d_c - 2 * d_u)[inside], rtol=0, atol=16 * EPS32)
     # rescale = 1: each example's guided x0 has the conditional x0's standard deviation.
-    full = G.classifier_free(_denoise, 4.0, NULL, rescale=1.0)(x, sigma, y)
+    full = jax.jit(G.classifier_free(_denoise, 4.0, NULL, rescale=1.0))(x, sigma, y)
     np.testing.assert_allclose(np.std(full, axis=1), np.std(d_c, axis=1), rtol=1e-5)
-    half = G.classifier_free(_denoise, 4.0, NULL, rescale=0.5)(x, sigma, y)
+    half = jax.jit(G.classifier_free(_denoise, 4.0, NULL, rescale=0.5))(x, sigma, y)
     plain = 5 * d_c - 4 * d_u
     np.testing.assert_allclose(half, 0.5 * full + 0.5 * plain, rtol=1e-5, atol=1e-5)
 
@@ -104,13 +108,15 @@ def test_classifier_guidance_shift_and_exact_posterior_identity():
     def uncond(x, sigma, cond):
         return MIX.denoise(x, sigma, None)
 
+    guided = jax.jit(lambda x, sigma, y, s: G.classifier_guidance(
+        uncond, MIX.class_log_prob, s)(x, sigma, y))  # the scale may be traced: one compile
+    d_c, d_u = EXACT(x, sigma, y), EXACT(x, sigma, null)
     for s in (0.0, 1.0, 3.0):
-        out = G.classifier_guidance(uncond, MIX.class_log_prob, s)(x, sigma, y)
-        d_c, d_u = MIX.denoise(x, sigma, y), MIX.denoise(x, sigma, null)
+        out = guided(x, sigma, y, s)
         np.testing.assert_allclose(out, d_u + s * (d_c - d_u), rtol=0, atol=1e-5)
-    grad = jax.grad(lambda z: jnp.sum(MIX.class_log_prob(z, sigma, y)))(x)
-    out = G.classifier_guidance(uncond, MIX.class_log_prob, 2.0)(x, 0.3, y)
-    np.testing.assert_allclose(out, uncond(x, sigma, y) + 0.09 * 2.0 * grad, rtol=0, atol=1e-6)
+    grad = jax.jit(jax.grad(lambda z: jnp.sum(MIX.class_log_prob(z, sigma, y))))(x)
+    out = jax.jit(G.classifier_guidance(uncond, MIX.class_log_prob, 2.0))(x, 0.3, y)
+    np.testing.assert_allclose(out, EXACT(x, sigma, None) + 0.09 * 2.0 * grad, rtol=0, atol=1e-6)
 
 
 def test_classifier_guidance_moves_samples_toward_class():
@@ -123,11 +129,11 @@ def test_classifier_guidance_moves_samples_toward_class():
     def uncond(x, sigma, cond):
         return MIX.denoise(x, sigma, None)
 
+    run = jax.jit(lambda x, s: S.heun(G.classifier_guidance(uncond, MIX.class_log_prob, s),
+                                      x, sig, KEY, cond=labels))
     frac = {}
     for s in (0.0, 1.0, 4.0):
-        d = G.classifier_guidance(uncond, MIX.class_log_prob, s)
-        out = jax.jit(lambda x, d=d: S.heun(d, x, sig, KEY, cond=labels))(x)
-        frac[s] = float(np.mean(MIX.classify(np.asarray(out)) == y))
+        frac[s] = float(np.mean(MIX.classify(np.asarray(run(x, s))) == y))
     prior = MIX.weights[MIX.labels == y].sum()  # 0.5; binomial SE sqrt(.25 / 2000) = 0.011
     assert abs(frac[0.0] - prior) < 4 * np.sqrt(prior * (1 - prior) / n)
     assert frac[0.0] < frac[1.0] <= frac[4.0]
@@ -139,9 +145,9 @@ def test_static_and_dynamic_thresholding_bound_x0():
         return 3.0 * x
 
     x = jax.random.normal(KEY, (8, 4, 4, 3))
-    static = G.static_threshold(wide)(x, 1.0, None)
+    static = jax.jit(G.static_threshold(wide))(x, 1.0, None)
     assert float(jnp.max(jnp.abs(static))) <= 1.0
-    dyn = G.dynamic_threshold(wide, percentile=0.9)(x, 1.0, None)
+    dyn = jax.jit(G.dynamic_threshold(wide, percentile=0.9))(x, 1.0, None)
     assert float(jnp.max(jnp.abs(dyn))) <= 1.0 + EPS32
     # Reference: Imagen's rule per example in NumPy.
     x0 = np.asarray(3.0 * x, np.float64).reshape(8, -1)
@@ -150,7 +156,8 @@ def test_static_and_dynamic_thresholding_bound_x0():
     np.testing.assert_allclose(dyn, expect, rtol=1e-5, atol=1e-6)
     # Examples already inside [-1, 1] are left unchanged.
     small = 0.2 * jnp.tanh(x)
-    np.testing.assert_array_equal(G.dynamic_threshold(lambda x, s, c: x)(small, 1.0, None), small)
+    unchanged = jax.jit(G.dynamic_threshold(lambda x, s, c: x))(small, 1.0, None)
+    np.testing.assert_array_equal(unchanged, small)
     with pytest.raises(ValueError, match="percentile"):
         G.dynamic_threshold(wide, percentile=1.5)
 
@@ -163,12 +170,13 @@ def test_transforms_pass_learned_variance_through():
         f = jax.nn.sigmoid(x[:, 0]) * jnp.where(cond == NULL, 0.0, 1.0)
         return MIX.denoise(x, sigma, cond) * 5.0, f
 
-    x0, f = G.classifier_free(with_var, 1.0, NULL)(x, 0.5, y)
+    x0, f = jax.jit(G.classifier_free(with_var, 1.0, NULL))(x, 0.5, y)
     np.testing.assert_array_equal(f, frac)  # the conditional pass's frac
-    x0_t, f_t = G.static_threshold(with_var)(x, 0.5, y)
+    x0_t, f_t = jax.jit(G.static_threshold(with_var))(x, 0.5, y)
     assert float(jnp.max(jnp.abs(x0_t))) <= 1.0 and f_t is not None
     sig = SG.karras_sigmas(5, 0.01, 10.0)
-    out = S.ddpm(G.static_threshold(with_var), x * 10.0, sig, KEY, cond=y, variance="learned")
+    out = jax.jit(lambda x: S.ddpm(G.static_threshold(with_var), x, sig, KEY, cond=y,
+                                  variance="learned"))(x * 10.0)
     assert out.shape == x.shape and float(jnp.max(jnp.abs(out))) <= 1.0
 
 
