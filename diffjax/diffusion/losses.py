@@ -189,12 +189,14 @@ def continuous_training_losses(model_output: Array, x0: Array, noise: Array, t: 
 
 def nll_bpd(model_fn: Callable, ds: DiscreteSchedule, x0: Array, key: Array, *,
             prediction: str, variance_type: str, clip_denoised: bool = False, cond: Any = None,
-            sigma_data: float = 0.5) -> dict[str, Array]:
+            sigma_data: float = 0.5, timestep_map: np.ndarray | None = None
+            ) -> dict[str, Array]:
     """The full variational bound on -log2 p(x0) in bits/dim (iDDPM's calc_bpd_loop).
 
     model_fn(x_in, c_noise, cond) is evaluated at every timestep (one `lax.scan`) on
     `discrete_model_input(ds, x_t, t)`; x_t uses fresh noise from fold_in(key, t).
-    x0: [B, ...] in [-1, 1] (256-level data for an exact likelihood).
+    x0: [B, ...] in [-1, 1] (256-level data for an exact likelihood). For a respaced `ds`
+    pass its `timestep_map` (the network then sees the original timestep indices).
     Returns {"total_bpd": [B], "prior_bpd": [B], "vb": [B, T] (L_t per timestep),
     "x0_mse": [B, T]}.
     """
@@ -207,7 +209,7 @@ def nll_bpd(model_fn: Callable, ds: DiscreteSchedule, x0: Array, key: Array, *,
         noise = jax.random.normal(jax.random.fold_in(key, t_scalar), x0.shape, x0.dtype)
         x_t = P.q_sample_discrete(ds, x0, noise, t)
         x_in, c_noise = P.discrete_model_input(ds, x_t, t, prediction=prediction,
-                                               sigma_data=sigma_data)
+                                               sigma_data=sigma_data, timestep_map=timestep_map)
         terms = vlb_terms(ds, model_fn(x_in, c_noise, cond), x0, x_t, t, **kwargs)
         return carry, (terms["vlb"], mean_over_event((terms["pred_x0"] - x0) ** 2, 1))
 

@@ -219,12 +219,15 @@ def model_input(schedule: Any, x_t: Array, t: Array, *, prediction: str,
 
 
 def discrete_model_input(ds: DiscreteSchedule, x_t: Array, t: Array, *, prediction: str,
-                         sigma_data: float = 0.5) -> tuple[Array, Array]:
+                         sigma_data: float = 0.5,
+                         timestep_map: np.ndarray | None = None) -> tuple[Array, Array]:
     """(x_in, c_noise) at integer timesteps t [*batch]: (x_t, float(t)) for eps/x0/v, EDM's
-    (c_in x_ve, ln(sigma_t) / 4) for "edm". Matches `make_denoiser(model_fn, ds, ...)`."""
+    (c_in x_ve, ln(sigma_t) / 4) for "edm". Matches `make_denoiser(model_fn, ds, ...)`.
+    For a respaced `ds`, pass its `timestep_map` so the network gets the original index."""
     check_choice("prediction", prediction, PREDICTIONS)
     if prediction != "edm":
-        return x_t, jnp.asarray(t, jnp.float32)
+        index = t if timestep_map is None else jnp.asarray(timestep_map)[t]
+        return x_t, jnp.asarray(index, jnp.float32)
     alpha = jnp.asarray(ds.sqrt_alphas_cumprod, jnp.float32)[t]
     sigma = jnp.asarray(ds.sqrt_one_minus_alphas_cumprod, jnp.float32)[t]
     x_in = x_t * bcast(input_scale(alpha, sigma, "edm", sigma_data), x_t)

@@ -76,6 +76,14 @@ def _check_num_timesteps(num_timesteps: int) -> None:
         raise ValueError(f"num_timesteps must be an integer >= 2, got {num_timesteps!r}.")
 
 
+def _check_betas_range(schedule) -> None:
+    if not 0 < schedule.beta_start < schedule.beta_end < 1:
+        raise ValueError(
+            f"{type(schedule).__name__} needs 0 < beta_start < beta_end < 1, got "
+            f"beta_start={schedule.beta_start}, beta_end={schedule.beta_end}."
+        )
+
+
 def _linear_logsnr(integral: Array) -> Array:
     """logsnr from B(t) = -log alpha_bar(t): log(abar / (1 - abar)) = -log(expm1(B))."""
     return -jnp.log(jnp.expm1(integral))
@@ -87,6 +95,9 @@ class LinearSchedule(_VPSchedule):
 
     beta_start: float = 1e-4
     beta_end: float = 0.02
+
+    def __post_init__(self):
+        _check_betas_range(self)
 
     def _b0_d(self) -> tuple[float, float]:
         return 1000.0 * self.beta_start, 1000.0 * (self.beta_end - self.beta_start)
@@ -119,6 +130,9 @@ class ScaledLinearSchedule(_VPSchedule):
 
     beta_start: float = 0.00085
     beta_end: float = 0.012
+
+    def __post_init__(self):
+        _check_betas_range(self)
 
     def _a_c(self) -> tuple[float, float]:
         a = math.sqrt(self.beta_start)
@@ -154,6 +168,13 @@ class CosineSchedule(_VPSchedule):
 
     s: float = 0.008
     max_beta: float = 0.999
+
+    def __post_init__(self):
+        if not self.s >= 0 or not 0 < self.max_beta < 1:
+            raise ValueError(
+                f"CosineSchedule needs s >= 0 and 0 < max_beta < 1, got s={self.s}, "
+                f"max_beta={self.max_beta}."
+            )
 
     def _angle(self, t: Array) -> Array:
         return (t + self.s) / (1.0 + self.s) * (math.pi / 2)
@@ -194,10 +215,10 @@ class SigmoidSchedule(_VPSchedule):
     max_beta: float = 0.999
 
     def __post_init__(self):
-        if not self.end > self.start or not self.tau > 0:
+        if not self.end > self.start or not self.tau > 0 or not 0 < self.max_beta < 1:
             raise ValueError(
-                f"SigmoidSchedule needs end > start and tau > 0, got start={self.start}, "
-                f"end={self.end}, tau={self.tau}."
+                f"SigmoidSchedule needs end > start, tau > 0 and 0 < max_beta < 1, got "
+                f"start={self.start}, end={self.end}, tau={self.tau}, max_beta={self.max_beta}."
             )
 
     def _v(self) -> tuple[float, float]:

@@ -153,6 +153,11 @@ def test_denoiser_feeds_the_discrete_model_its_training_inputs():
     np.testing.assert_allclose(x_in, x_vp[:2], rtol=1e-6)
     P.make_denoiser(model, lin, prediction="v")(x[:2], jnp.exp(-lin.logsnr(t_c) / 2))
     np.testing.assert_allclose(seen["c"], 1000 * t_c, rtol=1e-4)
+    # A respaced schedule feeds the original indices through its timestep map.
+    spaced, tmap = DS.respace(S.space_timesteps(1000, "ddim10"))
+    _, c = P.discrete_model_input(spaced, x_vp, jnp.array([0, 4, 9]), prediction="v",
+                                  timestep_map=tmap)
+    np.testing.assert_array_equal(c, [0.0, 400.0, 900.0])
     x_in, c = P.discrete_model_input(DS, x_vp, jnp.asarray(t), prediction="edm")
     np.testing.assert_allclose(c, np.log(DS.sigmas[t]) / 4, rtol=1e-5, atol=1e-6)
     want = x / P.bcast(jnp.sqrt(sig**2 + 0.25), x)

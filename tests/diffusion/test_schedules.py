@@ -229,6 +229,14 @@ def test_bad_input_errors():
         S.LinearSchedule().discretize(20)
     with pytest.raises(ValueError, match="sigma_min"):
         S.KarrasSchedule(sigma_min=10.0, sigma_max=1.0)
+    with pytest.raises(ValueError, match="beta_start < beta_end"):
+        S.LinearSchedule(beta_start=0.02, beta_end=1e-4)
+    with pytest.raises(ValueError, match="beta_start < beta_end"):
+        S.ScaledLinearSchedule(beta_end=1.5)
+    with pytest.raises(ValueError, match="max_beta"):
+        S.CosineSchedule(max_beta=1.0)
+    with pytest.raises(ValueError, match="tau"):
+        S.SigmoidSchedule(tau=0.0)
     with pytest.raises(ValueError, match="use_timesteps"):
         S.LinearSchedule().discretize(100).respace([3, 101])
     assert set(S.SCHEDULES) == {"linear", "cosine", "sigmoid", "scaled_linear", "karras"}
