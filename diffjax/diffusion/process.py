@@ -54,8 +54,10 @@ def bcast(coef: Array, x: Array) -> Array:
 
 
 def _float_dtype(x: Array):
-    return jnp.result_type(x.dtype, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) \
-        else jnp.float32
+    """float32, or x's dtype if it is a wider float (float64 under jax_enable_x64)."""
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.result_type(x.dtype, jnp.float32)
+    return jnp.float32
 
 
 def extract(table, t: Array, x: Array) -> Array:
