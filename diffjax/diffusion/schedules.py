@@ -12,7 +12,7 @@ Schedules (all frozen dataclasses; methods take jnp arrays of any shape):
   Continuous: the VP-SDE limit, beta(t) = 1000 (beta_start + t (beta_end - beta_start)),
   alpha(t)^2 = exp(-int_0^t beta).
 * `CosineSchedule`: Nichol & Dhariwal (2021), alpha_bar(t) = f(t) / f(0) with
-  f(t) = cos^2((t + s) / (1 + s) pi / 2); discrete betas = 1 - abar(i+1/T) / abar(i/T)
+  f(t) = cos^2((t + s) / (1 + s) pi / 2); discrete betas = 1 - abar((i+1)/T) / abar(i/T)
   clipped at `max_beta`.
 * `SigmoidSchedule`: Jabri et al. (2022) / Chen (2023), alpha_bar(t) =
   (v_end - sigmoid((t (end - start) + start) / tau)) / (v_end - v_start); discrete as cosine.
