@@ -59,7 +59,9 @@ def classifier_free(denoise: Denoiser, scale: float, null_cond: Any, *,
       (Kynkaanniemi et al. 2024); elsewhere the conditional denoiser alone.
     rescale: phi of Lin et al. (2024) Alg. 2 applied to x0_hat: the guided x0_hat is scaled
       by phi * std(D_c) / std(D) + (1 - phi), std over each example's non-batch dims.
-    The conditional and unconditional passes run as one call on a batch of 2B.
+    The conditional and unconditional passes run as one call on a batch of 2B (always both:
+    the interval only changes the mix). ``scale`` may be traced (e.g. swept under one jit);
+    ``rescale`` is a Python float.
     """
 
     def guided(x: Array, sigma: Array, cond: Any) -> Any:
