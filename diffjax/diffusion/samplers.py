@@ -279,6 +279,12 @@ def dpmpp_2m(
     return _loop(step, (x_init, jnp.zeros_like(x_init)), x_init, sigmas, key, return_trajectory)
 
 
+def _sde_noise(key: Array, x: Array, sigma_next: Array, h: Array, eta: float,
+               s_noise: float) -> Array:
+    """Fresh noise of the DPM-Solver++ SDE step: s' sqrt(1 - e^{-2 eta h}) s_noise z."""
+    return sigma_next * jnp.sqrt(-jnp.expm1(-2.0 * eta * h)) * s_noise * _noise(key, x)
+
+
 def dpmpp_2m_sde(
     denoise: Denoiser, x_init: Array, sigmas: ArrayLike, key: Array, *, cond: Any = None,
     return_trajectory: bool = False, eta: float = 1.0, s_noise: float = 1.0,
@@ -308,7 +314,7 @@ def dpmpp_2m_sde(
         coef = 0.5 * one_minus if solver_type == "midpoint" else 1.0 - one_minus / h_eta
         x_next = x_next + jnp.where(inp["i"] > 0, coef / r, 0.0) * (x0 - old)
         if eta != 0:
-            x_next = x_next + safe_next * jnp.sqrt(-jnp.expm1(-2 * eta * h)) * s_noise * _noise(k, x)
+            x_next = x_next + _sde_noise(k, x, safe_next, h, eta, s_noise)
         return jnp.where(sigma_next > 0, x_next, x0), x0
 
     return _loop(step, (x_init, jnp.zeros_like(x_init)), x_init, sigmas, key, return_trajectory)
@@ -345,7 +351,7 @@ def dpmpp_3m_sde(
         third = phi_2 * (d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)) - phi_3 * (d1_0 - d1_1) / (r0 + r1)
         x_next = x_next + jnp.where(i >= 2, third, jnp.where(i == 1, phi_2 * d1_0, 0.0))
         if eta != 0:
-            x_next = x_next + safe_next * jnp.sqrt(-jnp.expm1(-2 * eta * h)) * s_noise * _noise(k, x)
+            x_next = x_next + _sde_noise(k, x, safe_next, h, eta, s_noise)
         return jnp.where(sigma_next > 0, x_next, x0), x0, x0_1
 
     zeros = jnp.zeros_like(x_init)

@@ -34,7 +34,8 @@ def _check_range(num_steps: int, sigma_min: float, sigma_max: float) -> None:
 def karras_sigmas(
     num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
 ) -> np.ndarray:
-    """Karras et al. (2022) eq. 5: sigma_i = (max^(1/rho) + i/(N-1) (min^(1/rho) - max^(1/rho)))^rho.
+    """Karras et al. (2022) eq. 5, i = 0 .. N-1:
+    sigma_i = (max^(1/rho) + i/(N-1) (min^(1/rho) - max^(1/rho)))^rho.
 
     Returns: [num_steps + 1] float64, sigma_max ... sigma_min, 0. With num_steps=1 only
     sigma_max is kept.

@@ -34,7 +34,8 @@ def _denoise(x, sigma, cond):
 
 
 def _init(n, sigma_max, dtype=jnp.float32, seed=1):
-    return jax.random.normal(jax.random.PRNGKey(seed), (n, 2), dtype) * jnp.asarray(sigma_max, dtype)
+    noise = jax.random.normal(jax.random.PRNGKey(seed), (n, 2), dtype)
+    return noise * jnp.asarray(sigma_max, dtype)
 
 
 def _noises(key, n, shape, dtype):
