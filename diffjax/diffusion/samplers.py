@@ -216,8 +216,7 @@ def ddpm_transition(x: Array, x0: Array, sigma: Array, sigma_next: Array,
         var = beta * (1.0 + sigma_next**2)
     else:
         tiny = jnp.finfo(jnp.result_type(x)).tiny
-        log_small = jnp.log(jnp.maximum(beta * ratio * (1.0 + sigma**2) / (1.0 + sigma_next**2),
-                                        tiny))
+        log_small = jnp.log(jnp.maximum(var_small / (1.0 + sigma_next**2), tiny))
         frac = jnp.reshape(frac, jnp.shape(frac) + (1,) * (x.ndim - jnp.ndim(frac)))
         var = jnp.exp(frac * jnp.log(beta) + (1.0 - frac) * log_small) * (1.0 + sigma_next**2)
     return x0 + ratio * (x - x0), var
