@@ -13,6 +13,14 @@ from diffjax.models import layers
 EPS32 = float(np.finfo(np.float32).eps)
 
 
+def _key(seed):
+    return jax.random.key(seed, impl="rbg")  # compiles far faster than threefry on XLA:CPU
+
+
+def _normal(seed, shape, scale=1.0):
+    return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
 def _conv_ref(x, w, stride, pad):
     """float64 out[b,p,q,d] = sum_{i,j,c} xpad[b, p*s+i, q*s+j, c] w[i,j,c,d]."""
     kh, kw = w.shape[:2]
@@ -75,10 +83,10 @@ def test_fast_conv_matches_native_and_float64(k, stride, shape):
 
 
 def test_conv_module_is_portable_to_nn_conv():
-    x = jax.random.normal(jax.random.key(1), (2, 6, 6, 3))
+    x = _normal(1, (2, 6, 6, 3))
     for opt in ("on", "off"):
         conv = layers.Conv(4, 3, cpu_fast_conv=opt)
-        params = conv.init(jax.random.key(2), x)["params"]
+        params = conv.init(_key(2), x)["params"]
         params = {"kernel": params["kernel"], "bias": params["bias"] + 0.5}
         ref = nn.Conv(4, (3, 3), padding=1).apply({"params": params}, x)
         np.testing.assert_allclose(conv.apply({"params": params}, x), ref, rtol=1e-6, atol=1e-6)
@@ -140,14 +148,11 @@ def _attention_ref(x, p, heads, new_order, groups):
 
 @pytest.mark.parametrize("new_order", [False, True])
 def test_attention_block_matches_adm_reference(new_order):
-    x = jax.random.normal(jax.random.key(0), (2, 3, 3, 8))
+    x = _normal(0, (2, 3, 3, 8))
     block = layers.AttentionBlock(num_head_channels=4, use_new_attention_order=new_order,
                                   norm_groups=2)
-    params = block.init(jax.random.key(1), x)["params"]
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    params = jax.tree.unflatten(tree, [p + 0.3 * jax.random.normal(k, p.shape)
-                                       for p, k in zip(leaves, keys)])
+    params = jax.jit(block.init)(_key(1), x)["params"]
+    params = jax.tree.map(lambda p: p + _normal(2, p.shape, 0.3), params)  # proj_out != 0
     got = jax.jit(block.apply)({"params": params}, x)
     p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     want = _attention_ref(np.asarray(x, np.float64), p64, 2, new_order, 2)
@@ -167,12 +172,12 @@ def test_attention_heads_rule_and_errors():
 
 @pytest.mark.parametrize("scale_shift", [False, True])
 def test_resblock_init_is_skip_and_shapes(scale_shift):
-    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 4))
-    emb = jax.random.normal(jax.random.key(1), (2, 16))
+    x = _normal(0, (2, 4, 4, 4))
+    emb = _normal(1, (2, 16))
     for up, down, hw in ((False, False, 4), (True, False, 8), (False, True, 2)):
         blk = layers.ResBlock(8, use_scale_shift_norm=scale_shift, up=up, down=down,
                               norm_groups=4)
-        out, v = jax.jit(blk.init_with_output)(jax.random.key(2), x, emb)
+        out, v = jax.jit(blk.init_with_output)(_key(2), x, emb)
         p = v["params"]
         assert out.shape == (2, hw, hw, 8)
         assert p["emb_proj"]["kernel"].shape == (16, 16 if scale_shift else 8)
