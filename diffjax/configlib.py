@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.use_new_attention_order = False
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
+    c.model.norm_groups = 32  # GroupNorm groups (ADM: 32); channels must be multiples of it
     c.model.remat = False
     c.model.cpu_fast_conv = "auto"
     c.model.pool = "attention"  # classifier only
@@ -155,7 +156,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     resblock up/down, attention) and shrinks widths, depths, batch and step counts.
     """
     n_levels = min(len(c.model.channel_mult), 3)
-    c.model.model_channels = 16
+    c.model.model_channels = 32
     c.model.channel_mult = tuple(c.model.channel_mult[:n_levels])
     c.model.num_res_blocks = 1
     if c.data.image_size > 32:
@@ -164,7 +165,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     lowest = c.data.image_size // 2 ** (n_levels - 1)
     c.model.attention_resolutions = (lowest,) if c.model.attention_resolutions else ()
     if c.model.num_head_channels > 0:
-        c.model.num_head_channels = 16
+        c.model.num_head_channels = 32
     c.data.batch_size = 8
     c.diffusion.num_timesteps = min(c.diffusion.num_timesteps, 100)
     c.sampler.num_steps = 4
@@ -252,6 +253,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                 f"{name}={batch} is not a positive multiple of the {num_devices} devices; "
                 f"set --config.{name} to a multiple of {num_devices}"
             )
+    for mult in c.model.channel_mult:
+        if (mult * c.model.model_channels) % c.model.norm_groups:
+            raise ConfigError(
+                f"model.model_channels={c.model.model_channels} x channel_mult {mult} is not "
+                f"divisible by model.norm_groups={c.model.norm_groups}; use a multiple of it")
     learned = c.diffusion.variance_type in ("learned", "learned_range")
     if c.diffusion.loss in ("hybrid", "vlb") and not learned:
         raise ConfigError(
@@ -314,6 +320,7 @@ def build_model(c: ml_collections.ConfigDict):
             resblock_updown=m.resblock_updown,
             pool=m.pool,
             dropout=m.dropout,
+            norm_groups=m.norm_groups,
             dtype=dtype,
             param_dtype=param_dtype,
         )
@@ -335,6 +342,7 @@ def build_model(c: ml_collections.ConfigDict):
         resblock_updown=m.resblock_updown,
         conv_resample=m.conv_resample,
         use_new_attention_order=m.use_new_attention_order,
+        norm_groups=m.norm_groups,
         dtype=dtype,
         param_dtype=param_dtype,
         remat=m.remat,
@@ -365,8 +373,8 @@ def build_sampler(c: ml_collections.ConfigDict) -> SamplerSpec:
     if s.name in ("euler", "heun"):
         options.update(s_churn=s.s_churn, s_tmin=s.s_tmin, s_tmax=s.s_tmax, s_noise=s.s_noise)
     if s.name == "ddpm":
-        options["variance"] = {"fixed_small": "small", "fixed_large": "large"}.get(
-            c.diffusion.variance_type, "learned")
+        learned = c.diffusion.variance_type in ("learned", "learned_range")
+        options["variance"] = "learned" if learned else c.diffusion.variance_type
     return SamplerSpec(
         name=s.name,
         fn=samplers.SAMPLERS[s.name],

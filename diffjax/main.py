@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (path.py[:variant]).")
@@ -49,6 +49,7 @@ def main(argv: list[str]) -> None:
     if mode != "summary" and not _WORKDIR.value:
         _fail(f"--mode {mode} needs --workdir DIR")
 
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from diffjax import configlib, parallel, runs
 
     try:

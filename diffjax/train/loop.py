@@ -8,7 +8,6 @@ process 0 writes logs and images; every process takes part in checkpointing.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
@@ -16,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from diffjax import checkpoint, configlib, parallel
 from diffjax import data as data_lib
@@ -95,15 +95,19 @@ class Trainer:
 
 
 def _check_workdir_config(workdir: str, resolved: dict, allow_change: bool) -> None:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path) or allow_change:
+    """Refuses to continue a workdir whose run had another model, data, diffusion or optimiser.
+
+    Sections that may change between sessions of one run (train, eval, sampler) are not compared.
+    """
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists() or allow_change:
         return
-    with open(path) as f:
-        previous = json.load(f)
-    keep = lambda d: {k: v for k, v in d.items() if k not in ("train", "eval", "sampler")}  # noqa: E731
-    if keep(previous) != keep(resolved):
-        changed = sorted(k for k in set(previous) | set(resolved)
-                         if previous.get(k) != resolved.get(k))
+    previous = json.loads(path.read_text())
+    current = json.loads(json.dumps(resolved, default=str))
+    mutable = ("train", "eval", "sampler")
+    changed = sorted(k for k in set(previous) | set(current)
+                     if k not in mutable and previous.get(k) != current.get(k))
+    if changed:
         raise configlib.ConfigError(
             f"{workdir} holds a run of a different config (sections differ: {', '.join(changed)});"
             f" use another --workdir, or pass --allow_config_change to continue it anyway"

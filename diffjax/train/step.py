@@ -62,8 +62,9 @@ def sample_timesteps(
     return t, 1.0 / (num_t * probs[t])
 
 
-def update_loss_history(state: TrainState, t: jax.Array, vlb: jax.Array) -> TrainState:
-    """Pushes each example's VLB term into the history of its timestep (oldest dropped)."""
+def update_loss_history(state: TrainState, t: jax.Array, loss: jax.Array) -> TrainState:
+    """Pushes each example's loss into the history of its timestep (oldest dropped), as
+    iDDPM's resampler does with the full per-example loss."""
 
     def push(carry, tl):
         hist, count = carry
@@ -71,7 +72,7 @@ def update_loss_history(state: TrainState, t: jax.Array, vlb: jax.Array) -> Trai
         row = jnp.concatenate([hist[ti, 1:], li[None]])
         return (hist.at[ti].set(row), count.at[ti].add(1)), None
 
-    (hist, count), _ = jax.lax.scan(push, (state.loss_history, state.loss_count), (t, vlb))
+    (hist, count), _ = jax.lax.scan(push, (state.loss_history, state.loss_count), (t, loss))
     return state.replace(loss_history=hist, loss_count=jnp.minimum(count, HISTORY))
 
 
@@ -97,7 +98,8 @@ def make_train_step(
         if labels is not None and spec.label_dropout > 0:
             drop = jax.random.bernoulli(k_label, spec.label_dropout, labels.shape)
             labels = jnp.where(drop, spec.null_label, labels)
-        out = apply_fn(params, x_t, t.astype(jnp.float32), labels, True, {"dropout": k_drop})
+        x_in, c_noise = process.discrete_model_input(ds, x_t, t, prediction=spec.prediction)
+        out = apply_fn(params, x_in, c_noise, labels, True, {"dropout": k_drop})
         terms = losses.training_losses(
             out.astype(jnp.float32), x0=x0, x_t=x_t, noise=noise, t=t, ds=ds,
             prediction=spec.prediction, loss_type=spec.loss_type,
@@ -115,8 +117,8 @@ def make_train_step(
         grad_norm = optax.global_norm(grads)
         new = state.replace(step=state.step + 1, params=params, ema_params=emas,
                             opt_state=opt_state)
-        if spec.timestep_sampler == "loss_second_moment" and "vlb" in terms:
-            new = update_loss_history(new, t, jax.lax.stop_gradient(terms["vlb"]))
+        if spec.timestep_sampler == "loss_second_moment":
+            new = update_loss_history(new, t, jax.lax.stop_gradient(terms["loss"]))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
         new = new.replace(step=state.step + 1)

@@ -1,0 +1,81 @@
+"""Runs the real training loop in a subprocess, for the kill -9 and multi-process tests.
+
+    python driver.py DATA_DIR WORKDIR STEPS DEVICES [--kill-at-batch K]
+        [--process-id I --num-processes N --coordinator HOST:PORT]
+
+Writes WORKDIR/final_params.npz (process 0) when training completes. With --kill-at-batch K
+the process SIGKILLs itself when the training loop asks for its K-th batch (counting from 1
+in this process), which with the loop's read-ahead lands while earlier steps and their
+asynchronous checkpoint saves are still running.
+"""
+
+import argparse
+import importlib.util
+import os
+import signal
+import sys
+
+parser = argparse.ArgumentParser()
+parser.add_argument("data_dir")
+parser.add_argument("workdir")
+parser.add_argument("steps", type=int)
+parser.add_argument("devices", type=int)
+parser.add_argument("--kill-at-batch", type=int, default=0)
+parser.add_argument("--process-id", type=int, default=0)
+parser.add_argument("--num-processes", type=int, default=1)
+parser.add_argument("--coordinator", default="")
+args = parser.parse_args()
+
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.environ["DIFFJAX_TEST_CACHE"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+from diffjax import configlib, parallel  # noqa: E402
+from diffjax.train import loop  # noqa: E402
+
+spec = importlib.util.spec_from_file_location("tiny", os.path.join(os.path.dirname(__file__),
+                                                                   "tiny.py"))
+tiny = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tiny)
+
+
+class KillAt:
+    """Delegates to a grain iterator and SIGKILLs the process at the K-th request."""
+
+    def __init__(self, it, k):
+        self.it, self.k, self.count = it, k, 0
+
+    def __next__(self):
+        self.count += 1
+        if self.count == self.k:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return next(self.it)
+
+    def __iter__(self):
+        return self
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
+
+
+parallel.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+mesh = parallel.make_mesh()
+c = tiny.config(args.data_dir, **{"train.num_steps": args.steps})
+configlib.validate(c, parallel.num_data_shards(mesh))
+it = configlib.build_train_iterator(c, jax.process_index(), jax.process_count())
+if args.kill_at_batch:
+    it = KillAt(it, args.kill_at_batch)
+state = loop.train(c, args.workdir, mesh, data_iterator=it)
+params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
+if jax.process_index() == 0:
+    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    np.savez(os.path.join(args.workdir, "final_params.npz"), step=int(state.step), **flat)
+sys.exit(0)

@@ -1,0 +1,93 @@
+"""A run killed with SIGKILL at any moment resumes and ends exactly where an uninterrupted
+run ends; several processes reach the same parameters as one process with as many devices."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import portpicker
+import pytest
+
+DRIVER = os.path.join(os.path.dirname(__file__), "driver.py")
+
+
+def _env():
+    env = dict(os.environ)
+    env.setdefault("DIFFJAX_TEST_CACHE", os.path.expanduser("~/.cache/diffjax-jax-tests"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _run(args, check=True):
+    proc = subprocess.run([sys.executable, DRIVER, *map(str, args)], env=_env(),
+                          capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"driver {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _params(workdir):
+    with np.load(os.path.join(workdir, "final_params.npz")) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, request):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "tiny", os.path.join(os.path.dirname(__file__), "tiny.py"))
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    return tiny.write_dataset(str(tmp_path_factory.mktemp("tiny_data")))
+
+
+@pytest.fixture(scope="module")
+def straight(data_dir, tmp_path_factory):
+    """6 steps without interruption on 2 devices."""
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    _run([data_dir, workdir, 6, 2])
+    return _params(workdir)
+
+
+def test_kill_9_and_resume_follows_the_uninterrupted_trajectory(data_dir, straight, tmp_path):
+    workdir = str(tmp_path / "killed")
+    # The loop reads 2 batches ahead: the 7th request comes after step 4 was dispatched, so
+    # step 2 is surely checkpointed and later saves may be half-written.
+    killed = _run([data_dir, workdir, 6, 2, "--kill-at-batch", 7], check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not os.path.exists(os.path.join(workdir, "final_params.npz"))
+    complete = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
+                      if d.isdigit())
+    assert complete and max(complete) < 6
+    _run([data_dir, workdir, 6, 2])
+    resumed = _params(workdir)
+    assert int(resumed.pop("step")) == 6
+    want = dict(straight)
+    assert int(want.pop("step")) == 6
+    assert resumed.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(resumed[name], want[name], err_msg=name)
+
+
+def test_two_processes_match_one_process_with_as_many_devices(data_dir, tmp_path):
+    one = str(tmp_path / "one")
+    _run([data_dir, one, 3, 4])
+    two = str(tmp_path / "two")
+    port = portpicker.pick_unused_port()
+    cmd = lambda i: [sys.executable, DRIVER, data_dir, two, 3, 2, "--process-id", i,  # noqa: E731
+                     "--num-processes", 2, "--coordinator", f"localhost:{port}"]
+    procs = [subprocess.Popen(list(map(str, cmd(i))), env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    a, b = _params(one), _params(two)
+    assert a.keys() == b.keys()
+    # Equal up to the order of the cross-process gradient sum: Adam turns a float32 rounding
+    # difference in a gradient near eps=1e-8 into at most lr * O(1e-3) per step, so compare
+    # at the 1e-5 the issue sets for sharded-vs-single-device steps.
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-5, err_msg=name)
