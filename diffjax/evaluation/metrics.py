@@ -69,19 +69,37 @@ def _psd_sqrt(a: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
+def _similar_symmetric(s_a: np.ndarray, s_b: np.ndarray) -> np.ndarray:
+    """A symmetric PSD matrix with the spectrum of s_a @ s_b (both symmetric PSD [D, D]).
+
+    R^T s_b R with s_a = R R^T. A Cholesky factor of whichever matrix is positive definite
+    (~10x cheaper than an eigendecomposition); the symmetric square root if both are
+    singular (fewer samples than dimensions). The spectrum is symmetric in s_a, s_b.
+    """
+    for first, second in ((s_a, s_b), (s_b, s_a)):
+        try:
+            root = np.linalg.cholesky(first)
+        except np.linalg.LinAlgError:
+            continue
+        inner = root.T @ second @ root
+        return (inner + inner.T) / 2
+    root = _psd_sqrt(s_a)
+    inner = root @ s_b @ root
+    return (inner + inner.T) / 2
+
+
 def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
     """||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^{1/2}).
 
     tr((S_a S_b)^{1/2}) is computed as the sum of square roots of the eigenvalues of the
-    symmetric PSD matrix S_a^{1/2} S_b S_a^{1/2}, which has the same spectrum as S_a S_b; this
-    needs no complex arithmetic or diagonal offset, even for rank-deficient covariances.
+    symmetric PSD matrix R^T S_b R, where S_a = R R^T (see ``_similar_symmetric``); it has
+    the same spectrum as S_a S_b. This needs no complex arithmetic or diagonal offset, even
+    for rank-deficient covariances.
     """
     if a.mu.shape != b.mu.shape:
         raise ValueError(f"feature dimensions differ: {a.mu.shape[0]} vs {b.mu.shape[0]}; "
                          "compare statistics of the same Inception layer")
-    root_a = _psd_sqrt(a.sigma)
-    inner = root_a @ b.sigma @ root_a
-    eig = np.linalg.eigvalsh((inner + inner.T) / 2)
+    eig = np.linalg.eigvalsh(_similar_symmetric(a.sigma, b.sigma))
     tr_covmean = np.sqrt(np.clip(eig, 0.0, None)).sum()
     diff = a.mu - b.mu
     return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2.0 * tr_covmean)
@@ -301,3 +319,44 @@ METRICS = {
     "kid": kernel_inception_distance,
     "precision_recall": precision_recall,
 }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI like ADM's evaluator: metrics of a sample .npz against a reference .npz.
+
+    ``python -m diffjax.evaluation.metrics REF.npz SAMPLE.npz --inception inception_fid.npz``
+    Both files hold images as ``arr_0`` (uint8 [N, H, W, 3]); the reference may also hold
+    ``mu``/``sigma``/``mu_s``/``sigma_s``, used for FID/sFID when present (ADM's files).
+    """
+    import argparse
+
+    from diffjax.evaluation import convert_inception, inception
+
+    parser = argparse.ArgumentParser(description="FID, sFID, IS, KID, precision/recall.")
+    parser.add_argument("ref_batch", help="reference .npz (arr_0 images [+ mu, sigma, ...])")
+    parser.add_argument("sample_batch", help="sample .npz (arr_0 images)")
+    parser.add_argument("--inception", required=True, help="converted weights (.npz/.msgpack)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--preprocessing", default="tf1", choices=inception.PREPROCESSING)
+    parser.add_argument("--size", type=int, default=inception.INPUT_SIZE,
+                        help="network input size (299 for the standard metrics)")
+    args = parser.parse_args(argv)
+    params = convert_inception.load_inception_params(args.inception)
+    ref_images = load_reference_images(args.ref_batch)
+    sample_images = load_reference_images(args.sample_batch)
+    with _open_npz(args.ref_batch) as data:
+        has_stats = {"mu", "sigma"} <= set(data.files)
+    ref_stats, ref_spatial = load_reference_stats(args.ref_batch) if has_stats else (None, None)
+
+    def acts(images):
+        return inception.compute_activations(params, images, batch_size=args.batch_size,
+                                             size=args.size, preprocessing=args.preprocessing)
+
+    results = compute_metrics(acts(sample_images), acts(ref_images),
+                              reference_stats=ref_stats, reference_spatial_stats=ref_spatial)
+    for name, value in results.items():
+        print(f"{name}: {value:.6g}")
+
+
+if __name__ == "__main__":
+    main()

@@ -265,16 +265,66 @@ def test_compute_activations_batches_pads_and_shards():
         inception.compute_activations(params, iter([]), apply_fn=_toy_apply, progress=False)
 
 
-def test_compute_activations_with_inception_sharded():
+def test_compute_activations_with_inception_sharded_equals_single_device():
     params = inception.init_params(jax.random.key(0))
-    imgs = np.random.default_rng(13).uniform(-1, 1, size=(3, 75, 75, 3)).astype(np.float32)
+    imgs = np.random.default_rng(13).integers(0, 256, size=(5, 75, 75, 3), dtype=np.uint8)
     mesh = Mesh(np.array(jax.devices()), ("data",))
-    # "pytorch_fid" preprocessing at the input's own size is the identity on [-1, 1].
-    got = inception.compute_activations(params, imgs, batch_size=3, size=75,
-                                        preprocessing="pytorch_fid", sharding=NamedSharding(mesh, PartitionSpec("data")),
+    got = inception.compute_activations(params, imgs, batch_size=5, size=75,
+                                        sharding=NamedSharding(mesh, PartitionSpec("data")),
                                         progress=False)
-    direct = jax.jit(inception.InceptionV3().apply)({"params": params}, jnp.asarray(imgs))
-    assert got["pool"].shape == (3, 2048) and got["logits"].shape == (3, 1008)
-    for k in ("pool", "logits", "spatial"):
-        ref = np.asarray(direct[k])
-        np.testing.assert_allclose(got[k], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    # Same shapes as the CLI test below, so the single-device program compiles once.
+    ref = inception.compute_activations(params, imgs, batch_size=5, size=75, progress=False)
+    assert got["pool"].shape == (5, 2048) and got["logits"].shape == (5, 1008)
+    assert got["spatial"].shape == (5, 3 * 3 * 7)  # mixed_6/conv is 3x3 at 75x75 input
+    for k in ("pool", "logits", "logits_unbiased", "spatial"):
+        assert np.abs(ref[k]).max() > 0.1
+        np.testing.assert_allclose(got[k], ref[k], rtol=0, atol=1e-5 * np.abs(ref[k]).max())
+
+
+def test_frechet_distance_singular_covariances_match_scipy():
+    rng = np.random.default_rng(15)
+    x, y = rng.normal(size=(4, 9)), rng.normal(size=(6, 9)) + 0.2  # ranks 3 and 5 of 9
+    a, b = M.GaussianStats.from_features(x), M.GaussianStats.from_features(y)
+    ref = (np.sum((a.mu - b.mu) ** 2) + np.trace(a.sigma) + np.trace(b.sigma)
+           - 2 * np.trace(scipy.linalg.sqrtm(a.sigma @ b.sigma).real))
+    # Zero eigenvalues of S_a S_b come out as ~eps * |S|^2, whose square roots add
+    # ~sqrt(eps) * |S| each to the trace (for scipy's sqrtm as for ours).
+    tol = 10 * 9 * np.sqrt(EPS64) * max(np.abs(a.sigma).max(), np.abs(b.sigma).max())
+    assert abs(M.frechet_distance(a, b) - ref) < tol
+    assert abs(M.frechet_distance(b, a) - ref) < tol
+    full = M.GaussianStats(np.zeros(9), _spd(rng, 9))
+    assert M.frechet_distance(a, full) == pytest.approx(M.frechet_distance(full, a), rel=1e-12)
+
+
+def test_cli_on_adm_style_files(tmp_path, capsys):
+    from diffjax.evaluation import convert_inception
+
+    params = inception.init_params(jax.random.key(1))
+    convert_inception.save_inception_params(params, str(tmp_path / "w.npz"))
+    rng = np.random.default_rng(14)
+    ref = rng.integers(0, 256, size=(5, 75, 75, 3), dtype=np.uint8)
+    smp = rng.integers(0, 256, size=(5, 75, 75, 3), dtype=np.uint8)
+    # ADM's reference layout: images plus statistics (here full-rank made-up ones, standing
+    # for statistics of a larger set), which take precedence over the images' for FID/sFID.
+    ref_pool, ref_spatial = (M.GaussianStats(rng.normal(size=d) * 0.1, np.eye(d) + b @ b.T / d)
+                             for d, b in ((2048, rng.normal(size=(2048, 8))),
+                                          (63, rng.normal(size=(63, 8)))))
+    np.savez(tmp_path / "ref.npz", arr_0=ref, mu=ref_pool.mu, sigma=ref_pool.sigma,
+             mu_s=ref_spatial.mu, sigma_s=ref_spatial.sigma)
+    np.savez(tmp_path / "smp.npz", arr_0=smp)
+    argv = [str(tmp_path / "ref.npz"), str(tmp_path / "smp.npz"), "--inception",
+            str(tmp_path / "w.npz"), "--size", "75", "--batch-size", "5"]
+    M.main(argv)
+    printed = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines())
+    assert set(printed) == {"inception_score", "fid", "sfid", "precision", "recall", "kid",
+                            "kid_std"}
+    acts = {name: inception.compute_activations(params, imgs, batch_size=5, size=75,
+                                                progress=False) for name, imgs in
+            (("ref", ref), ("smp", smp))}
+    assert float(printed["inception_score"]) == pytest.approx(
+        M.inception_score(acts["smp"]["logits_unbiased"]), rel=1e-5)
+    assert float(printed["sfid"]) == pytest.approx(M.frechet_distance(
+        M.GaussianStats.from_features(acts["smp"]["spatial"]), ref_spatial), rel=1e-5)
+    assert float(printed["recall"]) == pytest.approx(
+        M.precision_recall(acts["ref"]["pool"], acts["smp"]["pool"])[1])
+    assert float(printed["fid"]) > 0
