@@ -122,6 +122,8 @@ def load_inception_params(path: str) -> dict:
         if path.endswith(".msgpack"):
             with open(path, "rb") as f:
                 nested = flax.serialization.msgpack_restore(f.read())
+            if not isinstance(nested, dict):
+                raise TypeError(type(nested).__name__)
             flat = flax.traverse_util.flatten_dict(nested, sep="/")
         else:
             with np.load(path, allow_pickle=False) as data:

@@ -6,6 +6,7 @@ The reference test needs torch, torchvision and pytorch-fid (optional test group
 
 import importlib.util
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,6 +160,12 @@ def test_convert_and_load_errors(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip file")
     with pytest.raises(ValueError, match="corrupt"):
         ci.load_inception_params(str(tmp_path / "junk.npz"))
+    (tmp_path / "junk.msgpack").write_bytes(b"garbage\x00\xff\xc1")
+    with pytest.raises(ValueError, match="corrupt"):
+        ci.load_inception_params(str(tmp_path / "junk.msgpack"))
+    (tmp_path / "list.msgpack").write_bytes(flax.serialization.msgpack_serialize([1, 2]))
+    with pytest.raises(ValueError, match="corrupt"):
+        ci.load_inception_params(str(tmp_path / "list.msgpack"))
     np.savez(tmp_path / "other.npz", a=np.zeros(3))
     with pytest.raises(ValueError, match="does not match"):
         ci.load_inception_params(str(tmp_path / "other.npz"))
@@ -242,3 +249,19 @@ def test_resize_matches_torch_bilinear(size):
                         mode="bilinear", align_corners=False).permute(0, 2, 3, 1).numpy()
     got = np.asarray(inception.preprocess_images(jnp.asarray(x), mode="pytorch_fid"))
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not _HAVE_TORCH_REF, reason="needs torch (pip install torch==2.14.1)")
+def test_converter_cli_reads_pth(tmp_path, capsys):
+    import torch
+
+    sd = _fake_state_dict(seed=3)
+    torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()},
+               tmp_path / "pt_inception.pth")
+    ci.main(["--torch", str(tmp_path / "pt_inception.pth"), "--out",
+             str(tmp_path / "inception_fid.npz")])
+    assert "wrote" in capsys.readouterr().out
+    loaded = ci.load_inception_params(str(tmp_path / "inception_fid.npz"))
+    jax.tree.map(np.testing.assert_array_equal, loaded, ci.convert_state_dict(sd))
+    with pytest.raises(ValueError, match="not found"):
+        ci.main(["--torch", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "o.npz")])
