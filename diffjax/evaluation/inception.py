@@ -371,17 +371,19 @@ def compute_activations(params: dict, images: Iterable[np.ndarray] | np.ndarray,
     ``spatial`` [N, 2023], ``logits`` / ``logits_unbiased`` [N, 1008], as float32 NumPy.
     """
     apply_fn = apply_fn or _default_apply
-    shards = 1 if sharding is None else len(sharding.addressable_devices)
-    fixed = -(-batch_size // shards) * shards
     if preprocessing not in PREPROCESSING:
         raise ValueError(f"unknown preprocessing {preprocessing!r}; choose one of "
                          f"{PREPROCESSING}")
+    shards = 1 if sharding is None else len(sharding.addressable_devices)
+    fixed = -(-batch_size // shards) * shards
     step = _jitted_step(apply_fn, size, preprocessing)
+    params = _place_params(params, sharding)
     batches = _batches(images, batch_size)
     total = len(batches) if hasattr(batches, "__len__") else None
     bar = tqdm.tqdm(batches, total=total, desc="inception activations", unit="batch",
                     disable=not progress or jax.process_index() != 0)
     outputs: dict[str, list[np.ndarray]] = {}
+    pending = None  # the previous chunk's device results, fetched after the next dispatch
     for batch in bar:
         batch = np.asarray(batch)
         for start in range(0, len(batch), fixed):
@@ -391,23 +393,33 @@ def compute_activations(params: dict, images: Iterable[np.ndarray] | np.ndarray,
             if len(chunk) < fixed:
                 pad = np.zeros((fixed - len(chunk), *chunk.shape[1:]), chunk.dtype)
                 chunk = np.concatenate([chunk, pad])
-            feats = _run_sharded(step, params, chunk, valid, sharding)
-            for name, value in feats.items():
-                outputs.setdefault(name, []).append(value)
-    if not outputs:
+            x = (jnp.asarray(chunk) if sharding is None
+                 else jax.make_array_from_process_local_data(sharding, chunk))
+            current = (step(params, x), valid)
+            if pending is not None:
+                _collect(outputs, *pending)
+            pending = current
+    if pending is None:
         raise ValueError("compute_activations got no images; check the image iterator")
+    _collect(outputs, *pending)
     return {name: np.concatenate(parts) for name, parts in outputs.items()}
 
 
-def _run_sharded(step, params: dict, chunk: np.ndarray, valid: np.ndarray,
-                 sharding: jax.sharding.Sharding | None) -> dict[str, np.ndarray]:
-    """One fixed-size batch through step; features of the valid rows (all processes)."""
+def _place_params(params: dict, sharding: jax.sharding.Sharding | None) -> dict:
+    """Put params on device once (replicated over the sharding's mesh), not per batch."""
     if sharding is None:
-        feats = jax.device_get(step(params, jnp.asarray(chunk)))
-        return {k: np.asarray(v)[valid] for k, v in feats.items()}
-    x = jax.make_array_from_process_local_data(sharding, chunk)
-    feats = step(params, x)
+        return jax.device_put(params)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        return jax.device_put(params, replicated)
+    return params
+
+
+def _collect(outputs: dict[str, list[np.ndarray]], feats: dict[str, jax.Array],
+             valid: np.ndarray) -> None:
+    """Append the valid rows of one batch's features (of all processes) to outputs."""
     if jax.process_count() > 1:
         feats = multihost_utils.process_allgather(feats, tiled=True)
         valid = multihost_utils.process_allgather(valid, tiled=True)
-    return {k: np.asarray(jax.device_get(v))[valid] for k, v in feats.items()}
+    for name, value in jax.device_get(feats).items():
+        outputs.setdefault(name, []).append(np.asarray(value)[valid])
