@@ -22,6 +22,9 @@ so statistics are comparable with ADM's reference batches; ``"pytorch_fid"`` rep
 pytorch-fid (half-pixel bilinear resize of [-1, 1] values). They differ in the last digits
 of FID: compute reference and sample statistics with the same mode.
 
+Convolutions and the classifier run at ``Precision.HIGHEST`` so that TPUs/GPUs compute them
+in float32 (their default bf16/TF32 passes would shift FID).
+
 Shapes: B batch, H/W spatial, C channels. Images are NHWC float32.
 """
 
