@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from diffjax.diffusion.schedules import space_timesteps
+
 def _append_zero(sigmas: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray(sigmas, np.float64), np.zeros([1])])
 
@@ -56,39 +58,6 @@ def loglinear_sigmas(
     return _append_zero(np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), num_steps)))
 
 
-def space_timesteps(num_timesteps: int, spacing: str | Sequence[int]) -> list[int]:
-    """Timesteps of a T-step model to keep, as iDDPM's ``space_timesteps``; sorted ascending.
-
-    spacing: "ddimN" (the stride-s grid range(0, T, s) that has exactly N points, as DDIM);
-      or section counts "10,10,5" / [10, 10, 5]: T is cut into len(counts) nearly equal
-      sections and each section keeps its count of evenly spaced steps, rounding to integers
-      and including both section ends (a single section [N] keeps 0 and T-1).
-    """
-    if isinstance(spacing, str) and spacing.startswith("ddim"):
-        desired = int(spacing[len("ddim"):])
-        for stride in range(1, num_timesteps):
-            if len(range(0, num_timesteps, stride)) == desired:
-                return list(range(0, num_timesteps, stride))
-        raise ValueError(
-            f"cannot take exactly {desired} DDIM steps with an integer stride from "
-            f"{num_timesteps}; pick a count N with len(range(0, T, s)) == N for some s."
-        )
-    counts = [int(c) for c in spacing.split(",")] if isinstance(spacing, str) else list(spacing)
-    size_per, extra = divmod(num_timesteps, len(counts))
-    start, kept = 0, []
-    for i, count in enumerate(counts):
-        size = size_per + (1 if i < extra else 0)
-        if not 1 <= count <= size:
-            raise ValueError(
-                f"section {i} has {size} timesteps but {count} were requested; use counts "
-                f"between 1 and the section size."
-            )
-        stride = (size - 1) / (count - 1) if count > 1 else 1.0
-        kept += [start + round(j * stride) for j in range(count)]
-        start += size
-    return sorted(set(kept))
-
-
 def discrete_sigmas(
     model_sigmas: Any, num_steps: int | None = None, spacing: str | Sequence[int] = "uniform"
 ) -> np.ndarray:
@@ -106,7 +75,7 @@ def discrete_sigmas(
         raise ValueError("model_sigmas must be a 1-D, positive, strictly increasing array.")
     if isinstance(spacing, str) and spacing == "uniform":
         spacing = [table.size if num_steps is None else int(num_steps)]
-    kept = space_timesteps(table.size, spacing)
+    kept = list(space_timesteps(table.size, spacing))
     return _append_zero(table[kept][::-1])
 
 

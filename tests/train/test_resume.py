@@ -34,14 +34,8 @@ def _params(workdir):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, request):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "tiny", os.path.join(os.path.dirname(__file__), "tiny.py"))
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
-    return tiny.write_dataset(str(tmp_path_factory.mktemp("tiny_data")))
+def data_dir(tiny_data):
+    return tiny_data
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,138 @@
+"""The pure train step: data parallelism, learning, NaN safety, EMA, resampler, schedules."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffjax import configlib, parallel
+from diffjax.train import optim
+from diffjax.train.loop import Trainer
+from diffjax.train.state import HISTORY, ema_update
+from diffjax.train.step import sample_timesteps
+
+
+def _batch(c, seed=0):
+    rng = np.random.default_rng(seed)
+    n, s = c.data.batch_size, c.data.image_size
+    return {"image": rng.uniform(-1, 1, (n, s, s, 1)).astype(np.float32),
+            "label": (np.arange(n) % c.data.num_classes).astype(np.int32)}
+
+
+def _place(batch, mesh):
+    return parallel.global_batch_from_local(batch, mesh)
+
+
+@pytest.fixture(scope="module")
+def hybrid(tiny, tiny_data):
+    """One step of the full-featured tiny config on 8 devices and on 1 device."""
+    c = tiny.config(tiny_data)
+    out = {}
+    for n in (8, 1):
+        mesh = parallel.make_mesh(jax.devices()[:n])
+        trainer = Trainer(c, mesh)
+        state, metrics = trainer.train_step(trainer.new_state(), _place(_batch(c), mesh))
+        out[n] = jax.device_get((state, metrics))
+    return out
+
+
+def test_eight_device_step_equals_one_device_step(hybrid):
+    (s8, m8), (s1, m1) = hybrid[8], hybrid[1]
+    assert int(s8.step) == int(s1.step) == 1
+    flat8 = jax.tree_util.tree_leaves_with_path(s8.params)
+    flat1 = jax.tree.leaves(s1.params)
+    for (path, a), b in zip(flat8, flat1):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    for e8, e1 in zip(jax.tree.leaves(s8.ema_params), jax.tree.leaves(s1.ema_params)):
+        np.testing.assert_allclose(e8, e1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+    np.testing.assert_array_equal(s8.loss_count, s1.loss_count)
+
+
+def test_step_metrics_and_history(hybrid):
+    state, metrics = hybrid[1]
+    assert {"loss", "mse", "vlb", "grad_norm", "learning_rate", "nonfinite"} <= set(metrics)
+    assert int(metrics["nonfinite"]) == 0 and np.isfinite(metrics["loss"])
+    # 8 examples pushed into the resampler's history, one count per example.
+    assert int(np.sum(state.loss_count)) == 8
+
+
+def test_loss_falls_on_a_tiny_set(tiny, tiny_data):
+    c = tiny.config(tiny_data, **{"diffusion.loss": "simple", "diffusion.variance_type":
+                                  "fixed_small", "diffusion.timestep_sampler": "uniform",
+                                  "model.dropout": 0.0, "guidance.label_dropout": 0.0,
+                                  "guidance.type": "none"})
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    trainer = Trainer(c, mesh)
+    state, batch = trainer.new_state(), _place(_batch(c, seed=1), mesh)
+    mses = []
+    for _ in range(60):
+        state, metrics = trainer.train_step(state, batch)
+        mses.append(float(metrics["mse"]))
+    # Zero-initialised output: the first eps-MSE is a mean of 512 eps^2 draws, 1 +- sqrt(2/512).
+    sd = np.sqrt(2 / 512)
+    assert abs(mses[0] - 1.0) < 4 * sd
+    # Fitting 8 images must bring the mean of the last 10 steps far below that: an untrained
+    # net would stay within 4 sd / sqrt(10) of 1.
+    assert np.mean(mses[-10:]) < 0.6
+
+
+def test_nonfinite_step_leaves_the_state_unchanged(tiny, tiny_data):
+    c = tiny.config(tiny_data)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    trainer = Trainer(c, mesh)
+    state = trainer.new_state()
+    before = jax.device_get(state.params)
+    bad = _batch(c)
+    bad["image"][0, 0, 0, 0] = np.nan
+    new, metrics = trainer.train_step(state, _place(bad, mesh))
+    assert int(metrics["nonfinite"]) == 1
+    assert int(new.step) == 1
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(new.params))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_ema_update_closed_form():
+    ema, params = {"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([3.0, -2.0])}
+    out = ema_update(ema, params, 0.9)
+    np.testing.assert_allclose(out["w"], 0.9 * np.array([1.0, 2.0]) + 0.1 * np.array([3.0, -2.0]),
+                               rtol=1e-6)
+
+
+def test_loss_second_moment_sampler_follows_the_history(tiny, tiny_data):
+    from diffjax.train.state import TrainState
+
+    num_t = 5
+    history = np.tile(np.array([1.0, 2.0, 3.0, 4.0, 0.0])[:, None], (1, HISTORY))
+    state = TrainState(step=0, params={}, ema_params=(), opt_state=(), rng=None,
+                       loss_history=jnp.asarray(history, jnp.float32),
+                       loss_count=jnp.full((num_t,), HISTORY, jnp.int32))
+    t, w = sample_timesteps(jax.random.PRNGKey(0), 200_000, state, "loss_second_moment")
+    p = np.array([1, 2, 3, 4, 0], np.float64) / 10 * (1 - 1e-3) + 1e-3 / num_t
+    freq = np.bincount(np.asarray(t), minlength=num_t) / 200_000
+    np.testing.assert_allclose(freq, p, atol=5 * np.sqrt(p * (1 - p) / 200_000) + 1e-12)
+    np.testing.assert_allclose(np.asarray(w), 1 / (num_t * p[np.asarray(t)]), rtol=1e-5)
+    cold = state.replace(loss_count=jnp.zeros((num_t,), jnp.int32))
+    t, w = sample_timesteps(jax.random.PRNGKey(1), 1000, cold, "loss_second_moment")
+    np.testing.assert_allclose(np.asarray(w), 1.0, rtol=1e-6)
+
+
+def test_learning_rate_schedules():
+    warm = optim.learning_rate_schedule(1.0, 10, 110, "constant")
+    assert float(warm(0)) == 0.0 and float(warm(5)) == pytest.approx(0.5)
+    assert float(warm(10)) == pytest.approx(1.0) and float(warm(100)) == pytest.approx(1.0)
+    cos = optim.learning_rate_schedule(1.0, 10, 110, "cosine", min_ratio=0.1)
+    assert float(cos(60)) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 0.5)), rel=1e-5)
+    assert float(cos(110)) == pytest.approx(0.1, rel=1e-5)
+
+
+def test_gradient_clipping_bounds_the_update():
+    tx = optim.make_optimizer(optim.learning_rate_schedule(1.0, 0, 10), grad_clip=1.0)
+    g = {"w": jnp.array([30.0, 40.0])}
+    # Clipped to norm 1 before Adam: Adam's first step is lr * g/|g| elementwise = sign(g).
+    clip_only = optim.optax.clip_by_global_norm(1.0)
+    clipped, _ = clip_only.update(g, clip_only.init(g))
+    np.testing.assert_allclose(clipped["w"], [0.6, 0.8], rtol=1e-6)
+    updates, _ = tx.update(g, tx.init(g), g)
+    np.testing.assert_allclose(updates["w"], [-1.0, -1.0], rtol=1e-5)
+    del configlib
