@@ -32,7 +32,7 @@ def make_manager(
 ) -> ocp.CheckpointManager:
     """A manager over ``directory`` (a local path or ``gs://...``)."""
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
+        max_to_keep=None if read_only else keep,
         keep_period=keep_every or None,
         create=not read_only,
         read_only=read_only,

@@ -34,15 +34,23 @@ def sigma_sequence(c: ml_collections.ConfigDict, ds) -> np.ndarray:
 
 
 def model_denoiser(c: ml_collections.ConfigDict, model, ds) -> Callable[..., Any]:
-    """``(params) -> denoise`` for the configured prediction and variance."""
+    """``(params) -> denoise`` for the configured prediction and variance.
+
+    The ``ddpm`` sampler of a learned-variance model gets ``denoise_with_variance`` (x0_hat and
+    the iDDPM interpolation fraction); every other sampler uses the mean prediction only.
+    """
     learned = configlib.learns_variance(c)
     conditional = c.model.class_cond
+    with_variance = learned and c.sampler.name == "ddpm"
 
     def for_params(params):
         def model_fn(x_in, c_noise, cond):
             return model.apply({"params": params}, x_in, c_noise, cond if conditional else None,
                                train=False)
 
+        if with_variance:
+            return process.make_denoiser_with_variance(model_fn, ds,
+                                                       prediction=c.diffusion.prediction)
         return process.make_denoiser(model_fn, ds, prediction=c.diffusion.prediction,
                                      learned_variance=learned)
 

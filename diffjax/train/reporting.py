@@ -33,7 +33,7 @@ class Reporter:
 
         self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                         file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+                         file=sys.stderr, disable=not sys.stderr.isatty())
 
     def write_config(self, config: dict[str, Any]) -> None:
         if self.enabled:
@@ -55,10 +55,11 @@ class Reporter:
         self._bar.n = step
         self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
         self._bar.refresh()
+        eta = (self.total - step) / rate
         self._bar.write(
             f"step {step}/{self.total} loss {metrics['loss']:.4f} grad_norm "
             f"{metrics.get('grad_norm', float('nan')):.3f} lr {metrics.get('learning_rate', 0):.2e}"
-            f" {rate:.2f} steps/s", file=sys.stderr)
+            f" {rate:.2f} steps/s ETA {int(eta) // 60}m{int(eta) % 60:02d}s", file=sys.stderr)
 
     def image_grid(self, step: int, images: np.ndarray, num_classes: int) -> str | None:
         """Writes ``samples/step_XXXXXXX.png``; one row per class when class-conditional."""
