@@ -24,6 +24,7 @@ from diffjax.models import layers
 Array = jax.Array
 
 POOLS = ("attention", "adaptive")
+CLASSIFIER_POOLS = POOLS  # the named choices of `EncoderClassifier.pool`, for configlib
 
 
 class AttentionPool2d(nn.Module):

@@ -41,11 +41,23 @@ from diffjax.models import layers
 Array = jax.Array
 
 
+def upsample_low_res(low_res: Array, height: int, width: int) -> Array:
+    """Bilinear resize with half-pixel centres, edges clamped (PyTorch `F.interpolate(...,
+    mode="bilinear")` with align_corners=False, as ADM's SuperResModel).
+
+    low_res: [B, h, w, C] -> [B, height, width, C].
+    """
+    shape = (low_res.shape[0], height, width, low_res.shape[3])
+    return jax.image.resize(low_res, shape, "bilinear", antialias=False)
+
+
 class UNet(nn.Module):
     """ADM UNet: (x [B,H,W,C], t [B], y [B] | None) -> [B, H, W, out_channels * (1 + learn_sigma)].
 
     `t` is the model's time input (e.g. the timestep index in [0, T), fed to the sinusoid).
-    Dropout draws from the "dropout" RNG stream when train=True and dropout > 0.
+    Dropout draws from the "dropout" RNG stream when train=True and dropout > 0. Labels must
+    lie in [0, num_classes] (num_classes = the null label, if class_null_label): traced
+    values cannot be checked, and out-of-range indices are clamped by the table lookup.
     """
 
     out_channels: int
@@ -94,7 +106,7 @@ class UNet(nn.Module):
         """x: [B,H,W,C], t: [B] float, y: [B] int32, low_res: [B,h,w,C'] -> [B,H,W,Cout] float32."""
         self._validate(x, t, y, low_res)
         if low_res is not None:
-            up = jax.image.resize(low_res, x.shape[:3] + low_res.shape[3:], "bilinear")
+            up = upsample_low_res(low_res, x.shape[1], x.shape[2])
             x = jnp.concatenate([x, up.astype(x.dtype)], axis=-1)
         emb = layers.TimeEmbed(self.model_channels, self.dtype, self.param_dtype,
                                name="time_embed")(t)
@@ -135,6 +147,9 @@ class UNet(nn.Module):
                                             cpu_fast_conv=self.cpu_fast_conv, name=name)(h)
                 k += 1
         return h
+
+
+MODELS = {"unet": UNet}
 
 
 def count_params(module: nn.Module, input_shape: tuple[int, ...], *,

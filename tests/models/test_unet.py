@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffjax.models.unet import UNet, count_params
+from diffjax.models.unet import UNet, count_params, upsample_low_res
+
+EPS32 = float(np.finfo(np.float32).eps)
 
 # --- Closed-form parameter counts, derived by hand from the reference implementations ------
 
@@ -300,3 +302,20 @@ def test_bad_inputs_raise_one_line_errors():
     for m, args, kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
             jax.eval_shape(lambda m=m: m.init(jax.random.key(0), *args, **kwargs))
+
+
+def _bilinear_ref(a, n_out):
+    """float64 1-D linear interpolation along axis 1, half-pixel centres, clamped edges."""
+    n = a.shape[1]
+    src = np.clip((np.arange(n_out) + 0.5) * n / n_out - 0.5, 0, n - 1)
+    lo = np.floor(src).astype(int)
+    hi = np.minimum(lo + 1, n - 1)
+    frac = (src - lo)[None, :, None, None]
+    return a[:, lo] * (1 - frac) + a[:, hi] * frac
+
+
+def test_low_res_upsampling_is_pytorch_bilinear():
+    a = np.random.default_rng(0).standard_normal((2, 4, 3, 2))
+    want = _bilinear_ref(_bilinear_ref(a, 8).transpose(0, 2, 1, 3), 12).transpose(0, 2, 1, 3)
+    got = upsample_low_res(jnp.asarray(a, jnp.float32), 8, 12)
+    np.testing.assert_allclose(got, want, rtol=0, atol=8 * EPS32 * np.abs(a).max())
