@@ -60,7 +60,8 @@ def bench_conv(batch: int, reps: int) -> None:
 
     fwd = _time(jax.jit(convs["native"]), x, w, reps=reps)
     print(f"{'conv3x3 32x32x64 forward':<34} {fwd[1] * 1e3:8.1f} ms")
-    for label, make in (("conv3x3 weight gradient", wgrad), ("conv3x3 input+weight gradients", full)):
+    cases = (("conv3x3 weight gradient", wgrad), ("conv3x3 input+weight gradients", full))
+    for label, make in cases:
         _report(label, _time(make(convs["native"]), x, w, g, reps=reps),
                 _time(make(convs["fast"]), x, w, g, reps=reps))
 

@@ -13,6 +13,7 @@ Classifier guidance differentiates log_softmax(logits)[y] w.r.t. x at the matchi
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -44,12 +45,12 @@ class AttentionPool2d(nn.Module):
         pos = self.param("positional_embedding", nn.initializers.normal(c ** -0.5),
                          (h * w + 1, c), self.param_dtype)
         tokens = tokens + pos.astype(tokens.dtype)[None]
-        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype,  # noqa: E731
-                                         kernel_init=layers.torch_default_init, name=name)
-        qkv = dense(3 * c, "qkv_proj")(tokens)
+        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  kernel_init=layers.torch_default_init)
+        qkv = dense(3 * c, name="qkv_proj")(tokens)
         q, k, v = layers.split_qkv(qkv, heads, new_order=True)
         a = jax.nn.dot_product_attention(q[:, :1], k, v).reshape(b, 1, c)
-        return dense(self.out_features, "c_proj")(a)[:, 0]
+        return dense(self.out_features, name="c_proj")(a)[:, 0]
 
 
 class EncoderClassifier(nn.Module):
@@ -106,6 +107,7 @@ class EncoderClassifier(nn.Module):
             logits = AttentionPool2d(self.num_head_channels, self.num_classes, self.dtype,
                                      self.param_dtype, name="out_pool")(h)
         else:
-            logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                              kernel_init=nn.initializers.zeros, name="out_proj")(h.mean(axis=(1, 2)))
+            proj = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                            kernel_init=nn.initializers.zeros, name="out_proj")
+            logits = proj(h.mean(axis=(1, 2)))
         return logits.astype(jnp.float32)

@@ -38,7 +38,7 @@ from jax import lax
 Array = jax.Array
 Dtype = Any
 
-# PyTorch's default init for Linear/Conv weights (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)).
+# PyTorch's default Linear/Conv weight init (kaiming_uniform, a=sqrt(5)): U(+-1/sqrt(fan_in)).
 torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 CPU_FAST_CONV_CHOICES = ("auto", "on", "off")
@@ -296,7 +296,8 @@ def attention_heads(channels: int, num_heads: int, num_head_channels: int) -> in
                              f"num_head_channels={num_head_channels}")
         return channels // num_head_channels
     if num_heads <= 0 or channels % num_heads:
-        raise ValueError(f"attention: {channels} channels are not divisible by num_heads={num_heads}")
+        raise ValueError(f"attention: {channels} channels are not divisible by "
+                         f"num_heads={num_heads}")
     return num_heads
 
 

@@ -24,7 +24,8 @@ def _encoder_count(in_ch, mc, nrb, mult, attn_ds, scale_shift, updown):
     lin = lambda i, o: i * o + o  # noqa: E731
     conv = lambda i, o, k: k * k * i * o + o  # noqa: E731
     emb = 4 * mc
-    res = lambda i, o: (2 * i + conv(i, o, 3) + lin(emb, (2 if scale_shift else 1) * o)  # noqa: E731
+    film = 2 if scale_shift else 1
+    res = lambda i, o: (2 * i + conv(i, o, 3) + lin(emb, film * o)  # noqa: E731
                         + 2 * o + conv(o, o, 3) + (0 if i == o else conv(i, o, 1)))
     attn = lambda c: 2 * c + lin(c, 3 * c) + lin(c, c)  # noqa: E731
     total, ch, ds = lin(mc, emb) + lin(emb, emb) + conv(in_ch, mult[0] * mc, 3), mult[0] * mc, 1
