@@ -13,9 +13,10 @@ import numpy as np
 from etils import epath
 
 from diffjax import checkpoint, configlib, parallel
+from diffjax.data import DataError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
-    configlib.ConfigError, checkpoint.CheckpointError, FileNotFoundError)
+    configlib.ConfigError, checkpoint.CheckpointError, DataError, FileNotFoundError)
 
 
 def param_count(c: ml_collections.ConfigDict) -> int:

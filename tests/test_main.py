@@ -1,0 +1,103 @@
+"""The command line: summary mode, one-line errors before any work, nothing lost."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from diffjax import configlib, parallel
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(*args):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    return subprocess.run([sys.executable, "-m", "diffjax.main", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_summary_prints_config_mesh_and_parameter_count():
+    out = _main("--config", "experiments/cifar10.py", "--mode", "summary")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "35,746,307 parameters" in out.stdout
+    assert "mesh {'data': 8} over 8 cpu devices" in out.stdout
+    assert "schedule: linear" in out.stdout
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.sampler.name=bogus", "config.sampler.name='bogus' is not a valid choice; valid: "
+                                    "ddpm, ddim"),
+    ("--config.diffusion.schedule=cosinus", "valid: linear, cosine"),
+    ("--config.data.batch_size=12", "data.batch_size=12 is not a positive multiple of the 8 "
+                                    "devices"),
+    ("--config.guidance.type=cfg", "valid: none, classifier, classifier_free"),
+])
+def test_bad_config_is_one_line_and_nothing_is_written(tmp_path, override, message):
+    workdir = tmp_path / "run"
+    out = _main("--config", "experiments/fashion_mnist.py:smoke", "--workdir", str(workdir),
+                override)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.startswith("diffjax: error")]
+    assert len(lines) == 1 and message in lines[0], out.stderr[-2000:]
+    assert not workdir.exists()
+
+
+def test_missing_dataset_is_reported_before_training(tmp_path):
+    workdir = tmp_path / "run"
+    out = _main("--config", "experiments/fashion_mnist.py:smoke", "--workdir", str(workdir),
+                f"--config.data.path={tmp_path / 'nowhere'}")
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("diffjax: error:") and "dataset-fashion-mnist" in last, last
+    assert not (workdir / "checkpoints").exists()
+
+
+def test_image_size_not_matching_the_data(tmp_path):
+    out = _main("--config", "experiments/fashion_mnist.py:smoke", "--workdir",
+                str(tmp_path / "run"), "--config.data.image_size=32",
+                "--config.model.attention_resolutions=()")
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("diffjax: error:") and "28x28" in last and "32" in last, last
+
+
+def test_validate_lists_choices_and_checks_shapes():
+    c = configlib.base_config()
+    configlib.validate(c, num_devices=8)
+    c.model.channel_mult = (1, 2, 2, 2)  # 28 is not divisible by 8
+    with pytest.raises(configlib.ConfigError, match="not divisible by 2\\*\\*"):
+        configlib.validate(c)
+    c = configlib.base_config()
+    c.diffusion.loss = "hybrid"
+    with pytest.raises(configlib.ConfigError, match="variance_type must be"):
+        configlib.validate(c)
+    assert parallel.DATA_AXIS == "data"
+
+
+@pytest.mark.parametrize("name", sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "experiments"))
+                                        if f.endswith(".py")))
+def test_every_experiment_loads_validates_and_its_smoke_model_runs(name):
+    import jax
+    import jax.numpy as jnp
+
+    path = os.path.join(REPO, "experiments", f"{name}.py")
+    full = configlib.load_config_file(path)
+    configlib.validate(full, num_devices=1)
+    c = configlib.load_config_file(path + ":smoke")
+    configlib.validate(c, num_devices=8)
+    model = configlib.build_model(c)
+    s = c.data.image_size
+    x = jnp.zeros((2, s, s, c.data.channels))
+    y = jnp.array([0, 1]) if c.model.class_cond or c.model.name == "classifier" else None
+    t = jnp.array([3.0, 7.0])
+    if c.model.name == "classifier":
+        params = model.init(jax.random.PRNGKey(0), x, t, train=False)
+        out = model.apply(params, x, t, train=False)
+        assert out.shape == (2, c.data.num_classes)
+    else:
+        params = model.init(jax.random.PRNGKey(0), x, t, y, train=False)
+        out = model.apply(params, x, t, y, train=False)
+        learned = configlib.learns_variance(c)
+        assert out.shape == (2, s, s, c.data.channels * (2 if learned else 1))
+    assert bool(jnp.all(jnp.isfinite(out)))

@@ -1,0 +1,67 @@
+"""Refusals before any long work: another run's workdir, corrupt checkpoints."""
+
+import json
+import os
+
+import jax
+import pytest
+
+from diffjax import checkpoint, configlib, parallel
+from diffjax.train import loop
+
+
+def test_workdir_of_a_different_config_is_refused(tiny, tiny_data, tmp_path):
+    first = tiny.config(tiny_data)
+    (tmp_path / "config.json").write_text(json.dumps(first.to_dict()))
+    other = tiny.config(tiny_data, **{"model.model_channels": 64})
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    with pytest.raises(configlib.ConfigError, match="holds a run of a different config "
+                                                    "\\(sections differ: model\\)"):
+        loop.train(other, str(tmp_path), mesh)
+    assert not (tmp_path / "checkpoints").exists()
+    # Sections that may change between sessions of one run are not compared.
+    longer = tiny.config(tiny_data, **{"train.num_steps": 1000, "sampler.name": "heun"})
+    loop._check_workdir_config(str(tmp_path), longer.to_dict(), allow_change=False)
+    loop._check_workdir_config(str(tmp_path), other.to_dict(), allow_change=True)
+
+
+def test_corrupt_checkpoint_is_a_one_line_error_and_is_kept(tiny, tiny_data, tmp_path):
+    c = tiny.config(tiny_data)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    trainer = loop.Trainer(c, mesh)
+    manager = checkpoint.make_manager(str(tmp_path / "checkpoints"), async_save=False)
+    checkpoint.save(manager, 1, trainer.new_state(), None, c.to_dict())
+    manager.wait_until_finished()
+    state_dir = tmp_path / "checkpoints" / "1" / "state"
+    damaged = 0
+    for root, _, files in os.walk(state_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "r+b") as f:
+                f.truncate(max(os.path.getsize(path) // 3, 1))
+            damaged += 1
+    assert damaged
+    fresh = checkpoint.make_manager(str(tmp_path / "checkpoints"))
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoint step 1 .* cannot be restored"
+                                                         ".*move that step's directory aside"):
+        checkpoint.restore(fresh, trainer.abstract_state())
+    assert state_dir.exists()
+
+
+def test_checkpoint_round_trip_is_exact(tiny, tiny_data, tmp_path):
+    c = tiny.config(tiny_data)
+    mesh = parallel.make_mesh(jax.devices()[:2])
+    trainer = loop.Trainer(c, mesh)
+    state = trainer.new_state()
+    manager = checkpoint.make_manager(str(tmp_path / "ck"))
+    checkpoint.save(manager, 3, state, None, c.to_dict())
+    manager.wait_until_finished()
+    restored, step = checkpoint.restore(manager, trainer.abstract_state())
+    assert step == 3
+    for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(
+            jax.device_get(restored))):
+        assert (a == b).all()
+    assert checkpoint.restore_config(manager)["model"]["model_channels"] == 32
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
+        checkpoint.restore(checkpoint.make_manager(str(tmp_path / "empty")),
+                           trainer.abstract_state())
