@@ -12,15 +12,17 @@ scale-shift/FiLM, dropout, zero-initialised last conv, optional BigGAN up/down r
 `classifier.EncoderClassifier`, with the same parameter names in both.
 
 CPU speed: `Conv` can compute its weight gradient as k*k shifted GEMMs under
-`jax.custom_vjp` (exact up to float32 rounding, tested against float64), an idea meant to work
-around a slow XLA:CPU weight gradient. It is only ever used on the CPU backend (decided at
-trace time), so TPU/GPU always run the native `lax.conv_general_dilated` and its gradients.
-Measured on the 2-core development machine (jax 0.10.2, `benchmarks/unet_ops.py`), the
-native gradient was the faster one (3x3 conv 32x32x64, batch 64: 0.2 s native vs 0.34 s for
-the weight gradient; small UNet train step 2.3 s vs 4.0 s), so `cpu_fast_conv="auto"` keeps
-the native path (`CPU_FAST_CONV_AUTO = False`); `"on"` selects the GEMM path on CPU. Re-run
-the benchmark on new hardware or jax versions. Parameters are identical in both paths, so
-checkpoints move freely between backends.
+`jax.custom_vjp` (exact up to float32 rounding, tested against float64), to work around
+XLA:CPU's slow convolution weight gradient. It is only ever used on the CPU backend (decided
+at trace time), so TPU/GPU always run the native `lax.conv_general_dilated` and its
+gradients. Measured with `benchmarks/unet_ops.py` on the 2-core development machine (jax
+0.10.2, batch 64, otherwise idle): 3x3 conv 32x32x64 weight gradient 140-148 ms native vs
+104-106 ms (1.4x), input+weight gradients 1.25-1.5x, small UNet train step 1.61-1.67 s vs
+1.45-1.48 s (1.1x); compile time +30%. Under heavy contention (load ~7 on 2 cores) the
+native path measured faster instead (UNet step 2.3 s vs 4.0 s). `cpu_fast_conv="auto"`
+follows `CPU_FAST_CONV_AUTO` (True: GEMM path on CPU); re-run the benchmark on new hardware
+or jax versions. Parameters are identical in both paths, so checkpoints move freely between
+backends.
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ Dtype = Any
 torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 CPU_FAST_CONV_CHOICES = ("auto", "on", "off")
-# What "auto" picks on CPU: the shifted-GEMM weight gradient measured slower than XLA's own
-# on this project's CPUs (see the module docstring), so "auto" means native for now.
-CPU_FAST_CONV_AUTO = False
+# What "auto" picks on the CPU backend (True: the shifted-GEMM weight gradient, measured
+# faster on an idle machine; see the module docstring).
+CPU_FAST_CONV_AUTO = True
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
@@ -52,7 +54,7 @@ def use_fast_conv(option: str) -> bool:
     """Resolves the `cpu_fast_conv` option at trace time; never True off the CPU backend.
 
     "on": shifted-GEMM weight gradient when `jax.default_backend() == "cpu"`;
-    "auto": the same only if `CPU_FAST_CONV_AUTO` (the measured-faster choice, now False);
+    "auto": the same if `CPU_FAST_CONV_AUTO` (the measured-faster choice: True);
     "off": always the native convolution gradient.
     """
     if option not in CPU_FAST_CONV_CHOICES:

@@ -22,8 +22,8 @@ Notes:
   concatenated to x on channels, so the first conv sees C + C_low channels.
 - `norm_groups` (32 in ADM) exists so that tiny test models can have few channels.
 - `cpu_fast_conv`: "on" computes conv weight gradients by shifted GEMMs on the CPU backend
-  (never on TPU/GPU); "auto" follows `layers.CPU_FAST_CONV_AUTO` (native, the faster one as
-  measured here); "off" is always native. See the `layers` module docstring.
+  (never on TPU/GPU); "auto" follows `layers.CPU_FAST_CONV_AUTO` (True: the GEMM path on
+  CPU, measured faster here); "off" is always native. See the `layers` module docstring.
 - `remat`: every ResBlock and AttentionBlock is rematerialised (`nn.remat`); same params,
   same outputs and gradients, less activation memory.
 """
