@@ -13,16 +13,18 @@ def learning_rate_schedule(
 
     The cosine decay reaches ``peak * min_ratio`` at ``total_steps``.
     """
-    warmup = optax.linear_schedule(0.0, peak, max(warmup_steps, 1))
+    if decay not in ("constant", "cosine"):
+        raise ValueError(f"unknown learning-rate decay {decay!r}; valid: constant, cosine")
     if decay == "constant":
         after = optax.constant_schedule(peak)
-    elif decay == "cosine":
+    else:
         after = optax.cosine_decay_schedule(
             peak, max(total_steps - warmup_steps, 1), alpha=min_ratio
         )
-    else:
-        raise ValueError(f"unknown learning-rate decay {decay!r}; valid: constant, cosine")
-    return optax.join_schedules([warmup, after], [max(warmup_steps, 1)])
+    if warmup_steps <= 0:
+        return after
+    warmup = optax.linear_schedule(0.0, peak, warmup_steps)
+    return optax.join_schedules([warmup, after], [warmup_steps])
 
 
 def make_optimizer(
