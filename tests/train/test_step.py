@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffjax import configlib, parallel
+from diffjax import parallel
 from diffjax.train import optim
 from diffjax.train.loop import Trainer
 from diffjax.train.state import HISTORY, ema_update
@@ -136,4 +136,3 @@ def test_gradient_clipping_bounds_the_update():
     np.testing.assert_allclose(clipped["w"], [0.6, 0.8], rtol=1e-6)
     updates, _ = tx.update(g, tx.init(g), g)
     np.testing.assert_allclose(updates["w"], [-1.0, -1.0], rtol=1e-5)
-    del configlib
