@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = False
     c.model.cpu_fast_conv = "auto"
     c.model.pool = "attention"  # classifier only
+    c.model.classifier_noised = True  # classifier only: train on x_t at random t (guidance)
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "linear"
@@ -265,6 +266,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
             "must be 'learned_range' or 'learned'"
         )
     conditional = c.model.class_cond
+    if c.model.name == "classifier" and c.data.num_classes <= 0:
+        raise ConfigError("model.name='classifier' needs labelled data: set data.num_classes > 0")
     if conditional and c.data.num_classes <= 0:
         raise ConfigError("model.class_cond=True needs labelled data: set data.num_classes > 0")
     if c.guidance.type == "classifier_free" and not conditional:
@@ -315,14 +318,19 @@ def build_model(c: ml_collections.ConfigDict):
             num_res_blocks=m.num_res_blocks,
             channel_mult=tuple(m.channel_mult),
             attention_resolutions=tuple(m.attention_resolutions),
+            num_heads=m.num_heads,
             num_head_channels=m.num_head_channels,
             use_scale_shift_norm=m.use_scale_shift_norm,
             resblock_updown=m.resblock_updown,
+            conv_resample=m.conv_resample,
+            use_new_attention_order=m.use_new_attention_order,
             pool=m.pool,
             dropout=m.dropout,
             norm_groups=m.norm_groups,
             dtype=dtype,
             param_dtype=param_dtype,
+            remat=m.remat,
+            cpu_fast_conv=m.cpu_fast_conv,
         )
     conditional = m.class_cond
     return unet.UNet(

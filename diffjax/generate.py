@@ -75,6 +75,36 @@ def guide(c: ml_collections.ConfigDict, denoise, classifier_log_prob=None):
     return denoise
 
 
+def load_classifier_log_prob(c: ml_collections.ConfigDict, mesh) -> Callable[..., Any] | None:
+    """``log_prob_fn(x_ve, sigma, y) -> [B]`` of the noise-aware classifier named by
+    ``guidance.classifier_config`` / ``guidance.classifier_workdir`` (None without guidance).
+
+    The classifier was trained on VP inputs x_t at timestep t of its own schedule table, so
+    x_vp = x_ve / sqrt(1 + sigma^2) and its time input is the (fractional) timestep of sigma.
+    """
+    if c.guidance.type != "classifier":
+        return None
+    from diffjax.train.loop import restore_ema_params
+
+    g = c.guidance
+    if not g.classifier_config or not g.classifier_workdir:
+        raise configlib.ConfigError(
+            "guidance.type='classifier' needs --config.guidance.classifier_config=experiments/"
+            "classifier_*.py and --config.guidance.classifier_workdir=DIR of its trained run")
+    cc = configlib.load_config_file(g.classifier_config)
+    model, params, _ = restore_ema_params(cc, mesh, g.classifier_workdir)
+    ds = configlib.build_discrete_schedule(cc)
+
+    def log_prob(x, sigma, y):
+        sigma = jnp.broadcast_to(sigma, (x.shape[0],))
+        x_vp = x * jax.lax.rsqrt(1.0 + sigma**2)[:, None, None, None]
+        t = ds.c_noise(ds.t_from_logsnr(-2.0 * jnp.log(sigma)))
+        logits = model.apply({"params": params}, x_vp, t, train=False)
+        return jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1)[:, 0]
+
+    return log_prob
+
+
 def make_sample_fn(c: ml_collections.ConfigDict, model, mesh, batch: int,
                    classifier_log_prob=None):
     """A jitted ``(params, key, labels [batch]) -> images [batch, H, W, C]`` in [-1, 1]."""
@@ -117,6 +147,8 @@ class Generator:
         n = parallel.num_data_shards(mesh)
         self.batch = _round_up(min(c.sampler.batch_size, max_batch or c.sampler.batch_size), n)
         self.num_classes = c.data.num_classes
+        if classifier_log_prob is None:
+            classifier_log_prob = load_classifier_log_prob(c, mesh)
         self._fn = make_sample_fn(c, model, mesh, self.batch, classifier_log_prob)
 
     def __call__(self, params, num_samples: int, key, labels: np.ndarray | None = None,

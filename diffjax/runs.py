@@ -47,19 +47,9 @@ def train(c: ml_collections.ConfigDict, workdir: str, mesh, *, allow_config_chan
 
 
 def _params_for_sampling(c, mesh, workdir, checkpoint_path, step):
-    """EMA params (first decay) of the latest or given checkpoint, replicated on the mesh."""
-    from diffjax.train.loop import Trainer
+    from diffjax.train.loop import restore_ema_params
 
-    source = checkpoint_path or workdir
-    directory = source if epath.Path(source).name == "checkpoints" else \
-        checkpoint.checkpoint_dir(source)
-    if not epath.Path(directory).exists():
-        raise checkpoint.CheckpointError(
-            f"no checkpoints at {directory}; train first or pass --checkpoint RUN_DIR")
-    manager = checkpoint.make_manager(directory, read_only=True)
-    trainer = Trainer(c, mesh)
-    state, got = checkpoint.restore(manager, trainer.abstract_state(), None, step)
-    return trainer.model, state.ema_params[0], got
+    return restore_ema_params(c, mesh, checkpoint_path or workdir, step)
 
 
 def sample(c: ml_collections.ConfigDict, workdir: str, mesh, *, checkpoint="", step=None,

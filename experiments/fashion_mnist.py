@@ -35,11 +35,11 @@ def get_config(arg=None):
         c.sampler.num_steps = 50
         c.optim.learning_rate = 1e-3
         c.optim.warmup_steps = 100
-        c.optim.ema_decays = (0.999,)
-        c.train.num_steps = 1500
+        c.optim.ema_decays = (0.995,)
+        c.train.num_steps = 1200
         c.train.log_every = 50
-        c.train.checkpoint_every = 250
-        c.train.sample_every = 500
+        c.train.checkpoint_every = 200
+        c.train.sample_every = 400
         c.train.num_sample_images = 100
         c.eval.metrics = ("fd_fashion_mnist", "class_accuracy")
         return c

@@ -21,7 +21,8 @@ from diffjax import checkpoint, configlib, parallel
 from diffjax import data as data_lib
 from diffjax.train import optim, reporting
 from diffjax.train.state import TrainState, abstract_state, create_sharded_state
-from diffjax.train.step import LossSpec, make_train_step, step_key
+from diffjax.train import step as step_lib
+from diffjax.train.step import LossSpec, step_key
 
 
 class NonFiniteLossError(RuntimeError):
@@ -42,8 +43,12 @@ def loss_spec(c: ml_collections.ConfigDict) -> LossSpec:
     )
 
 
-def make_apply_fn(model, conditional: bool):
-    """``apply(params, x, t, y, train, rngs)`` for the UNet; ``y`` is ignored if unconditional."""
+def make_apply_fn(model, c: ml_collections.ConfigDict):
+    """``apply(params, x, t, y, train, rngs)``; ``y`` is ignored by unconditional models."""
+    if c.model.name == "classifier":
+        return lambda params, x, t, y, train, rngs=None: model.apply(
+            {"params": params}, x, t, train=train, rngs=rngs)
+    conditional = c.model.class_cond
 
     def apply(params, x, t, y, train, rngs=None):
         return model.apply({"params": params}, x, t, y if conditional else None,
@@ -57,6 +62,8 @@ def init_params_fn(model, c: ml_collections.ConfigDict):
     shape = (1, c.data.image_size, c.data.image_size, c.data.channels)
 
     def init(key):
+        if c.model.name == "classifier":
+            return model.init(key, jnp.zeros(shape), jnp.zeros((1,)), train=False)["params"]
         y = jnp.zeros((1,), jnp.int32) if c.model.class_cond else None
         return model.init(key, jnp.zeros(shape), jnp.zeros((1,)), y, train=False)["params"]
 
@@ -76,10 +83,18 @@ class Trainer:
         self.tx = optim.make_optimizer(
             self.lr, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
             weight_decay=c.optim.weight_decay, grad_clip=c.optim.grad_clip)
-        self.apply_fn = make_apply_fn(self.model, c.model.class_cond)
+        self.apply_fn = make_apply_fn(self.model, c)
         self.init_fn = init_params_fn(self.model, c)
-        step = make_train_step(self.apply_fn, self.ds, self.tx, loss_spec(c),
-                               tuple(c.optim.ema_decays), self.lr)
+        spec = loss_spec(c)
+        if c.model.name == "classifier":
+            loss_fn = step_lib.make_classifier_loss(self.apply_fn, self.ds,
+                                                    c.model.classifier_noised)
+            sampler = "uniform"
+        else:
+            loss_fn = step_lib.make_diffusion_loss(self.apply_fn, self.ds, spec)
+            sampler = spec.timestep_sampler
+        step = step_lib.make_train_step(loss_fn, self.tx, tuple(c.optim.ema_decays), self.lr,
+                                        sampler)
         rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
         self.train_step = jax.jit(
             lambda state, batch: step(state, batch, step_key(state)),
@@ -92,6 +107,20 @@ class Trainer:
 
     def abstract_state(self) -> TrainState:
         return abstract_state(*self._state_args)
+
+
+def restore_ema_params(c: ml_collections.ConfigDict, mesh, source: str, step: int | None = None):
+    """(model, EMA params of the first decay, step) from a run directory or its checkpoints
+    directory, read-only, replicated on ``mesh``."""
+    directory = source if epath.Path(source).name == "checkpoints" else \
+        checkpoint.checkpoint_dir(source)
+    if not epath.Path(directory).exists():
+        raise checkpoint.CheckpointError(
+            f"no checkpoints at {directory}; train first or pass --checkpoint RUN_DIR")
+    manager = checkpoint.make_manager(directory, read_only=True)
+    trainer = Trainer(c, mesh)
+    state, got = checkpoint.restore(manager, trainer.abstract_state(), None, step)
+    return trainer.model, state.ema_params[0], got
 
 
 def _check_workdir_config(workdir: str, resolved: dict, allow_change: bool) -> None:
@@ -136,8 +165,9 @@ def train(c: ml_collections.ConfigDict, workdir: str, mesh, *, allow_config_chan
                                 total_steps=c.train.num_steps, start_step=start,
                                 batch_size=c.data.batch_size)
     writer.write_config(resolved)
+    draws = c.train.sample_every > 0 and c.model.name != "classifier"
     sampler = generate.Generator(c, trainer.model, mesh, max_batch=c.train.num_sample_images) \
-        if c.train.sample_every > 0 else None
+        if draws else None
     pending: list[dict[str, jax.Array]] = []
     try:
         for step in range(start, c.train.num_steps):

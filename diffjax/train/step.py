@@ -76,15 +76,12 @@ def update_loss_history(state: TrainState, t: jax.Array, loss: jax.Array) -> Tra
     return state.replace(loss_history=hist, loss_count=jnp.minimum(count, HISTORY))
 
 
-def make_train_step(
-    apply_fn: Callable[..., jax.Array],
-    ds: DiscreteSchedule,
-    tx: optax.GradientTransformation,
-    spec: LossSpec,
-    ema_decays: tuple[float, ...],
-    learning_rate: optax.Schedule,
-) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict]]:
-    """Builds the pure step. ``apply_fn(params, x_t, t, y, train, rngs) -> model output``."""
+def make_diffusion_loss(apply_fn, ds: DiscreteSchedule, spec: LossSpec):
+    """``loss_fn(params, state, batch, key) -> (loss, (terms, t))`` of a denoising network.
+
+    Per example: a timestep (uniform or importance-sampled), the noise, and for classifier-free
+    guidance whether the label is replaced by the null label.
+    """
     sqrt_ab = jnp.asarray(np.sqrt(ds.alphas_cumprod), jnp.float32)
     sqrt_1mab = jnp.asarray(np.sqrt(1.0 - ds.alphas_cumprod), jnp.float32)
     loss_kwargs = dict(spec.loss_kwargs)
@@ -105,8 +102,47 @@ def make_train_step(
             prediction=spec.prediction, loss_type=spec.loss_type,
             variance_type=spec.variance_type, weighting=spec.weighting, **loss_kwargs,
         )
-        loss = jnp.mean(terms["loss"] * weights)
-        return loss, (terms, t)
+        return jnp.mean(terms["loss"] * weights), (terms, t)
+
+    return loss_fn
+
+
+def make_classifier_loss(apply_fn, ds: DiscreteSchedule, noised: bool):
+    """``loss_fn`` of a classifier: cross-entropy of its logits at the data labels.
+
+    ``noised`` (the noise-aware classifier of classifier guidance, Dhariwal & Nichol 2021):
+    inputs are x_t at uniform timesteps t, with t as the classifier's time input. Otherwise
+    the clean images at time input 0 (a feature network for Frechet distances / accuracy).
+    """
+    sqrt_ab = jnp.asarray(np.sqrt(ds.alphas_cumprod), jnp.float32)
+    sqrt_1mab = jnp.asarray(np.sqrt(1.0 - ds.alphas_cumprod), jnp.float32)
+
+    def loss_fn(params, state, batch, key):
+        x0, labels = batch["image"], batch["label"]
+        k_t, k_noise, k_drop = jax.random.split(key, 3)
+        if noised:
+            t = jax.random.randint(k_t, (x0.shape[0],), 0, ds.num_timesteps)
+            noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+            x = process.q_sample(x0, noise, sqrt_ab[t], sqrt_1mab[t])
+        else:
+            t, x = jnp.zeros((x0.shape[0],), jnp.int32), x0
+        logits = apply_fn(params, x, t.astype(jnp.float32), None, True, {"dropout": k_drop})
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+        accuracy = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        return jnp.mean(ce), ({"loss": ce, "accuracy": accuracy}, t)
+
+    return loss_fn
+
+
+def make_train_step(
+    loss_fn: Callable[..., Any],
+    tx: optax.GradientTransformation,
+    ema_decays: tuple[float, ...],
+    learning_rate: optax.Schedule,
+    timestep_sampler: str = "uniform",
+) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict]]:
+    """The pure step around ``loss_fn(params, state, batch, key) -> (loss, (terms, t))``:
+    gradient, AdamW update, EMA updates, timestep history, NaN/Inf guard, metrics."""
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -114,10 +150,10 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         emas = tuple(ema_update(e, params, d) for e, d in zip(state.ema_params, ema_decays))
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         new = state.replace(step=state.step + 1, params=params, ema_params=emas,
                             opt_state=opt_state)
-        if spec.timestep_sampler == "loss_second_moment":
+        if timestep_sampler == "loss_second_moment":
             new = update_loss_history(new, t, jax.lax.stop_gradient(terms["loss"]))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
