@@ -31,6 +31,8 @@ def make_manager(
     async_save: bool = True,
 ) -> ocp.CheckpointManager:
     """A manager over ``directory`` (a local path or ``gs://...``)."""
+    if "://" not in directory:
+        directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else keep,
         keep_period=keep_every or None,

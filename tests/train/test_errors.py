@@ -65,3 +65,13 @@ def test_checkpoint_round_trip_is_exact(tiny, tiny_data, tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
         checkpoint.restore(checkpoint.make_manager(str(tmp_path / "empty")),
                            trainer.abstract_state())
+
+
+def test_relative_checkpoint_directory_works(tiny, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    c = tiny.config(tiny_data)
+    trainer = loop.Trainer(c, parallel.make_mesh(jax.devices()[:1]))
+    manager = checkpoint.make_manager("runs/x/checkpoints", async_save=False)
+    checkpoint.save(manager, 2, trainer.new_state(), None, c.to_dict())
+    manager.wait_until_finished()
+    assert (tmp_path / "runs" / "x" / "checkpoints" / "2" / "state").is_dir()
