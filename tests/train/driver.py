@@ -11,6 +11,7 @@ asynchronous checkpoint saves are still running.
 
 import argparse
 import importlib.util
+import json
 import os
 import signal
 import sys
@@ -35,13 +36,37 @@ import numpy as np  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", os.environ["DIFFJAX_TEST_CACHE"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-from diffjax import configlib, parallel  # noqa: E402
+from diffjax import checkpoint, configlib, parallel  # noqa: E402
 from diffjax.train import loop  # noqa: E402
 
 spec = importlib.util.spec_from_file_location("tiny", os.path.join(os.path.dirname(__file__),
                                                                    "tiny.py"))
 tiny = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(tiny)
+
+
+class Recorder:
+    """Delegates to a grain iterator; writes this process's first batch labels to a file."""
+
+    def __init__(self, it, path):
+        self.it, self.path = it, path
+
+    def __next__(self):
+        batch = next(self.it)
+        if self.path:
+            with open(self.path, "w") as f:
+                json.dump(batch["label"].tolist(), f)
+            self.path = None
+        return batch
+
+    def __iter__(self):
+        return self
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
 
 
 class KillAt:
@@ -73,6 +98,9 @@ configlib.validate(c, parallel.num_data_shards(mesh))
 it = configlib.build_train_iterator(c, jax.process_index(), jax.process_count())
 if args.kill_at_batch:
     it = KillAt(it, args.kill_at_batch)
+start = checkpoint.make_manager(checkpoint.checkpoint_dir(args.workdir)).latest_step() or 0
+it = Recorder(it, os.path.join(args.workdir, f"first_batch_p{jax.process_index()}_s{start}.json"))
+print(f"process {jax.process_index()} starts at step {start}", flush=True)
 state = loop.train(c, args.workdir, mesh, data_iterator=it)
 params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
 if jax.process_index() == 0:

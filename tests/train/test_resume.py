@@ -1,6 +1,7 @@
 """A run killed with SIGKILL at any moment resumes and ends exactly where an uninterrupted
 run ends; several processes reach the same parameters as one process with as many devices."""
 
+import json
 import os
 import subprocess
 import sys
@@ -66,19 +67,40 @@ def test_kill_9_and_resume_follows_the_uninterrupted_trajectory(data_dir, straig
         np.testing.assert_array_equal(resumed[name], want[name], err_msg=name)
 
 
-def test_two_processes_match_one_process_with_as_many_devices(data_dir, tmp_path):
-    one = str(tmp_path / "one")
-    _run([data_dir, one, 3, 4])
-    two = str(tmp_path / "two")
+def _two_processes(data_dir, workdir, steps):
     port = portpicker.pick_unused_port()
-    cmd = lambda i: [sys.executable, DRIVER, data_dir, two, 3, 2, "--process-id", i,  # noqa: E731
-                     "--num-processes", 2, "--coordinator", f"localhost:{port}"]
+    cmd = lambda i: [sys.executable, DRIVER, data_dir, workdir, steps, 2,  # noqa: E731
+                     "--process-id", i, "--num-processes", 2, "--coordinator", f"localhost:{port}"]
     procs = [subprocess.Popen(list(map(str, cmd(i))), env=_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=900) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-4000:]
+    return [out for out, _ in outs]
+
+
+def test_two_processes_match_one_process_with_as_many_devices(data_dir, tmp_path):
+    """The multi-host path on one machine: 2 processes x 2 devices through jax.distributed."""
+    one = str(tmp_path / "one")
+    _run([data_dir, one, 4, 4])
+    two = str(tmp_path / "two")
+    first = _two_processes(data_dir, two, 2)
+    assert ["process 0 starts at step 0" in first[0], "process 1 starts at step 0" in first[1]] \
+        == [True, True]
+    # Every host resumes and agrees on the step.
+    second = _two_processes(data_dir, two, 4)
+    for i, out in enumerate(second):
+        assert f"process {i} starts at step 2" in out, out
+    # Each host read its own half of the global batch.
+    read = lambda path: json.load(open(path))  # noqa: E731
+    want = read(os.path.join(one, "first_batch_p0_s0.json"))
+    halves = [read(os.path.join(two, f"first_batch_p{i}_s0.json")) for i in range(2)]
+    assert len(want) == 8 and halves == [want[:4], want[4:]]
+    # Only process 0 writes logs: one line per logged step, not one per process.
+    with open(os.path.join(two, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [2, 4]
     a, b = _params(one), _params(two)
+    assert int(a.pop("step")) == int(b.pop("step")) == 4
     assert a.keys() == b.keys()
     # Equal up to the order of the cross-process gradient sum: Adam turns a float32 rounding
     # difference in a gradient near eps=1e-8 into at most lr * O(1e-3) per step, so compare
