@@ -3,16 +3,20 @@
 # embedded default (Debian's dataset-fashion-mnist). Usage, from the repository root:
 #   bash launch/install.sh          # runtime only
 #   bash launch/install.sh --test   # plus the test extra
+#   bash launch/install.sh --reference  # plus PyTorch references for the Inception tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras=""
+extras=()
 for arg in "$@"; do
   case "$arg" in
-    --test) extras="[test]" ;;
-    *) echo "install.sh: unknown option $arg (valid: --test)" >&2; exit 2 ;;
+    --test) extras+=(test) ;;
+    --reference) extras+=(reference) ;;
+    *) echo "install.sh: unknown option $arg (valid: --test, --reference)" >&2; exit 2 ;;
   esac
 done
+spec="."
+if [ ${#extras[@]} -gt 0 ]; then spec=".[$(IFS=,; echo "${extras[*]}")]"; fi
 
 fmnist=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 if [ ! -f "$fmnist" ]; then
@@ -35,7 +39,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "+ $python -m venv .venv"
   "$python" -m venv .venv
 fi
-echo "+ pip install -e .${extras}"
+echo "+ pip install -e $spec"
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".${extras}"
+.venv/bin/python -m pip install -q -e "$spec"
 echo "diffjax installed in .venv ($(.venv/bin/python -c 'import jax; print("jax", jax.__version__)'))"
