@@ -15,6 +15,7 @@ Glossary of config sections:
   optim      AdamW, schedule, clipping, EMA
   train      steps, logging, checkpointing, seeds
   eval       sample counts, metrics, sweeps
+  condition  conditional generation: img2img (SDEdit), inpaint (RePaint), superres
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ SIGMA_SPACINGS = ("model", "karras", "loglinear")
 LR_DECAYS = ("constant", "cosine")
 TIMESTEP_SAMPLERS = ("uniform", "loss_second_moment")
 THRESHOLDINGS = ("none", "static", "dynamic")
+CONDITION_TYPES = ("none", "img2img", "inpaint", "superres")
+CONDITION_MASKS = ("center", "left_half")
 
 
 class ConfigError(ValueError):
@@ -147,6 +150,23 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.split = "test"
     c.eval.sweep_guidance_scales = ()
     c.eval.sweep_num_steps = ()
+    c.eval.name = ""  # JSON/PNG name under WORKDIR/eval/; "" = derived, e.g. "ddim-50_cfg-3.0"
+    c.eval.features_config = "experiments/fmnist_features.py"  # fd_<data> / class_accuracy
+    c.eval.features_workdir = "runs/fmnist_features"  # the trained run of features_config
+    c.eval.inception_weights = ""  # converted InceptionV3 (.npz/.msgpack) for fid/sfid/IS/P-R
+    c.eval.reference_stats = ""  # Inception reference .npz (ADM layout); "" = data's eval split
+    c.eval.nll_num_examples = 0  # cap on test images for "nll"; 0 = the whole eval split
+
+    c.condition = ml_collections.ConfigDict()
+    c.condition.type = "none"  # none / img2img / inpaint / superres
+    c.condition.strength = 0.5  # img2img (SDEdit): fraction of the sampling steps that run
+    c.condition.input = ""  # image file (PNG...) or .npz of images used by --mode sample
+    c.condition.mask = "center"  # inpaint: center / left_half / a PNG path (white = known)
+    c.condition.repaint_resample = 1  # inpaint: RePaint resamplings (1 = off)
+    c.condition.repaint_jump = 10  # inpaint: RePaint jump length
+    c.condition.low_res_size = 0  # superres: side of the low-resolution input
+    c.condition.aug_max = 0.0  # superres: training noise-augmentation levels U[0, aug_max]
+    c.condition.aug_sample = 0.0  # superres: augmentation level at sampling
     return c
 
 
@@ -217,6 +237,7 @@ def _tables() -> dict[str, Sequence[str]]:
         "sampler.sigma_spacing": SIGMA_SPACINGS,
         "sampler.thresholding": THRESHOLDINGS,
         "optim.decay": LR_DECAYS,
+        "condition.type": CONDITION_TYPES,
     }
 
 
@@ -282,6 +303,44 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         raise ConfigError("sampler.num_steps must be >= 1 and train.num_steps >= 0")
     if not c.optim.ema_decays or not all(0.0 <= d < 1.0 for d in c.optim.ema_decays):
         raise ConfigError(f"optim.ema_decays={tuple(c.optim.ema_decays)} must be values in [0, 1)")
+    _validate_condition(c)
+
+
+def _validate_condition(c: ml_collections.ConfigDict) -> None:
+    k = c.condition
+    if not 0.0 <= k.strength <= 1.0:
+        raise ConfigError(f"condition.strength={k.strength} must be in [0, 1]")
+    if k.repaint_resample < 1 or k.repaint_jump < 1:
+        raise ConfigError("condition.repaint_resample and condition.repaint_jump must be >= 1 "
+                          "(repaint_resample=1 turns RePaint off)")
+    if k.mask not in CONDITION_MASKS and not str(k.mask).lower().endswith(".png"):
+        raise ConfigError(f"condition.mask={k.mask!r} must be one of {', '.join(CONDITION_MASKS)}"
+                          " or a .png path (white = known pixels)")
+    if k.type != "superres":
+        if k.low_res_size:
+            raise ConfigError("condition.low_res_size is set but condition.type is not "
+                              "'superres'; set --config.condition.type=superres or 0")
+        return
+    size = c.data.image_size
+    if not 0 < k.low_res_size < size or size % k.low_res_size:
+        raise ConfigError(f"condition.low_res_size={k.low_res_size} must be a proper divisor of "
+                          f"data.image_size={size} for super-resolution")
+    if not 0.0 <= k.aug_max <= 1.0 or not 0.0 <= k.aug_sample <= max(k.aug_max, 0.0):
+        raise ConfigError(f"condition.aug_max={k.aug_max} must be in [0, 1] and "
+                          f"condition.aug_sample={k.aug_sample} in [0, aug_max]")
+    if c.guidance.type == "classifier_free" or c.model.name != "unet":
+        raise ConfigError("condition.type='superres' needs model.name='unet' and no "
+                          "classifier-free guidance (the low-res input is not a label)")
+
+
+def superres_spec(c: ml_collections.ConfigDict):
+    """The :class:`diffjax.train.superres.SuperRes` of a superres config, else None."""
+    if c.condition.type != "superres":
+        return None
+    from diffjax.train.superres import SuperRes
+
+    k = c.condition
+    return SuperRes(low_res_size=k.low_res_size, aug_max=k.aug_max, aug_sample=k.aug_sample)
 
 
 # ----------------------------------------------------------------------------- builders
@@ -355,6 +414,7 @@ def build_model(c: ml_collections.ConfigDict):
         param_dtype=param_dtype,
         remat=m.remat,
         cpu_fast_conv=m.cpu_fast_conv,
+        aug_embed=c.condition.type == "superres" and c.condition.aug_max > 0,
     )
 
 

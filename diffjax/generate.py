@@ -4,6 +4,11 @@ This is where a trained network meets the pure sampling math: the model's ``appl
 ``denoise(x, sigma, cond) -> x0_hat`` (:func:`diffjax.diffusion.process.make_denoiser`),
 guidance and thresholding transform that denoiser, and the configured sampler runs the whole
 chain as one compiled program per batch, with the batch split over the mesh's ``data`` axis.
+
+With ``condition.type`` set (``--mode sample`` only) each sample starts from an input image
+of ``condition.input``: img2img (SDEdit), inpaint (known pixels of ``condition.mask``,
+optionally RePaint) via :mod:`diffjax.diffusion.conditional`, or superres (the input is the
+low-resolution image given to the model, :mod:`diffjax.train.superres`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from diffjax import configlib, parallel
-from diffjax.diffusion import guidance, process, samplers, sigmas as sigma_lib
+from diffjax.diffusion import conditional, guidance, process, samplers, sigmas as sigma_lib
 
 
 def sigma_sequence(c: ml_collections.ConfigDict, ds) -> np.ndarray:
@@ -43,10 +48,10 @@ def model_denoiser(c: ml_collections.ConfigDict, model, ds) -> Callable[..., Any
     conditional = c.model.class_cond
     with_variance = learned and c.sampler.name == "ddpm"
 
-    def for_params(params):
+    def for_params(params, **model_kwargs):
         def model_fn(x_in, c_noise, cond):
             return model.apply({"params": params}, x_in, c_noise, cond if conditional else None,
-                               train=False)
+                               train=False, **model_kwargs)
 
         if with_variance:
             return process.make_denoiser_with_variance(model_fn, ds,
@@ -127,6 +132,139 @@ def make_sample_fn(c: ml_collections.ConfigDict, model, mesh, batch: int,
     return jax.jit(run, in_shardings=(rep, rep, data), out_shardings=data)
 
 
+def make_conditional_sample_fn(c: ml_collections.ConfigDict, model, mesh, batch: int,
+                               classifier_log_prob=None):
+    """A jitted ``(params, key, labels [batch], inputs) -> images [batch, H, W, C]`` for
+    ``condition.type``; inputs: [batch, H, W, C] images (img2img, inpaint) or
+    [batch, h, w, C] low-resolution images (superres), in [-1, 1]."""
+    from diffjax.train import superres
+
+    ds = configlib.build_discrete_schedule(c)
+    spec = configlib.build_sampler(c)
+    sig_np = sigma_sequence(c, ds)
+    sig = jnp.asarray(sig_np, jnp.float32)
+    make = model_denoiser(c, model, ds)
+    k = c.condition
+    size, shape = c.data.image_size, (batch, c.data.image_size, c.data.image_size, c.data.channels)
+    mask = jnp.asarray(load_mask(k.mask, size)) if k.type == "inpaint" else None
+    sr = configlib.superres_spec(c)
+    data, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
+
+    def run(params, key, labels, inputs):
+        cond = labels if c.model.class_cond else None
+        if k.type == "superres":
+            k_aug, key = jax.random.split(jax.random.fold_in(key, 1))
+            denoise = guide(c, make(params, **superres.sample_conditioning(sr, inputs, k_aug, ds)),
+                            classifier_log_prob)
+            k_init, k_sample = jax.random.split(key)
+            x = jax.random.normal(k_init, shape, jnp.float32) * sig[0]
+            out = spec.fn(denoise, x, sig, k_sample, cond=cond, **spec.options)
+        elif k.type == "img2img":
+            denoise = guide(c, make(params), classifier_log_prob)
+            out = conditional.sdedit(denoise, spec.fn, inputs, sig_np, k.strength, key, cond,
+                                     **spec.options)
+        elif k.repaint_resample > 1:
+            denoise = guide(c, make(params), classifier_log_prob)
+            out = conditional.repaint(denoise, inputs, mask, sig_np, key, cond=cond,
+                                      jump=k.repaint_jump, resample=k.repaint_resample,
+                                      variance=spec.options.get("variance", "fixed_small"))
+        else:
+            denoise = guide(c, make(params), classifier_log_prob)
+            out = conditional.inpaint(spec.fn, denoise, inputs, mask, sig_np, key, cond=cond,
+                                      **spec.options)
+        return jnp.clip(out, -1.0, 1.0)
+
+    return jax.jit(run, in_shardings=(rep, rep, data, data), out_shardings=data)
+
+
+def _to_model_range(images: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """[N, H, W, C] (or [H, W, C]) uint8 or float in [-1, 1] -> float32 [N, size, size,
+    channels] in [-1, 1]: channels averaged or repeated, resized (antialiased bilinear)."""
+    x = np.asarray(images)
+    x = x[None] if x.ndim == 3 else x[None, ..., None] if x.ndim == 2 else x
+    x = x.astype(np.float32) / 127.5 - 1.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    if x.shape[-1] != channels:
+        x = x.mean(-1, keepdims=True) if channels == 1 else np.repeat(x[..., :1], channels, -1)
+    if x.shape[1:3] != (size, size):
+        x = np.asarray(jax.image.resize(x, (x.shape[0], size, size, channels), "linear",
+                                        antialias=True))
+    return x
+
+
+def load_condition_inputs(path: str, size: int, channels: int) -> np.ndarray:
+    """Images of ``condition.input``: an image file (PNG, JPEG...) or an .npz (key "images",
+    else its first array; uint8 in [0, 255] or floats in [-1, 1]) -> [N, size, size, channels]."""
+    import os
+
+    from PIL import Image
+
+    if not path or not os.path.isfile(path):
+        raise configlib.ConfigError(
+            f"condition.input={path!r} is not a file; pass --config.condition.input=PATH of an "
+            "image or an .npz of images to condition on")
+    if path.endswith(".npz"):
+        with np.load(path) as f:
+            arr = f["images"] if "images" in f.files else f[f.files[0]]
+    else:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("L" if channels == 1 else "RGB"))
+    return _to_model_range(arr, size, channels)
+
+
+def load_mask(spec: str, size: int) -> np.ndarray:
+    """``condition.mask`` as [size, size, 1] float32, 1 = known: "center", "left_half" or a
+    PNG (pixels > 127 known, resized nearest)."""
+    import os
+
+    from PIL import Image
+
+    if spec in conditional.MASKS:
+        return conditional.MASKS[spec](size, size)
+    if not os.path.isfile(spec):
+        raise configlib.ConfigError(f"condition.mask={spec!r} is neither center, left_half nor "
+                                    "an existing PNG file")
+    with Image.open(spec) as img:
+        m = np.asarray(img.convert("L").resize((size, size), Image.NEAREST))
+    return (m > 127).astype(np.float32)[..., None]
+
+
+def side_by_side(inputs: np.ndarray, outputs: np.ndarray, ncol: int = 8) -> np.ndarray:
+    """Interleaves rows of ``ncol`` inputs and their outputs ([N, H, W, C] each; smaller
+    inputs are enlarged by pixel repetition) for one grid: input row, result row, ..."""
+    factor = outputs.shape[1] // inputs.shape[1]
+    inputs = np.repeat(np.repeat(inputs, factor, 1), factor, 2)
+    rows = []
+    for i in range(0, len(outputs), ncol):
+        a, b = inputs[i:i + ncol], outputs[i:i + ncol]
+        pad = ((0, ncol - len(a)), (0, 0), (0, 0), (0, 0))
+        rows += [np.pad(a, pad, constant_values=1.0), np.pad(b, pad, constant_values=1.0)]
+    return np.concatenate(rows)
+
+
+def sample_with_condition(c: ml_collections.ConfigDict, workdir: str, mesh, model, params,
+                          step: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``--mode sample`` with ``condition.type``: one result per input image, written to
+    ``WORKDIR/samples.npz`` (images, inputs, labels) and ``samples.png`` (input | result rows)."""
+    from etils import epath
+
+    from diffjax.evaluation import grid
+
+    sr = configlib.superres_spec(c)
+    size = sr.low_res_size if sr is not None else c.data.image_size
+    inputs = load_condition_inputs(c.condition.input, size, c.data.channels)
+    generator = Generator(c, model, mesh)
+    images, labels = generator(params, len(inputs), jax.random.PRNGKey(seed), inputs=inputs)
+    if jax.process_index() == 0:
+        out = epath.Path(workdir)
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "samples.npz").open("wb") as f:
+            np.savez(f, images=images, inputs=inputs, labels=labels, step=step, seed=seed)
+        grid.save_grid(side_by_side(inputs, images), str(out / "samples.png"), ncol=8, scale=2)
+        print(f"wrote {len(images)} {c.condition.type} results from checkpoint step {step} "
+              f"with {c.sampler.name} to {out}/samples.npz and samples.png (input | result rows)")
+    return images, labels
+
+
 def balanced_labels(n: int, num_classes: int, grouped: bool = False) -> np.ndarray:
     """Labels 0..K-1 cycling (``grouped``: each class repeated n/K times in a row)."""
     if grouped:
@@ -150,17 +288,38 @@ class Generator:
         if classifier_log_prob is None:
             classifier_log_prob = load_classifier_log_prob(c, mesh)
         self._fn = make_sample_fn(c, model, mesh, self.batch, classifier_log_prob)
+        self._conditioned = c.condition.type != "none"
+        self._superres = c.condition.type == "superres"
+        if self._conditioned:
+            self._cond_fn = make_conditional_sample_fn(c, model, mesh, self.batch,
+                                                       classifier_log_prob)
 
     def __call__(self, params, num_samples: int, key, labels: np.ndarray | None = None,
-                 grouped: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """``num_samples`` images [N, H, W, C] in [-1, 1] (NumPy) and their labels [N]."""
+                 grouped: bool = False, inputs: np.ndarray | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """``num_samples`` images [N, H, W, C] in [-1, 1] (NumPy) and their labels [N].
+
+        ``inputs`` ([N, ...] in [-1, 1]): the images to condition on, for a config with
+        ``condition.type`` (without them such a config samples unconditionally, e.g. the
+        trainer's image grids of an img2img / inpaint model; a superres model needs them).
+        """
         if labels is None:
             labels = balanced_labels(num_samples, self.num_classes, grouped)
+        if inputs is None and self._superres:
+            raise ValueError("a super-resolution model samples from low-resolution inputs: "
+                             "pass inputs (--config.condition.input=PATH)")
+        if inputs is not None and not self._conditioned:
+            raise ValueError("inputs given but condition.type is 'none'")
         images = []
         for i in range(math.ceil(num_samples / self.batch)):
             chunk = labels[i * self.batch:(i + 1) * self.batch]
             padded = np.pad(chunk, (0, self.batch - len(chunk)))
-            out = self._fn(params, jax.random.fold_in(key, i), padded)
+            if inputs is None:
+                out = self._fn(params, jax.random.fold_in(key, i), padded)
+            else:
+                part = inputs[i * self.batch:(i + 1) * self.batch]
+                part = np.pad(part, ((0, self.batch - len(part)),) + ((0, 0),) * (part.ndim - 1))
+                out = self._cond_fn(params, jax.random.fold_in(key, i), padded, part)
             images.append(np.asarray(jax.device_get(out))[:len(chunk)])
         return np.concatenate(images), np.asarray(labels)
 

@@ -68,7 +68,7 @@ def main(argv: list[str]) -> None:
         else:
             runs.evaluate(config, _WORKDIR.value, mesh, checkpoint=_CHECKPOINT.value,
                           step=_CHECKPOINT_STEP.value, seed=_SEED.value)
-    except runs.USER_ERRORS as e:
+    except runs.user_errors() as e:
         _fail(str(e))
 
 

@@ -19,6 +19,12 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     configlib.ConfigError, checkpoint.CheckpointError, DataError, FileNotFoundError)
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    from diffjax.train.loop import NonFiniteLossError
+
+    return USER_ERRORS + (NonFiniteLossError,)
+
+
 def param_count(c: ml_collections.ConfigDict) -> int:
     """Parameters of the configured model from ``jax.eval_shape`` (nothing allocated)."""
     from diffjax.train.loop import init_params_fn
@@ -60,6 +66,8 @@ def sample(c: ml_collections.ConfigDict, workdir: str, mesh, *, checkpoint="", s
 
     model, params, got = _params_for_sampling(c, mesh, workdir, checkpoint, step)
     seed = c.sampler.seed if seed is None else seed
+    if c.condition.type != "none":
+        return generate.sample_with_condition(c, workdir, mesh, model, params, got, seed)
     start = time.perf_counter()
     generator = generate.Generator(c, model, mesh)
     images, labels = generator(params, c.sampler.num_samples, jax.random.PRNGKey(seed),
@@ -79,8 +87,11 @@ def sample(c: ml_collections.ConfigDict, workdir: str, mesh, *, checkpoint="", s
 
 
 def evaluate(c, workdir, mesh, *, checkpoint="", step=None, seed=None):
+    """Samples and metrics of ``c.eval`` into ``WORKDIR/eval/`` (see diffjax.evaluation.run_eval);
+    the eval config is checked before the checkpoint is read."""
     from diffjax.evaluation import run_eval
 
+    run_eval.check(c)
     model, params, got = _params_for_sampling(c, mesh, workdir, checkpoint, step)
     return run_eval.evaluate(c, workdir, mesh, model, params, got,
                              c.sampler.seed if seed is None else seed)

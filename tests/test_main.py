@@ -101,3 +101,12 @@ def test_every_experiment_loads_validates_and_its_smoke_model_runs(name):
         learned = configlib.learns_variance(c)
         assert out.shape == (2, s, s, c.data.channels * (2 if learned else 1))
     assert bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_diverging_run_stops_with_a_clear_message(tmp_path):
+    out = _main("--config", "experiments/fashion_mnist.py:smoke", "--workdir",
+                str(tmp_path / "run"), "--config.optim.learning_rate=1e30",
+                "--config.optim.grad_clip=0.0")
+    assert out.returncode == 2, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("diffjax: error: loss or gradient became NaN/Inf"), last

@@ -20,6 +20,9 @@ Notes:
 - `low_res` (super-resolution, ADM's SuperResModel) is resized to the input's H, W by
   bilinear interpolation with half-pixel centres (PyTorch's `align_corners=False`) and
   concatenated to x on channels, so the first conv sees C + C_low channels.
+- `aug_embed=True` adds `aug_level` ([B] float, the noise level of the noise-conditioning
+  augmentation of `low_res`, cascaded diffusion) to the conditioning: embedded by a second
+  TimeEmbed ("aug_embed") added to the time embedding. Off by default (params unchanged).
 - `norm_groups` (32 in ADM) exists so that tiny test models can have few channels.
 - `cpu_fast_conv`: "on" computes conv weight gradients by shifted GEMMs on the CPU backend
   (never on TPU/GPU); "auto" follows `layers.CPU_FAST_CONV_AUTO` (True: the GEMM path on
@@ -81,6 +84,7 @@ class UNet(nn.Module):
     param_dtype: Any = jnp.float32
     remat: bool = False
     cpu_fast_conv: str = "auto"
+    aug_embed: bool = False
 
     def _validate(self, x: Array, t: Array, y: Array | None, low_res: Array | None) -> None:
         if x.ndim != 4:
@@ -102,9 +106,13 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, t: Array, y: Array | None = None, *, train: bool = False,
-                 low_res: Array | None = None) -> Array:
-        """x: [B,H,W,C], t: [B] float, y: [B] int32, low_res: [B,h,w,C'] -> [B,H,W,Cout] float32."""
+                 low_res: Array | None = None, aug_level: Array | None = None) -> Array:
+        """x: [B,H,W,C], t: [B] float, y: [B] int32, low_res: [B,h,w,C'], aug_level: [B]
+        float (iff aug_embed) -> [B,H,W,Cout] float32."""
         self._validate(x, t, y, low_res)
+        if (aug_level is None) == self.aug_embed:
+            raise ValueError("UNet: pass aug_level [B] if and only if aug_embed is set (aug_embed="
+                             f"{self.aug_embed}, aug_level given: {aug_level is not None})")
         if low_res is not None:
             up = upsample_low_res(low_res, x.shape[1], x.shape[2])
             x = jnp.concatenate([x, up.astype(x.dtype)], axis=-1)
@@ -116,6 +124,9 @@ class UNet(nn.Module):
                              param_dtype=self.param_dtype,
                              embedding_init=nn.initializers.normal(1.0), name="label_emb")
             emb = emb + table(y)
+        if self.aug_embed:
+            emb = emb + layers.TimeEmbed(self.model_channels, self.dtype, self.param_dtype,
+                                         name="aug_embed")(jnp.broadcast_to(aug_level, t.shape))
         h, skips = layers.encoder_half(self, x.astype(self.dtype), emb, train=train)
         h = self._decoder_half(h, skips, emb, train)
         h = nn.silu(layers.group_norm(h.astype(jnp.float32), self.norm_groups, "out_norm",

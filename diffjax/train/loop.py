@@ -40,19 +40,21 @@ def loss_spec(c: ml_collections.ConfigDict) -> LossSpec:
         timestep_sampler=d.timestep_sampler,
         label_dropout=c.guidance.label_dropout if cfg else 0.0,
         null_label=c.data.num_classes,
+        superres=configlib.superres_spec(c),
     )
 
 
 def make_apply_fn(model, c: ml_collections.ConfigDict):
-    """``apply(params, x, t, y, train, rngs)``; ``y`` is ignored by unconditional models."""
+    """``apply(params, x, t, y, train, rngs, **kw)``; ``y`` is ignored by unconditional models;
+    ``kw`` (``low_res``, ``aug_level`` of a super-resolution UNet) go to the model."""
     if c.model.name == "classifier":
         return lambda params, x, t, y, train, rngs=None: model.apply(
             {"params": params}, x, t, train=train, rngs=rngs)
     conditional = c.model.class_cond
 
-    def apply(params, x, t, y, train, rngs=None):
+    def apply(params, x, t, y, train, rngs=None, **kw):
         return model.apply({"params": params}, x, t, y if conditional else None,
-                           train=train, rngs=rngs)
+                           train=train, rngs=rngs, **kw)
 
     return apply
 
@@ -65,9 +67,21 @@ def init_params_fn(model, c: ml_collections.ConfigDict):
         if c.model.name == "classifier":
             return model.init(key, jnp.zeros(shape), jnp.zeros((1,)), train=False)["params"]
         y = jnp.zeros((1,), jnp.int32) if c.model.class_cond else None
-        return model.init(key, jnp.zeros(shape), jnp.zeros((1,)), y, train=False)["params"]
+        return model.init(key, jnp.zeros(shape), jnp.zeros((1,)), y, train=False,
+                          **_superres_dummies(c))["params"]
 
     return init
+
+
+def _superres_dummies(c: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Dummy ``low_res`` / ``aug_level`` inputs of a super-resolution UNet (none otherwise)."""
+    sr = configlib.superres_spec(c)
+    if sr is None:
+        return {}
+    out = {"low_res": jnp.zeros((1, sr.low_res_size, sr.low_res_size, c.data.channels))}
+    if sr.augments:
+        out["aug_level"] = jnp.zeros((1,))
+    return out
 
 
 class Trainer:
@@ -165,7 +179,9 @@ def train(c: ml_collections.ConfigDict, workdir: str, mesh, *, allow_config_chan
                                 total_steps=c.train.num_steps, start_step=start,
                                 batch_size=c.data.batch_size)
     writer.write_config(resolved)
-    draws = c.train.sample_every > 0 and c.model.name != "classifier"
+    # A super-resolution model samples from low-res inputs: no unconditional image grids.
+    draws = (c.train.sample_every > 0 and c.model.name != "classifier"
+             and c.condition.type != "superres")
     sampler = generate.Generator(c, trainer.model, mesh, max_batch=c.train.num_sample_images) \
         if draws else None
     pending: list[dict[str, jax.Array]] = []
@@ -191,6 +207,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, mesh, *, allow_config_chan
                                     jax.random.PRNGKey(c.train.seed + 1), grouped=True)
                 writer.image_grid(done, images, c.data.num_classes if c.model.class_cond else 0)
     finally:
+        feeder.close()
         manager.wait_until_finished()
         writer.close()
     return state

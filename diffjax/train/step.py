@@ -22,6 +22,7 @@ import optax
 
 from diffjax.diffusion import losses, process
 from diffjax.diffusion.schedules import DiscreteSchedule
+from diffjax.train import superres as superres_lib
 from diffjax.train.state import HISTORY, TrainState, ema_update
 
 # iDDPM's resampler mixes a little of the uniform distribution into the importance weights.
@@ -40,6 +41,7 @@ class LossSpec:
     timestep_sampler: str = "uniform"
     label_dropout: float = 0.0
     null_label: int = -1  # the extra embedding row used for classifier-free guidance
+    superres: superres_lib.SuperRes | None = None  # low-res conditioning of an upsampler
 
 
 def sample_timesteps(
@@ -80,7 +82,9 @@ def make_diffusion_loss(apply_fn, ds: DiscreteSchedule, spec: LossSpec):
     """``loss_fn(params, state, batch, key) -> (loss, (terms, t))`` of a denoising network.
 
     Per example: a timestep (uniform or importance-sampled), the noise, and for classifier-free
-    guidance whether the label is replaced by the null label.
+    guidance whether the label is replaced by the null label. A super-resolution model also
+    gets the batch's (augmented) low-resolution images, drawn from fold_in(key, 1) so that
+    every other draw is the same as without it.
     """
     sqrt_ab = jnp.asarray(np.sqrt(ds.alphas_cumprod), jnp.float32)
     sqrt_1mab = jnp.asarray(np.sqrt(1.0 - ds.alphas_cumprod), jnp.float32)
@@ -96,7 +100,9 @@ def make_diffusion_loss(apply_fn, ds: DiscreteSchedule, spec: LossSpec):
             drop = jax.random.bernoulli(k_label, spec.label_dropout, labels.shape)
             labels = jnp.where(drop, spec.null_label, labels)
         x_in, c_noise = process.discrete_model_input(ds, x_t, t, prediction=spec.prediction)
-        out = apply_fn(params, x_in, c_noise, labels, True, {"dropout": k_drop})
+        extra = {} if spec.superres is None else superres_lib.train_conditioning(
+            spec.superres, x0, jax.random.fold_in(key, 1), ds)
+        out = apply_fn(params, x_in, c_noise, labels, True, {"dropout": k_drop}, **extra)
         terms = losses.training_losses(
             out.astype(jnp.float32), x0=x0, x_t=x_t, noise=noise, t=t, ds=ds,
             prediction=spec.prediction, loss_type=spec.loss_type,
