@@ -1,0 +1,195 @@
+"""--mode eval end to end on 2-step smoke models: JSONs, grids, sweep plot, refusals."""
+
+import gzip
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from diffjax import checkpoint, configlib, parallel, runs
+from diffjax.data import idx
+from diffjax.evaluation import features, metrics, run_eval
+from diffjax.train import loop
+from launch import collect
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FEATURES = os.path.join(REPO, "experiments", "fmnist_features.py:smoke")
+NUM_TEST = 40
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_fashion_like(directory: str) -> str:
+    """28x28 IDX files with 10 classes (class = stripe frequency), 48 train / 40 test images."""
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:28, 0:28] / 27
+    for prefix, n in (("train", 48), ("t10k", NUM_TEST)):
+        labels = np.arange(n) % 10
+        phase = rng.uniform(0, 2 * np.pi, (n, 1, 1))
+        images = 0.5 + 0.45 * np.sin(2 * np.pi * (1 + labels[:, None, None]) * xx / 3 + phase
+                                     + yy)
+        _write_idx(os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz"),
+                   np.round(images * 255))
+        _write_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz"), labels)
+    return directory
+
+
+def save_run(config, workdir, mesh, seed):
+    """A run directory as the trainer leaves it at step 2, without compiling a training step
+    (too slow for this suite on 2 shared cores): the trainer's initial state with its EMA
+    parameters perturbed (so the zero-initialised output layers give class-dependent output),
+    saved by the trainer's checkpoint code."""
+    trainer = loop.Trainer(config, mesh)
+    state = trainer.new_state()
+    leaves, tree = jax.tree.flatten(state.ema_params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    leaves = [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    state = state.replace(ema_params=jax.tree.unflatten(tree, leaves))
+    manager = checkpoint.make_manager(checkpoint.checkpoint_dir(workdir), async_save=False)
+    checkpoint.save(manager, 2, state, None, config.to_dict())
+    manager.wait_until_finished()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A fashion_mnist :smoke run and an fmnist_features :smoke classifier run (see save_run)."""
+    root = tmp_path_factory.mktemp("eval")
+    data = write_fashion_like(str(root / "data"))
+    mesh = parallel.make_mesh()
+    fc = configlib.load_config_file(FEATURES)
+    fc.data.path = data
+    save_run(fc, str(root / "features"), mesh, 1)
+    c = configlib.load_config_file(os.path.join(REPO, "experiments", "fashion_mnist.py:smoke"))
+    c.data.path = data
+    save_run(c, str(root / "sweep" / "run0"), mesh, 2)
+    return root, data, mesh
+
+
+@pytest.fixture(scope="module")
+def net(trained):
+    root, _, mesh = trained
+    return features.load(FEATURES, str(root / "features"), mesh, 8)
+
+
+def eval_config(root, data, **overrides):
+    c = configlib.load_config_file(os.path.join(REPO, "experiments", "fashion_mnist.py:smoke"))
+    c.data.path = data
+    c.eval.features_config = FEATURES
+    c.eval.features_workdir = str(root / "features")
+    c.eval.metrics = ("fd_fashion_mnist", "class_accuracy", "nll")
+    c.eval.num_samples = 16
+    c.eval.batch_size = 8
+    c.eval.nll_num_examples = 6
+    c.sampler.num_steps = 2
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        c[section][field] = value
+    return c
+
+
+def test_eval_sweep_writes_jsons_grids_and_plot(trained):
+    root, data, mesh = trained
+    workdir = root / "sweep" / "run0"
+    c = eval_config(root, data, **{"eval.sweep_guidance_scales": (1.0, 3.0)})
+    records = runs.evaluate(c, str(workdir), mesh, seed=0)
+    names = [r["name"] for r in records]
+    assert names == ["ddim-2_cfg-1.0", "ddim-2_cfg-3.0"]
+    out = workdir / "eval"
+    for r in records:
+        on_disk = json.loads((out / f"{r['name']}.json").read_text())
+        assert on_disk == r
+        assert (out / f"{r['name']}.png").stat().st_size > 0
+        assert r["sampler"] == "ddim" and r["num_steps"] == 2 and r["nfe"] == 2
+        assert r["checkpoint_step"] == 2 and r["wall_time_s"] > 0
+        m = r["metrics"]
+        assert set(m) == {"fd_fashion_mnist", "class_accuracy", "nll_bpd", "nll_bpd_stderr"}
+        assert m["fd_fashion_mnist"] > 0 and math.isfinite(m["fd_fashion_mnist"])
+        assert round(m["class_accuracy"] * 16) == pytest.approx(m["class_accuracy"] * 16)
+        assert 0 < m["nll_bpd"] < math.inf and 0 < m["nll_bpd_stderr"] < m["nll_bpd"]
+    assert [r["guidance"] for r in records] == [{"type": "classifier_free", "scale": 1.0},
+                                                 {"type": "classifier_free", "scale": 3.0}]
+    assert records[0]["metrics"]["nll_bpd"] == records[1]["metrics"]["nll_bpd"]
+    assert records[0]["metrics"]["fd_fashion_mnist"] != records[1]["metrics"]["fd_fashion_mnist"]
+    assert (out / "sweep_vs_guidance_scale.png").stat().st_size > 0
+    assert (out / "reference_fd_fashion_mnist_test.npz").exists()
+
+    (root / "sweep" / "run0" / "sweep_run.json").write_text(json.dumps({"name": "run0",
+                                                                         "axes": {}}))
+    rows, _, _ = collect.gather(root / "sweep")
+    assert sorted(r["eval"] for r in rows) == names
+    assert {r["guidance_scale"] for r in rows} == {1.0, 3.0}
+    assert all(r["metric/nll_bpd"] == records[0]["metrics"]["nll_bpd"] for r in rows)
+
+
+def test_data_against_its_own_reference_has_zero_fd(trained, net):
+    """The eval split pushed through the sample path gives FD 0 against the cached reference
+    (same network, same features up to float32 batching) and the classifier's accuracy."""
+    root, data, mesh = trained
+    c = eval_config(root, data)
+    ref = run_eval.fd_reference(c, mesh, net, root / "fd_ref")
+    source = idx.IdxSource(data, "test", num_classes=10, name="idx")
+    images, labels = source.read_batch(np.arange(NUM_TEST))
+    images = images.astype(np.float32) / 127.5 - 1
+    got = run_eval.sample_metrics(("fd_fashion_mnist", "class_accuracy"), images, labels,
+                                  domain="fashion_mnist", net=net, fd_ref=ref,
+                                  inception_params=None, inception_ref=None, mesh=mesh,
+                                  batch_size=16)
+    feats, logits = net(images)
+    scale = np.trace(ref.sigma)
+    assert got["fd_fashion_mnist"] < 1e-5 * scale, (got, scale)
+    assert got["class_accuracy"] == np.mean(np.argmax(logits, -1) == labels)
+    assert metrics.frechet_distance(metrics.GaussianStats.from_features(feats[: NUM_TEST // 2]),
+                                    ref) > 1e-3 * scale
+    cached = run_eval.fd_reference(c, mesh, net, root / "fd_ref")  # read back from the cache
+    np.testing.assert_array_equal(cached.sigma, ref.sigma)
+
+
+def test_penultimate_features_are_the_input_of_the_last_projection(net):
+    x = np.asarray(jax.random.uniform(jax.random.key(0), (8, 28, 28, 1), minval=-1, maxval=1))
+    feats, logits = net(x)
+    head = jax.device_get(net._params)["out_pool"]["c_proj"]
+    np.testing.assert_allclose(feats @ head["kernel"] + head["bias"], logits, rtol=1e-4,
+                               atol=1e-5)
+    assert feats.shape == (8, net.config.model.model_channels * 2)
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    ({"eval.metrics": ("fd_mnist",)}, configlib.ConfigError,
+     "unknown metric(s) ['fd_mnist']; valid: fd_fashion_mnist, class_accuracy, nll, fid"),
+    ({"eval.metrics": ("fid",), "eval.inception_weights": "/nowhere/inception.npz"},
+     configlib.ConfigError, "need Inception weights: eval.inception_weights='/nowhere"),
+    ({"eval.features_workdir": "/nowhere/fmnist_features"}, checkpoint.CheckpointError,
+     "train it with `python -m diffjax.main --config "),
+    ({"model.class_cond": False, "guidance.type": "none", "eval.metrics": ("class_accuracy",)},
+     configlib.ConfigError, "class_accuracy needs a class-conditional model"),
+])
+def test_errors_come_before_reading_the_checkpoint(trained, tmp_path, overrides, error,
+                                                   message):
+    root, data, mesh = trained
+    c = eval_config(root, data, **overrides)
+    with pytest.raises(error) as info:
+        runs.evaluate(c, str(tmp_path / "no_run"), mesh)  # no checkpoints there either
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "no_run").exists()
+
+
+def test_main_prints_one_line_for_a_bad_metric(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    out = subprocess.run(
+        [sys.executable, "-m", "diffjax.main", "--config", "experiments/fashion_mnist.py:smoke",
+         "--workdir", str(tmp_path / "run"), "--mode", "eval", "--config.eval.metrics=('fdd',)"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    lines = [x for x in out.stderr.splitlines() if x.startswith("diffjax: error")]
+    assert len(lines) == 1 and "unknown metric(s) ['fdd']" in lines[0], out.stderr[-2000:]
