@@ -327,3 +327,36 @@ def test_low_res_upsampling_is_pytorch_bilinear():
     want = _bilinear_ref(_bilinear_ref(a, 8).transpose(0, 2, 1, 3), 12).transpose(0, 2, 1, 3)
     got = upsample_low_res(jnp.asarray(a, jnp.float32), 8, 12)
     np.testing.assert_allclose(got, want, rtol=0, atol=8 * EPS32 * np.abs(a).max())
+
+
+def test_aug_embed_adds_a_second_time_embedding():
+    """aug_embed=True adds one TimeEmbed (sinusoid, Dense, SiLU, Dense) summed into the time
+    embedding; with its last Dense zeroed the model is the model without it."""
+    x, t, _ = _inputs()
+    low = jnp.asarray(np.random.default_rng(1).standard_normal((3, 4, 4, 3)), jnp.float32)
+    plain, aug = UNet(**TINY), UNet(**TINY, aug_embed=True)
+    mc = TINY["model_channels"]
+    n_plain = count_params(plain, (1, 8, 8, 3), low_res_shape=(1, 4, 4, 3))
+    shapes = jax.eval_shape(lambda: aug.init(jax.random.key(0), x, t, low_res=low,
+                                             aug_level=t))
+    assert layers_count(shapes["params"]) == n_plain + (mc * 4 * mc + 4 * mc) + (16 * mc * mc
+                                                                                + 4 * mc)
+    params = _perturb(aug.init(jax.random.key(0), x, t, low_res=low, aug_level=t)["params"])
+    a0, a1 = jnp.zeros((3,)), jnp.full((3,), 250.0)
+    out0 = aug.apply({"params": params}, x, t, low_res=low, aug_level=a0)
+    out1 = aug.apply({"params": params}, x, t, low_res=low, aug_level=a1)
+    assert np.abs(np.asarray(out0 - out1)).max() > 1e-3 * np.abs(np.asarray(out0)).max()
+    zeroed = dict(params, aug_embed={**params["aug_embed"], "dense_1": jax.tree.map(
+        jnp.zeros_like, params["aug_embed"]["dense_1"])})
+    without = {k: v for k, v in params.items() if k != "aug_embed"}
+    np.testing.assert_array_equal(
+        aug.apply({"params": zeroed}, x, t, low_res=low, aug_level=a1),
+        plain.apply({"params": without}, x, t, low_res=low))
+    with pytest.raises(ValueError, match="aug_level"):
+        aug.apply({"params": params}, x, t, low_res=low)
+    with pytest.raises(ValueError, match="aug_level"):
+        plain.apply({"params": without}, x, t, low_res=low, aug_level=a0)
+
+
+def layers_count(params):
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
