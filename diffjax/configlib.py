@@ -155,6 +155,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.features_workdir = "runs/fmnist_features"  # the trained run of features_config
     c.eval.inception_weights = ""  # converted InceptionV3 (.npz/.msgpack) for fid/sfid/IS/P-R
     c.eval.reference_stats = ""  # Inception reference .npz (ADM layout); "" = data's eval split
+    c.eval.inception_size = 299  # Inception input resolution; 299 for the standard metrics
     c.eval.nll_num_examples = 0  # cap on test images for "nll"; 0 = the whole eval split
 
     c.condition = ml_collections.ConfigDict()

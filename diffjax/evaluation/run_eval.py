@@ -188,11 +188,11 @@ def fd_reference(c, mesh, net: features_lib.FeatureNet, out: epath.Path
     return metrics_lib.GaussianStats(z["mu"], z["sigma"])
 
 
-def _inception_acts(params, images_iter, mesh, batch_size):
+def _inception_acts(params, images_iter, mesh, batch_size: int, size: int):
     from diffjax.evaluation import inception
 
     return inception.compute_activations(params, images_iter, batch_size=batch_size,
-                                         sharding=parallel.data_sharding(mesh))
+                                         sharding=parallel.data_sharding(mesh), size=size)
 
 
 def inception_reference(c, mesh, params, out: epath.Path) -> dict[str, np.ndarray]:
@@ -208,13 +208,16 @@ def inception_reference(c, mesh, params, out: epath.Path) -> dict[str, np.ndarra
         if need_pool:
             images = metrics_lib.load_reference_images(e.reference_stats)
             local = np.array_split(images, jax.process_count())[jax.process_index()]
-            ref["pool"] = _inception_acts(params, local, mesh, e.batch_size)["pool"]
+            ref["pool"] = _inception_acts(params, local, mesh, e.batch_size,
+                                          e.inception_size)["pool"]
         return ref
-    meta = {**_data_meta(c), "inception_weights": os.path.abspath(e.inception_weights)}
+    meta = {**_data_meta(c), "inception_weights": os.path.abspath(e.inception_weights),
+            "inception_size": e.inception_size}
 
     def compute():
         it, _, _ = eval_batches(c, mesh, e.batch_size)
-        acts = _inception_acts(params, (b["image"][b["mask"]] for b in it), mesh, e.batch_size)
+        acts = _inception_acts(params, (b["image"][b["mask"]] for b in it), mesh, e.batch_size,
+                               e.inception_size)
         pool, spatial = (metrics_lib.GaussianStats.from_features(acts[k])
                          for k in ("pool", "spatial"))
         return {"mu": pool.mu, "sigma": pool.sigma, "mu_s": spatial.mu,
@@ -248,7 +251,8 @@ def nll(c: ml_collections.ConfigDict, mesh, model, params, key) -> likelihood.NL
 
 def sample_metrics(names, images: np.ndarray, labels: np.ndarray, *, domain: str,
                    net: features_lib.FeatureNet | None, fd_ref, inception_params,
-                   inception_ref, mesh, batch_size: int) -> dict[str, float]:
+                   inception_ref, mesh, batch_size: int, inception_size: int = 299
+                   ) -> dict[str, float]:
     """The sample-dependent metrics of ``names`` for images [N, H, W, C] and their labels."""
     out: dict[str, float] = {}
     if _needs_features(names):
@@ -260,7 +264,7 @@ def sample_metrics(names, images: np.ndarray, labels: np.ndarray, *, domain: str
             out["class_accuracy"] = float(np.mean(np.argmax(logits, -1) == labels))
     if any(m in INCEPTION_METRICS for m in names):
         local = np.array_split(images, jax.process_count())[jax.process_index()]
-        acts = _inception_acts(inception_params, local, mesh, batch_size)
+        acts = _inception_acts(inception_params, local, mesh, batch_size, inception_size)
         out.update(_inception_metrics(names, acts, inception_ref))
     return out
 
@@ -325,7 +329,8 @@ def evaluate(c: ml_collections.ConfigDict, workdir: str, mesh, model, params,
             params, c.eval.num_samples, key)
         values = sample_metrics(names, images, labels, domain=domain, net=net, fd_ref=fd_ref,
                                 inception_params=inc_params, inception_ref=inc_ref, mesh=mesh,
-                                batch_size=c.eval.batch_size)
+                                batch_size=c.eval.batch_size,
+                                inception_size=c.eval.inception_size)
         record = make_record(p, {**values, **shared}, checkpoint_step,
                              time.perf_counter() - start)
         write_point(out, record, images, c.data.num_classes if c.model.class_cond else 0)
