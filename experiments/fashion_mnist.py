@@ -42,7 +42,8 @@ def get_config(arg=None):
         c.train.checkpoint_every = 200
         c.train.sample_every = 500
         c.train.num_sample_images = 100
-        c.eval.metrics = ("fd_fashion_mnist", "class_accuracy")
+        c.eval.metrics = ("fd_fashion_mnist", "class_accuracy", "nll")
+        c.eval.nll_num_examples = 250  # 1000-step VLB per image is slow on CPU; 0 = all 10k
         return c
 
     return configlib.with_variant(build, arg)

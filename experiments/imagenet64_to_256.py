@@ -67,6 +67,7 @@ def get_config(arg=None):
         c.train.checkpoint_every = 5_000
         c.train.sample_every = 0
         c.eval.metrics = ("fid", "sfid", "inception_score", "precision_recall")
+        c.eval.split = "validation"  # ImageNet has no labelled test split
         c.eval.num_samples = 50_000
         return c
 

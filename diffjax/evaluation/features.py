@@ -18,6 +18,7 @@ images), as the feature classifier was trained with ``model.classifier_noised=Fa
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 
 import flax.linen as nn
@@ -34,10 +35,12 @@ HEAD_PATHS = (("out_pool", "c_proj"), ("out_proj",))
 
 
 def domain_name(c: ml_collections.ConfigDict) -> str:
-    """Short name of a config's data for metric names: "fashion_mnist_idx" -> "fashion_mnist",
-    "tfds:cifar10" -> "cifar10", "folder" -> "folder"."""
+    """Short name of a config's data for metric and file names: "fashion_mnist_idx" ->
+    "fashion_mnist", "tfds:cifar10" -> "cifar10", "tfds:imagenet_resized/64x64" ->
+    "imagenet_resized_64x64", "folder" -> "folder"."""
     name = c.data.source.split(":", 1)[-1]
-    return name[:-len("_idx")] if name.endswith("_idx") else name
+    name = name[:-len("_idx")] if name.endswith("_idx") else name
+    return re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_").lower()
 
 
 def penultimate_and_logits(model: nn.Module, params, x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -68,6 +68,11 @@ def check(c: ml_collections.ConfigDict) -> None:
     if c.model.name != "unet":
         raise configlib.ConfigError("--mode eval evaluates diffusion models; for a classifier "
                                     "run read the accuracy from its training log")
+    if c.condition.type == "superres":
+        raise configlib.ConfigError(
+            "--mode eval draws samples without inputs, and a superres model needs a "
+            "low-resolution input per sample; upsample given inputs with --mode sample "
+            "--config.condition.input=FILE instead")
     unknown = [m for m in names if m not in valid]
     if not names or unknown:
         raise configlib.ConfigError(
@@ -166,16 +171,19 @@ def _cached(path: epath.Path, meta: dict, compute) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _abs(path: str) -> str:
+    return path if not path or "://" in path else os.path.abspath(path)
+
+
 def _data_meta(c: ml_collections.ConfigDict) -> dict[str, Any]:
-    return {"source": c.data.source, "path": os.path.abspath(c.data.path) if c.data.path
-            else "", "split": c.eval.split, "image_size": c.data.image_size,
-            "resize": c.data.resize}
+    return {"source": c.data.source, "path": _abs(c.data.path), "split": c.eval.split,
+            "image_size": c.data.image_size, "resize": c.data.resize}
 
 
 def fd_reference(c, mesh, net: features_lib.FeatureNet, out: epath.Path
                  ) -> metrics_lib.GaussianStats:
     """Feature statistics of the data's eval split, cached per feature run and checkpoint."""
-    meta = {**_data_meta(c), "features_workdir": os.path.abspath(c.eval.features_workdir),
+    meta = {**_data_meta(c), "features_workdir": _abs(c.eval.features_workdir),
             "features_step": int(net.step)}
 
     def compute():
@@ -211,7 +219,7 @@ def inception_reference(c, mesh, params, out: epath.Path) -> dict[str, np.ndarra
             ref["pool"] = _inception_acts(params, local, mesh, e.batch_size,
                                           e.inception_size)["pool"]
         return ref
-    meta = {**_data_meta(c), "inception_weights": os.path.abspath(e.inception_weights),
+    meta = {**_data_meta(c), "inception_weights": _abs(e.inception_weights),
             "inception_size": e.inception_size}
 
     def compute():

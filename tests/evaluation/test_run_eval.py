@@ -164,6 +164,7 @@ def test_penultimate_features_are_the_input_of_the_last_projection(net):
 
 
 @pytest.mark.parametrize("overrides, error, message", [
+    ({"condition.type": "superres"}, configlib.ConfigError, "a superres model needs a "),
     ({"eval.metrics": ("fd_mnist",)}, configlib.ConfigError,
      "unknown metric(s) ['fd_mnist']; valid: fd_fashion_mnist, class_accuracy, nll, fid"),
     ({"eval.metrics": ("fid",), "eval.inception_weights": "/nowhere/inception.npz"},
