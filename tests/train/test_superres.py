@@ -106,12 +106,14 @@ def test_condition_validation_errors():
         assert "\n" not in str(err.value)
 
 
-# Small enough to compile quickly on a shared CPU: 8 channels, no attention, no dropout.
+# Small enough to compile quickly on a shared CPU: one level of 8 channels, attention only in
+# the middle block, no dropout.
 SMALL = {"guidance.type": "none", "guidance.label_dropout": 0.0, "model.model_channels": 8,
          "model.norm_groups": 4, "model.attention_resolutions": (), "model.dropout": 0.0,
          "diffusion.timestep_sampler": "uniform", "optim.warmup_steps": 0,
          "diffusion.loss": "simple", "diffusion.variance_type": "fixed_small",
-         "model.class_cond": False, "model.use_scale_shift_norm": False}
+         "model.class_cond": False, "model.use_scale_shift_norm": False,
+         "model.channel_mult": (1,)}
 
 
 def _superres_config(tiny, data_dir):
@@ -173,7 +175,14 @@ def test_inpaint_and_img2img_sampling_from_inputs(tiny, tiny_data, tmp_path):
     assert one.shape == (1, 8, 8, 1) and one.min() >= -1 and one.max() <= 1
     np.savez(tmp_path / "in.npz", images=rng.uniform(-1, 1, (5, 8, 8, 1)).astype(np.float32))
     inputs = generate.load_condition_inputs(str(tmp_path / "in.npz"), 8, 1)
-    out, _ = generate.Generator(c, model, mesh)(params, 5, jax.random.PRNGKey(1), inputs=inputs)
+    c.condition.input = str(tmp_path / "in.npz")
+    run = tmp_path / "run"
+    out, _ = generate.sample_with_condition(c, str(run), mesh, model, params, 0, 1)
+    with np.load(run / "samples.npz") as f:
+        np.testing.assert_array_equal(f["inputs"], inputs)
+        np.testing.assert_array_equal(f["images"], out)
+    # input row, result row (5 of 8 columns filled), 2 pixels of padding, enlarged twice.
+    assert Image.open(run / "samples.png").size == (2 * (8 * 10 + 2), 2 * (2 * 10 + 2))
     np.testing.assert_array_equal(out[..., :4, :], np.clip(inputs[..., :4, :], -1, 1))
     assert np.abs(out[..., 4:, :] - inputs[..., 4:, :]).max() > 0.1
     c.condition.type, c.condition.strength = "img2img", 0.0
