@@ -163,7 +163,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.condition.strength = 0.5  # img2img (SDEdit): fraction of the sampling steps that run
     c.condition.input = ""  # image file (PNG...) or .npz of images used by --mode sample
     c.condition.mask = "center"  # inpaint: center / left_half / a PNG path (white = known)
-    c.condition.repaint_resample = 1  # inpaint: RePaint resamplings (1 = off)
+    c.condition.repaint_resample = 1  # inpaint: RePaint resamplings (1 = off; > 1 uses the
+    # ancestral ddpm step whatever sampler.name, on sampler.num_steps steps)
     c.condition.repaint_jump = 10  # inpaint: RePaint jump length
     c.condition.low_res_size = 0  # superres: side of the low-resolution input
     c.condition.aug_max = 0.0  # superres: training noise-augmentation levels U[0, aug_max]
