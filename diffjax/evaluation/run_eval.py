@@ -61,6 +61,12 @@ def _needs_features(names) -> bool:
     return any(m.startswith("fd_") or m == "class_accuracy" for m in names)
 
 
+def _needs_data(c: ml_collections.ConfigDict, names) -> bool:
+    """Whether eval.split is read: fd_* / nll references, or Inception without a .npz."""
+    inception_data = any(m in INCEPTION_METRICS for m in names) and not c.eval.reference_stats
+    return any(m.startswith("fd_") or m == "nll" for m in names) or inception_data
+
+
 def check(c: ml_collections.ConfigDict) -> None:
     """One-line ConfigError / CheckpointError for every problem found before sampling."""
     e = c.eval
@@ -97,6 +103,14 @@ def check(c: ml_collections.ConfigDict) -> None:
                 f"eval.features_config={e.features_config!r} classifies "
                 f"{fc.data.image_size}px x{fc.data.channels} images but this model makes "
                 f"{want[0]}px x{want[1]}; use a feature classifier of this data")
+        if "class_accuracy" in names and fc.data.num_classes != c.data.num_classes:
+            raise configlib.ConfigError(
+                f"eval.features_config={e.features_config!r} has {fc.data.num_classes} classes,"
+                f" this model {c.data.num_classes}; class_accuracy needs the same labels")
+    if _needs_data(c, names):
+        from diffjax import data
+
+        data.dataset_info(**_data_kwargs(c))  # DataError now if eval.split is missing
     if any(m in INCEPTION_METRICS for m in names):
         if not e.inception_weights or not os.path.isfile(e.inception_weights):
             raise configlib.ConfigError(

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from diffjax import checkpoint, configlib, parallel, runs
-from diffjax.data import idx
+from diffjax.data import DataError, idx
 from diffjax.evaluation import features, metrics, run_eval
 from diffjax.train import loop
 from launch import collect
@@ -180,6 +180,7 @@ def test_penultimate_features_are_the_input_of_the_last_projection(net):
      configlib.ConfigError, "need Inception weights: eval.inception_weights='/nowhere"),
     ({"eval.features_workdir": "/nowhere/fmnist_features"}, checkpoint.CheckpointError,
      "train it with `python -m diffjax.main --config "),
+    ({"eval.split": "validation"}, DataError, "validation"),
     ({"model.class_cond": False, "guidance.type": "none", "eval.metrics": ("class_accuracy",)},
      configlib.ConfigError, "class_accuracy needs a class-conditional model"),
 ])
