@@ -137,6 +137,17 @@ def restore_ema_params(c: ml_collections.ConfigDict, mesh, source: str, step: in
     return trainer.model, state.ema_params[0], got
 
 
+def _changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted names of fields present in both configs whose values differ (fields that a
+    newer diffjax added, or that an older one had, are not differences)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) & set(new)):
+            out += _changed_fields(old[key], new[key], f"{prefix}{key}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
+
+
 def _check_workdir_config(workdir: str, resolved: dict, allow_change: bool) -> None:
     """Refuses to continue a workdir whose run had another model, data, diffusion or optimiser.
 
@@ -148,11 +159,10 @@ def _check_workdir_config(workdir: str, resolved: dict, allow_change: bool) -> N
     previous = json.loads(path.read_text())
     current = json.loads(json.dumps(resolved, default=str))
     mutable = ("train", "eval", "sampler")
-    changed = sorted(k for k in set(previous) | set(current)
-                     if k not in mutable and previous.get(k) != current.get(k))
+    changed = [f for f in _changed_fields(previous, current) if f.split(".")[0] not in mutable]
     if changed:
         raise configlib.ConfigError(
-            f"{workdir} holds a run of a different config (sections differ: {', '.join(changed)});"
+            f"{workdir} holds a run of a different config (fields differ: {', '.join(changed)});"
             f" use another --workdir, or pass --allow_config_change to continue it anyway"
         )
 

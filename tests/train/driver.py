@@ -33,7 +33,12 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir", os.environ["DIFFJAX_TEST_CACHE"])
+# One compilation cache per process, as each host of a pod has its own disk: two processes
+# sharing one cache directory were seen to hang in the checkpoint barrier here.
+cache = os.environ["DIFFJAX_TEST_CACHE"]
+if args.num_processes > 1:
+    cache = os.path.join(cache, f"process{args.process_id}")
+jax.config.update("jax_compilation_cache_dir", cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 from diffjax import checkpoint, configlib, parallel  # noqa: E402
@@ -98,7 +103,9 @@ configlib.validate(c, parallel.num_data_shards(mesh))
 it = configlib.build_train_iterator(c, jax.process_index(), jax.process_count())
 if args.kill_at_batch:
     it = KillAt(it, args.kill_at_batch)
-start = checkpoint.make_manager(checkpoint.checkpoint_dir(args.workdir)).latest_step() or 0
+ckpts = checkpoint.checkpoint_dir(args.workdir)
+start = max([int(d) for d in os.listdir(ckpts) if d.isdigit()], default=0) \
+    if os.path.isdir(ckpts) else 0
 it = Recorder(it, os.path.join(args.workdir, f"first_batch_p{jax.process_index()}_s{start}.json"))
 print(f"process {jax.process_index()} starts at step {start}", flush=True)
 state = loop.train(c, args.workdir, mesh, data_iterator=it)

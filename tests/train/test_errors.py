@@ -16,13 +16,18 @@ def test_workdir_of_a_different_config_is_refused(tiny, tiny_data, tmp_path):
     other = tiny.config(tiny_data, **{"model.model_channels": 64})
     mesh = parallel.make_mesh(jax.devices()[:1])
     with pytest.raises(configlib.ConfigError, match="holds a run of a different config "
-                                                    "\\(sections differ: model\\)"):
+                                                    "\\(fields differ: model.model_channels\\)"):
         loop.train(other, str(tmp_path), mesh)
     assert not (tmp_path / "checkpoints").exists()
     # Sections that may change between sessions of one run are not compared.
     longer = tiny.config(tiny_data, **{"train.num_steps": 1000, "sampler.name": "heun"})
     loop._check_workdir_config(str(tmp_path), longer.to_dict(), allow_change=False)
     loop._check_workdir_config(str(tmp_path), other.to_dict(), allow_change=True)
+    # A section a newer version added is not a difference.
+    newer = first.to_dict()
+    newer["condition"]["brand_new_field"] = 1
+    newer["brand_new_section"] = {"x": 1}
+    loop._check_workdir_config(str(tmp_path), newer, allow_change=False)
 
 
 def test_corrupt_checkpoint_is_a_one_line_error_and_is_kept(tiny, tiny_data, tmp_path):
