@@ -1,9 +1,7 @@
 """Shared helpers of the on-demand benchmarks: timing protocol, peak memory, configs, output.
 
-Not part of the test suite and not part of the package: the scripts in ``benchmarks/`` import
-this module by name (``python benchmarks/NAME.py`` puts this directory on ``sys.path``).
-
-Protocol used by every benchmark:
+Not part of the test suite or the package; the scripts beside it import it by name.
+Protocol of every benchmark:
   * compile time: ``jitted.lower(*args).compile()`` wall time, with JAX's persistent
     compilation cache switched off (:func:`setup_jax`), so a warm cache never hides it;
   * steady-state time: ``warmup`` untimed calls, then the median of ``repeats`` timed calls,
@@ -11,9 +9,8 @@ Protocol used by every benchmark:
   * peak memory: the process's peak resident set (Linux VmHWM), reset at the start of a
     phase through ``/proc/self/clear_refs`` (after ``gc`` and ``malloc_trim``), reported as
     the increase over the RSS at the start of the phase. XLA:CPU reports no device memory
-    statistics (``memory_stats()`` is None) and PyTorch's CPU allocator bypasses
-    ``tracemalloc``, so RSS is the one measure that treats both frameworks alike. Without
-    clear_refs (non-Linux) it falls back to ``ru_maxrss`` (cumulative, flagged in the output).
+    statistics and PyTorch's CPU allocator bypasses ``tracemalloc``: RSS treats both alike.
+    Without clear_refs it falls back to ``ru_maxrss`` (cumulative, flagged in the output).
 """
 
 from __future__ import annotations
@@ -46,9 +43,6 @@ def setup_jax() -> None:
     jax.config.update("jax_enable_compilation_cache", False)
 
 
-# ----------------------------------------------------------------------------- timing
-
-
 @dataclasses.dataclass
 class Timing:
     """first: seconds of the first (warm-up) call; runs: seconds of each timed call."""
@@ -60,9 +54,7 @@ class Timing:
     def median(self) -> float:
         return statistics.median(self.runs)
 
-    @property
-    def best(self) -> float:
-        return min(self.runs)
+    best = property(lambda self: min(self.runs))
 
     @property
     def spread(self) -> float:
@@ -80,19 +72,8 @@ def block(out: Any) -> Any:
 def time_calls(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 3,
                sync: Callable[[Any], Any] = block) -> Timing:
     """Times ``fn()`` (a closure that threads its own state): warm-up calls, then repeats.
-
     ``first`` is the first warm-up call alone (at least one warm-up call is made)."""
-    t0 = time.perf_counter()
-    sync(fn())
-    first = time.perf_counter() - t0
-    for _ in range(warmup - 1):
-        sync(fn())
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sync(fn())
-        runs.append(time.perf_counter() - t0)
-    return Timing(first, runs)
+    return time_interleaved({"fn": fn}, warmup=warmup, repeats=repeats, sync=sync)["fn"]
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 1, repeats: int = 3,
@@ -120,8 +101,6 @@ def compile_jitted(jitted, *args) -> tuple[Any, float]:
     compiled = jitted.lower(*args).compile()
     return compiled, time.perf_counter() - t0
 
-
-# ----------------------------------------------------------------------------- memory
 
 
 def _status_kb(field: str) -> int | None:
@@ -168,6 +147,7 @@ class PeakRSS:
         """Ends a sub-phase: returns its peak increase (MB) and resets the peak, keeping the
         entry RSS as the baseline (so the next figure includes what the first one kept)."""
         increase = (self._peak_kb() - self.start_kb) / 1024.0
+        _release_freed_memory()
         if self.exact:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -177,12 +157,6 @@ class PeakRSS:
     def increase_mb(self) -> float:
         return (self.peak_kb - self.start_kb) / 1024.0
 
-    @property
-    def peak_mb(self) -> float:
-        return self.peak_kb / 1024.0
-
-
-# ----------------------------------------------------------------------------- configs
 
 
 def experiment_config(name: str):
@@ -272,8 +246,6 @@ def cpu_mesh():
     return parallel.make_mesh(jax.devices()[:1])
 
 
-# ----------------------------------------------------------------------------- output
-
 
 def environment() -> dict[str, Any]:
     """Versions, CPU count and load average: what a reader needs to judge the numbers."""
@@ -288,6 +260,7 @@ def environment() -> dict[str, Any]:
 
         env["torch"] = torch.__version__
         env["torch_threads"] = torch.get_num_threads()
+        env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "")
     except ImportError:
         pass
     return env
@@ -297,7 +270,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """A plain aligned table; floats get 4 significant digits."""
     def fmt(v: Any) -> str:
         if isinstance(v, float):
-            return f"{v:.4g}"
+            return "n/a" if v != v else f"{v:.4g}"
         return str(v)
 
     cells = [list(map(str, headers))] + [[fmt(v) for v in row] for row in rows]

@@ -1,13 +1,13 @@
 """Train-step throughput of the real trainer: steps/s, examples/s, compile time, peak memory.
 
-    python benchmarks/train_step.py [--batch 64] [--adm_batch 8] [--steps 3] [--repeats 3]
-                                    [--adm_width 64] [--quick] [--json PATH]
+    python benchmarks/train_step.py [--batch 64] [--adm_batch 4] [--adm_width 32] [--steps 2]
+                                    [--repeats 3] [--quick] [--json PATH]
 
 For experiments/fashion_mnist.py and for experiments/imagenet64.py reduced in width to fit a
 CPU (see ``common.imagenet64_cpu_config``), builds ``diffjax.train.loop.Trainer`` from the
 config and times its jitted ``train_step`` (forward, loss, backward, AdamW, EMA; the state is
 donated and threaded through) on a fixed random batch already on the device, so the data
-pipeline is not in the loop. Then measures the input pipeline alone (host iterator, examples/s
+pipeline is not in the loop (``common.time_trainer``). Then measures the input pipeline alone (host iterator, examples/s
 after a warm-up batch; benchmarks/input_pipeline.py) for the same geometry: Fashion-MNIST
 IDX files, and for 64x64 a folder of generated 96x96 PNGs resized on the fly (the tfds
 ImageNet pipeline needs the prepared dataset, which a CPU box does not have). The input
