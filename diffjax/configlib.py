@@ -371,52 +371,35 @@ def build_model(c: ml_collections.ConfigDict):
     from diffjax.models import classifier, unet
 
     m = c.model
-    dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
-    if m.name == "classifier":
-        return classifier.EncoderClassifier(
-            num_classes=c.data.num_classes,
-            model_channels=m.model_channels,
-            num_res_blocks=m.num_res_blocks,
-            channel_mult=tuple(m.channel_mult),
-            attention_resolutions=tuple(m.attention_resolutions),
-            num_heads=m.num_heads,
-            num_head_channels=m.num_head_channels,
-            use_scale_shift_norm=m.use_scale_shift_norm,
-            resblock_updown=m.resblock_updown,
-            conv_resample=m.conv_resample,
-            use_new_attention_order=m.use_new_attention_order,
-            pool=m.pool,
-            dropout=m.dropout,
-            norm_groups=m.norm_groups,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            remat=m.remat,
-            cpu_fast_conv=m.cpu_fast_conv,
-        )
-    conditional = m.class_cond
-    return unet.UNet(
-        out_channels=c.data.channels,
+    shared = dict(
         model_channels=m.model_channels,
         num_res_blocks=m.num_res_blocks,
         channel_mult=tuple(m.channel_mult),
         attention_resolutions=tuple(m.attention_resolutions),
         num_heads=m.num_heads,
         num_head_channels=m.num_head_channels,
-        num_heads_upsample=m.num_heads_upsample,
-        dropout=m.dropout,
-        num_classes=c.data.num_classes if conditional else None,
-        class_null_label=conditional and c.guidance.type == "classifier_free",
-        learn_sigma=learns_variance(c),
         use_scale_shift_norm=m.use_scale_shift_norm,
         resblock_updown=m.resblock_updown,
         conv_resample=m.conv_resample,
         use_new_attention_order=m.use_new_attention_order,
+        dropout=m.dropout,
         norm_groups=m.norm_groups,
-        dtype=dtype,
-        param_dtype=param_dtype,
+        dtype=jnp.dtype(m.dtype),
+        param_dtype=jnp.dtype(m.param_dtype),
         remat=m.remat,
         cpu_fast_conv=m.cpu_fast_conv,
+    )
+    if m.name == "classifier":
+        return classifier.EncoderClassifier(num_classes=c.data.num_classes, pool=m.pool, **shared)
+    conditional = m.class_cond
+    return unet.UNet(
+        out_channels=c.data.channels,
+        num_heads_upsample=m.num_heads_upsample,
+        num_classes=c.data.num_classes if conditional else None,
+        class_null_label=conditional and c.guidance.type == "classifier_free",
+        learn_sigma=learns_variance(c),
         aug_embed=c.condition.type == "superres" and c.condition.aug_max > 0,
+        **shared,
     )
 
 
