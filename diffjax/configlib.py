@@ -405,15 +405,13 @@ def build_model(c: ml_collections.ConfigDict):
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
-    """A sampler resolved from config: the function, its options and its sigma spacing."""
+    """A sampler resolved from config: the function and its options (the sigma sequence is
+    built by :func:`diffjax.generate.sigma_sequence`)."""
 
     name: str
     fn: Callable[..., Any]
     num_steps: int
     options: dict[str, Any]
-    sigma_spacing: str
-    timestep_spacing: str
-    rho: float
 
 
 def build_sampler(c: ml_collections.ConfigDict) -> SamplerSpec:
@@ -433,9 +431,6 @@ def build_sampler(c: ml_collections.ConfigDict) -> SamplerSpec:
         fn=samplers.SAMPLERS[s.name],
         num_steps=s.num_steps,
         options=options,
-        sigma_spacing=s.sigma_spacing,
-        timestep_spacing=s.timestep_spacing,
-        rho=s.rho,
     )
 
 
