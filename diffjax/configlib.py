@@ -396,7 +396,7 @@ def build_model(c: ml_collections.ConfigDict):
         out_channels=c.data.channels,
         num_heads_upsample=m.num_heads_upsample,
         num_classes=c.data.num_classes if conditional else None,
-        class_null_label=conditional and c.guidance.type == "classifier_free",
+        class_null_label=conditional and c.guidance.label_dropout > 0,
         learn_sigma=learns_variance(c),
         aug_embed=c.condition.type == "superres" and c.condition.aug_max > 0,
         **shared,

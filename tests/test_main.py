@@ -110,3 +110,13 @@ def test_diverging_run_stops_with_a_clear_message(tmp_path):
     assert out.returncode == 2, out.stderr[-3000:]
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("diffjax: error: loss or gradient became NaN/Inf"), last
+
+
+def test_null_label_row_follows_training_label_dropout_not_the_sampling_guidance():
+    """A CFG-trained model keeps its null-label row when sampled with another guidance."""
+    c = configlib.load_config_file(os.path.join(REPO, "experiments", "fashion_mnist.py"))
+    assert configlib.build_model(c).class_null_label
+    c.guidance.type = "classifier"
+    assert configlib.build_model(c).class_null_label
+    c.guidance.label_dropout = 0.0
+    assert not configlib.build_model(c).class_null_label
