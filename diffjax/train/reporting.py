@@ -62,7 +62,7 @@ class Reporter:
             f" {rate:.2f} steps/s ETA {int(eta) // 60}m{int(eta) % 60:02d}s", file=sys.stderr)
 
     def image_grid(self, step: int, images: np.ndarray, num_classes: int) -> str | None:
-        """Writes ``samples/step_XXXXXXX.png``; one row per class when class-conditional."""
+        """Writes ``samples/step_<7-digit step>.png``; one row per class when class-conditional."""
         if not self.enabled:
             return None
         path = str(self.workdir / "samples" / f"step_{step:07d}.png")
