@@ -36,7 +36,7 @@ def get_config(arg=None):
         c.optim.learning_rate = 1e-3
         c.optim.weight_decay = 0.05
         c.optim.ema_decays = (0.99,)
-        c.train.num_steps = 600
+        c.train.num_steps = 3000
         c.train.sample_every = 0
         c.train.checkpoint_every = 200
         return c

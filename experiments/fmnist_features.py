@@ -20,7 +20,7 @@ def get_config(arg=None):
         c = configlib.load_config_file(path)
         c.model.classifier_noised = False
         c.model.dropout = 0.1
-        c.train.num_steps = 600
+        c.train.num_steps = 3000
         return c
 
     return configlib.with_variant(build, arg)

@@ -23,7 +23,9 @@ Metrics (``eval.metrics``):
                     they were drawn for.
   nll               bits/dim on ``eval.split`` (first ``eval.nll_num_examples`` images, 0 =
                     all): reported as ``nll_bpd`` and ``nll_bpd_stderr``; independent of the
-                    sampler, computed once and repeated in every point's JSON.
+                    sampler, computed once and repeated in every point's JSON. When it is
+                    the only metric no samples are drawn and one ``WORKDIR/eval/nll.json``
+                    (``eval.name`` when set) holds it with the split and image count.
   fid, sfid, inception_score, precision_recall (-> precision, recall), kid (-> kid, kid_std)
                     on Inception features (``eval.inception_weights``, a converted weights
                     file); reference from ``eval.reference_stats`` (ADM .npz) or the data's
@@ -339,10 +341,21 @@ def evaluate(c: ml_collections.ConfigDict, workdir: str, mesh, model, params,
     key = jax.random.PRNGKey(seed)
     shared: dict[str, float] = {}
     if "nll" in names:
+        start = time.perf_counter()
         result = nll(c, mesh, model, params, jax.random.fold_in(key, 1))
         shared = {"nll_bpd": result.bpd, "nll_bpd_stderr": result.stderr}
         _say(f"nll: {result.bpd:.4f} +- {result.stderr:.4f} bits/dim over "
              f"{result.num_examples} {c.eval.split} images")
+        if names == ("nll",):  # nothing depends on samples: draw none
+            record = {"name": c.eval.name or "nll", "metrics": shared,
+                      "split": c.eval.split, "num_examples": result.num_examples,
+                      "checkpoint_step": int(checkpoint_step),
+                      "wall_time_s": time.perf_counter() - start}
+            if jax.process_index() == 0:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / f"{record['name']}.json").write_text(json.dumps(record, indent=1) + "\n")
+                _say(f"wrote {out}/{record['name']}.json")
+            return [record]
     guide_fn = generate.load_classifier_log_prob(c, mesh)
     records = []
     for p in sweep_points(c):

@@ -140,6 +140,31 @@ def test_eval_sweep_writes_jsons_grids_and_plot(trained):
     assert all(r["metric/nll_bpd"] == records[0]["metrics"]["nll_bpd"] for r in rows)
 
 
+def test_nll_alone_draws_no_samples_and_writes_one_json(trained, tmp_path, monkeypatch):
+    """eval.metrics=("nll",): the bits/dim of run0 (read through --checkpoint) equal a direct
+    run_eval.nll call with the same key, and the sampler is never built."""
+    from diffjax import generate
+
+    root, data, mesh = trained
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("an nll-only eval drew samples")
+
+    monkeypatch.setattr(generate, "Generator", no_sampling)
+    c = eval_config(root, data, **{"eval.metrics": ("nll",)})
+    workdir = tmp_path / "nll_only"
+    [record] = runs.evaluate(c, str(workdir), mesh, checkpoint=str(root / "sweep" / "run0"),
+                             seed=0)
+    assert json.loads((workdir / "eval" / "nll.json").read_text()) == record
+    assert sorted(p.name for p in (workdir / "eval").iterdir()) == ["nll.json"]
+    assert record["name"] == "nll" and record["split"] == "test"
+    assert record["num_examples"] == 6 and record["checkpoint_step"] == 2
+    model, params, _ = runs._params_for_sampling(c, mesh, str(workdir),
+                                                 str(root / "sweep" / "run0"), None)
+    direct = run_eval.nll(c, mesh, model, params, jax.random.fold_in(jax.random.PRNGKey(0), 1))
+    assert record["metrics"] == {"nll_bpd": direct.bpd, "nll_bpd_stderr": direct.stderr}
+
+
 def test_data_against_its_own_reference_has_zero_fd(trained, net):
     """The eval split pushed through the sample path gives FD 0 against the cached reference
     (same network, same features up to float32 batching) and the classifier's accuracy."""
