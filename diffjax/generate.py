@@ -13,6 +13,7 @@ low-resolution image given to the model, :mod:`diffjax.train.superres`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -80,8 +81,24 @@ def guide(c: ml_collections.ConfigDict, denoise, classifier_log_prob=None):
     return denoise
 
 
-def load_classifier_log_prob(c: ml_collections.ConfigDict, mesh) -> Callable[..., Any] | None:
-    """``log_prob_fn(x_ve, sigma, y) -> [B]`` of the noise-aware classifier named by
+@dataclasses.dataclass(frozen=True)
+class ClassifierLogProb:
+    """log p(y | x_ve) of a noise-aware classifier, with its trained parameters.
+
+    ``apply(params, x_ve, sigma, y) -> [B]``. Calling the object binds ``params``; the sampling
+    programs of this module take ``params`` as an argument of the compiled program instead, so
+    an ADM-size classifier is not baked into it as constants.
+    """
+
+    apply: Callable[..., Any]
+    params: Any
+
+    def __call__(self, x, sigma, y):
+        return self.apply(self.params, x, sigma, y)
+
+
+def load_classifier_log_prob(c: ml_collections.ConfigDict, mesh) -> ClassifierLogProb | None:
+    """The :class:`ClassifierLogProb` of the noise-aware classifier named by
     ``guidance.classifier_config`` / ``guidance.classifier_workdir`` (None without guidance).
 
     The classifier was trained on VP inputs x_t at timestep t of its own schedule table, so
@@ -100,14 +117,32 @@ def load_classifier_log_prob(c: ml_collections.ConfigDict, mesh) -> Callable[...
     model, params, _ = restore_ema_params(cc, mesh, g.classifier_workdir)
     ds = configlib.build_discrete_schedule(cc)
 
-    def log_prob(x, sigma, y):
+    def apply(p, x, sigma, y):
         sigma = jnp.broadcast_to(sigma, (x.shape[0],))
         x_vp = x * jax.lax.rsqrt(1.0 + sigma**2)[:, None, None, None]
         t = ds.c_noise(ds.t_from_logsnr(-2.0 * jnp.log(sigma)))
-        logits = model.apply({"params": params}, x_vp, t, train=False)
+        logits = model.apply({"params": p}, x_vp, t, train=False)
         return jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1)[:, 0]
 
-    return log_prob
+    return ClassifierLogProb(apply, params)
+
+
+def _jit_sampler(run, classifier_log_prob, mesh, in_shardings, out_shardings):
+    """jit ``run(classifier_log_prob, *args)``; a :class:`ClassifierLogProb`'s parameters
+    enter the program as a replicated argument (bound here, so callers pass ``*args`` only)."""
+    if not isinstance(classifier_log_prob, ClassifierLogProb):
+        return jax.jit(lambda *args: run(classifier_log_prob, *args),
+                       in_shardings=in_shardings, out_shardings=out_shardings)
+    apply = classifier_log_prob.apply
+    jitted = jax.jit(lambda cls_params, *args: run(ClassifierLogProb(apply, cls_params), *args),
+                     in_shardings=(parallel.replicated(mesh), *in_shardings),
+                     out_shardings=out_shardings)
+
+    def call(*args):
+        return jitted(classifier_log_prob.params, *args)
+
+    call.lower = lambda *args: jitted.lower(classifier_log_prob.params, *args)
+    return call
 
 
 def make_sample_fn(c: ml_collections.ConfigDict, model, mesh, batch: int,
@@ -120,7 +155,7 @@ def make_sample_fn(c: ml_collections.ConfigDict, model, mesh, batch: int,
     shape = (batch, c.data.image_size, c.data.image_size, c.data.channels)
     data, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
 
-    def run(params, key, labels):
+    def run(classifier_log_prob, params, key, labels):
         k_init, k_sample = jax.random.split(key)
         x = jax.random.normal(k_init, shape, jnp.float32) * sig[0]
         x = jax.lax.with_sharding_constraint(x, data)
@@ -129,7 +164,7 @@ def make_sample_fn(c: ml_collections.ConfigDict, model, mesh, batch: int,
         out = spec.fn(denoise, x, sig, k_sample, cond=cond, **spec.options)
         return jnp.clip(out, -1.0, 1.0)
 
-    return jax.jit(run, in_shardings=(rep, rep, data), out_shardings=data)
+    return _jit_sampler(run, classifier_log_prob, mesh, (rep, rep, data), data)
 
 
 def make_conditional_sample_fn(c: ml_collections.ConfigDict, model, mesh, batch: int,
@@ -150,7 +185,7 @@ def make_conditional_sample_fn(c: ml_collections.ConfigDict, model, mesh, batch:
     sr = configlib.superres_spec(c)
     data, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
 
-    def run(params, key, labels, inputs):
+    def run(classifier_log_prob, params, key, labels, inputs):
         cond = labels if c.model.class_cond else None
         if k.type == "superres":
             k_aug, key = jax.random.split(jax.random.fold_in(key, 1))
@@ -174,7 +209,7 @@ def make_conditional_sample_fn(c: ml_collections.ConfigDict, model, mesh, batch:
                                       **spec.options)
         return jnp.clip(out, -1.0, 1.0)
 
-    return jax.jit(run, in_shardings=(rep, rep, data, data), out_shardings=data)
+    return _jit_sampler(run, classifier_log_prob, mesh, (rep, rep, data, data), data)
 
 
 def _to_model_range(images: np.ndarray, size: int, channels: int) -> np.ndarray:

@@ -159,8 +159,7 @@ def test_nll_alone_draws_no_samples_and_writes_one_json(trained, tmp_path, monke
     assert sorted(p.name for p in (workdir / "eval").iterdir()) == ["nll.json"]
     assert record["name"] == "nll" and record["split"] == "test"
     assert record["num_examples"] == 6 and record["checkpoint_step"] == 2
-    model, params, _ = runs._params_for_sampling(c, mesh, str(workdir),
-                                                 str(root / "sweep" / "run0"), None)
+    model, params, _ = loop.restore_ema_params(c, mesh, str(root / "sweep" / "run0"))
     direct = run_eval.nll(c, mesh, model, params, jax.random.fold_in(jax.random.PRNGKey(0), 1))
     assert record["metrics"] == {"nll_bpd": direct.bpd, "nll_bpd_stderr": direct.stderr}
 
@@ -272,3 +271,47 @@ def test_inception_metrics_match_a_direct_computation(trained, tmp_path):
     fid = run_eval._inception_metrics(("fid",), {"pool": small},
                                       {"mu": small_ref.mu, "sigma": small_ref.sigma})
     assert fid == {"fid": metrics.frechet_distance(stats(small), small_ref)}
+
+
+def test_classifier_guidance_loads_the_trained_classifier_as_a_program_argument(trained):
+    """load_classifier_log_prob on a saved classifier run: log p(y | x_t) at the classifier's
+    own timesteps (x_ve / sqrt(1 + sigma^2), t of sigma), and the sampling program takes the
+    classifier's parameters as an argument, with the samples of the closed-over form."""
+    from diffjax import generate
+
+    root, data, mesh = trained
+    cls_config = os.path.join(REPO, "experiments", "classifier_fashion_mnist.py:smoke")
+    cc = configlib.load_config_file(cls_config)
+    cc.data.path = data
+    save_run(cc, str(root / "classifier"), mesh, 3)
+    c = eval_config(root, data, **{"guidance.type": "classifier", "guidance.scale": 4.0,
+                                   "guidance.classifier_config": cls_config,
+                                   "guidance.classifier_workdir": str(root / "classifier")})
+    log_prob = generate.load_classifier_log_prob(c, mesh)
+    assert isinstance(log_prob, generate.ClassifierLogProb)
+
+    ds = configlib.build_discrete_schedule(cc)
+    model, params, _ = loop.restore_ema_params(cc, mesh, str(root / "classifier"))
+    t = np.array([0, 3, cc.diffusion.num_timesteps // 2, cc.diffusion.num_timesteps - 1])
+    sigma = np.asarray(ds.sigmas)[t]
+    x_ve = np.asarray(jax.random.normal(jax.random.key(1), (4, 28, 28, 1))) * np.sqrt(1 + sigma**2)[
+        :, None, None, None]
+    y = np.array([0, 3, 5, 9])
+    logits = model.apply({"params": params}, x_ve / np.sqrt(1 + sigma**2)[:, None, None, None],
+                         t.astype(np.float32), train=False)  # the trainer's time input
+    want = np.asarray(jax.nn.log_softmax(logits))[np.arange(4), y]
+    np.testing.assert_allclose(log_prob(x_ve, sigma, y), want, rtol=1e-4, atol=1e-4)
+
+    diff_model, diff_params, _ = loop.restore_ema_params(c, mesh, str(root / "sweep" / "run0"))
+    fn = generate.make_sample_fn(c, diff_model, mesh, 8, log_prob)
+    key, labels = jax.random.key(2), np.arange(8) % 10
+    (cls_arg, *_), _ = fn.lower(diff_params, key, labels).args_info
+    assert len(jax.tree.leaves(cls_arg)) == len(jax.tree.leaves(log_prob.params)) > 0
+    closed = generate.make_sample_fn(c, diff_model, mesh, 8, lambda *a: log_prob(*a))
+    guided = np.asarray(fn(diff_params, key, labels))
+    # The same float32 math compiled with the parameters as constants or as an argument:
+    # XLA folds and fuses differently, rounding differences of ~1e-4 at most in [-1, 1].
+    np.testing.assert_allclose(guided, np.asarray(closed(diff_params, key, labels)), atol=5e-4)
+    c.guidance.scale = 0.0
+    plain = generate.make_sample_fn(c, diff_model, mesh, 8, log_prob)
+    assert np.abs(guided - np.asarray(plain(diff_params, key, labels))).mean() > 1e-2
