@@ -93,6 +93,6 @@ def evaluate(c, workdir, mesh, *, checkpoint="", step=None, seed=None):
 
     run_eval.check(c)
     model, params, got = _params_for_sampling(c, mesh, workdir, checkpoint, step)
-    return run_eval.evaluate(c, workdir, mesh, model, params, got,
-                             c.sampler.seed if seed is None else seed)
+    run = run_eval.evaluate_classifier if c.model.name == "classifier" else run_eval.evaluate
+    return run(c, workdir, mesh, model, params, got, c.sampler.seed if seed is None else seed)
 

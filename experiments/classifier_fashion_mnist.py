@@ -8,6 +8,8 @@ timesteps of the same cosine T=1000 table as ``fashion_mnist.py``::
         --config.guidance.type=classifier --config.guidance.scale=3 \
         --config.guidance.classifier_config=experiments/classifier_fashion_mnist.py \
         --config.guidance.classifier_workdir=runs/fmnist_cls
+    python -m diffjax.main --config experiments/classifier_fashion_mnist.py --workdir runs/fmnist_cls \
+        --mode eval    # test accuracy at t = 0, T/4, T/2, 3T/4 -> runs/fmnist_cls/eval/accuracy.json
 
 Expected: training accuracy (averaged over all t) around 0.6; near-clean accuracy ~0.9.
 """

@@ -5,6 +5,8 @@ Same encoder as ``classifier_fashion_mnist.py`` trained on clean images (time in
 attention-pooled penultimate features give a Frechet distance named ``fd_fashion_mnist``::
 
     python -m diffjax.main --config experiments/fmnist_features.py --workdir runs/fmnist_features
+    python -m diffjax.main --config experiments/fmnist_features.py --workdir runs/fmnist_features \
+        --mode eval    # test accuracy -> runs/fmnist_features/eval/accuracy.json
 
 Expected: test accuracy about 0.9 after the default steps.
 """

@@ -30,6 +30,9 @@ Metrics (``eval.metrics``):
                     on Inception features (``eval.inception_weights``, a converted weights
                     file); reference from ``eval.reference_stats`` (ADM .npz) or the data's
                     ``eval.split``, cached in WORKDIR/eval/.
+A classifier run (``model.name="classifier"``) gets its top-1 accuracy on ``eval.split``
+instead (:func:`evaluate_classifier`): WORKDIR/eval/accuracy.json.
+
 Everything that can be wrong in the config is checked by :func:`check` before any sampling.
 """
 
@@ -43,9 +46,11 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
+import tqdm
 
 from diffjax import configlib, parallel
 from diffjax.evaluation import features as features_lib
@@ -73,9 +78,13 @@ def check(c: ml_collections.ConfigDict) -> None:
     """One-line ConfigError / CheckpointError for every problem found before sampling."""
     e = c.eval
     names, valid = tuple(e.metrics), valid_metrics(c)
-    if c.model.name != "unet":
-        raise configlib.ConfigError("--mode eval evaluates diffusion models; for a classifier "
-                                    "run read the accuracy from its training log")
+    if c.model.name == "classifier":
+        if e.batch_size < 1:
+            raise configlib.ConfigError("eval.batch_size must be >= 1")
+        from diffjax import data
+
+        data.dataset_info(**_data_kwargs(c))  # DataError now if eval.split is missing
+        return
     if c.condition.type == "superres":
         raise configlib.ConfigError(
             "--mode eval draws samples without inputs, and a superres model needs a "
@@ -374,6 +383,71 @@ def evaluate(c: ml_collections.ConfigDict, workdir: str, mesh, model, params,
         for path in plot_sweep(records, out, c.eval.name):
             _say(f"wrote {path}")
     return records
+
+
+CLASSIFIER_TIMESTEP_FRACTIONS = (0.0, 0.25, 0.5, 0.75)
+
+
+def classifier_timesteps(c: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Timestep indices a classifier is evaluated at: 0 for a clean classifier; for a
+    noise-aware one 0, T/4, T/2 and 3T/4 of its table (accuracy at t = T - 1 is chance)."""
+    if not c.model.classifier_noised:
+        return (0,)
+    t_max = c.diffusion.num_timesteps - 1
+    return tuple(sorted({int(round(f * t_max)) for f in CLASSIFIER_TIMESTEP_FRACTIONS}))
+
+
+def evaluate_classifier(c: ml_collections.ConfigDict, workdir: str, mesh, model, params,
+                        checkpoint_step: int, seed: int) -> list[dict[str, Any]]:
+    """``--mode eval`` of a classifier run: top-1 accuracy on ``eval.split`` at each of
+    :func:`classifier_timesteps` (x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, eps from
+    ``seed``), written to WORKDIR/eval/accuracy.json (``eval.name`` when set) as metrics
+    ``accuracy_t<t>``; ``accuracy`` is their mean."""
+    from diffjax.diffusion import process
+
+    start = time.perf_counter()
+    ts = classifier_timesteps(c)
+    ds = configlib.build_discrete_schedule(c)
+    coef = np.sqrt(ds.alphas_cumprod)[list(ts)], np.sqrt(1.0 - ds.alphas_cumprod)[list(ts)]
+    data_sh, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
+
+    def correct(p, x0, labels, key):
+        def at(i):
+            noise = jax.random.normal(jax.random.fold_in(key, i), x0.shape, x0.dtype)
+            x = process.q_sample(x0, noise, coef[0][i], coef[1][i])
+            t = jnp.full((x0.shape[0],), float(ts[i]), jnp.float32)
+            logits = model.apply({"params": p}, x, t, train=False)
+            return jnp.argmax(logits, -1) == labels
+
+        return jnp.stack([at(i) for i in range(len(ts))])  # [len(ts), B]
+
+    fn = jax.jit(correct, in_shardings=(rep, data_sh, data_sh, rep), out_shardings=rep)
+    it, total, _ = eval_batches(c, mesh, c.eval.batch_size)
+    key = jax.random.PRNGKey(seed)
+    hits, count = np.zeros(len(ts)), 0
+    for i, batch in enumerate(tqdm.tqdm(it, total=total, desc="accuracy", unit="batch",
+                                        disable=jax.process_index() != 0)):
+        x = jax.make_array_from_process_local_data(data_sh, np.asarray(batch["image"],
+                                                                       np.float32))
+        y = jax.make_array_from_process_local_data(data_sh, np.asarray(batch["label"], np.int32))
+        mask = features_lib.gather_mask(batch["mask"])
+        hits += np.asarray(fn(params, x, y, jax.random.fold_in(key, i)))[:, mask].sum(-1)
+        count += int(mask.sum())
+    if not count:
+        raise ValueError(f"the accuracy evaluation got no {c.eval.split} images")
+    metrics = {f"accuracy_t{t}": float(h / count) for t, h in zip(ts, hits)}
+    metrics["accuracy"] = float(np.mean(list(metrics.values())))
+    record = {"name": c.eval.name or "accuracy", "metrics": metrics, "split": c.eval.split,
+              "num_examples": count, "checkpoint_step": int(checkpoint_step),
+              "wall_time_s": time.perf_counter() - start}
+    shown = ", ".join(f"t={t} {metrics[f'accuracy_t{t}']:.4f}" for t in ts)
+    _say(f"accuracy on {count} {c.eval.split} images: {shown}")
+    if jax.process_index() == 0:
+        out = epath.Path(workdir) / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{record['name']}.json").write_text(json.dumps(record, indent=1) + "\n")
+        _say(f"wrote {out}/{record['name']}.json")
+    return [record]
 
 
 def make_record(p: ml_collections.ConfigDict, values: dict[str, float], checkpoint_step: int,

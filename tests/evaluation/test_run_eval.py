@@ -315,3 +315,29 @@ def test_classifier_guidance_loads_the_trained_classifier_as_a_program_argument(
     c.guidance.scale = 0.0
     plain = generate.make_sample_fn(c, diff_model, mesh, 8, log_prob)
     assert np.abs(guided - np.asarray(plain(diff_params, key, labels))).mean() > 1e-2
+
+
+def test_classifier_run_eval_reports_test_accuracy(trained, net, tmp_path):
+    """--mode eval of a classifier run: accuracy on the eval split equals the feature net's own
+    argmax on the test images; a noise-aware classifier is scored at 0, T/4, T/2, 3T/4."""
+    root, data, mesh = trained
+    fc = configlib.load_config_file(FEATURES)
+    fc.data.path = data
+    fc.eval.batch_size = 16  # 40 test images: the last batch is padded
+    [record] = runs.evaluate(fc, str(tmp_path / "features_eval"), mesh,
+                             checkpoint=str(root / "features"))
+    source = idx.IdxSource(data, "test", num_classes=10, name="idx")
+    images, labels = source.read_batch(np.arange(NUM_TEST))
+    _, logits = net(images.astype(np.float32) / 127.5 - 1)
+    want = float(np.mean(np.argmax(logits, -1) == labels))
+    assert record["metrics"] == {"accuracy_t0": want, "accuracy": want}
+    assert record["num_examples"] == NUM_TEST and record["checkpoint_step"] == 2
+    on_disk = tmp_path / "features_eval" / "eval" / "accuracy.json"
+    assert json.loads(on_disk.read_text()) == record
+
+    cc = configlib.load_config_file(os.path.join(REPO, "experiments",
+                                                 "classifier_fashion_mnist.py:smoke"))
+    t_max = cc.diffusion.num_timesteps - 1
+    assert run_eval.classifier_timesteps(cc) == tuple(
+        round(f * t_max) for f in (0, 0.25, 0.5, 0.75))
+    assert run_eval.classifier_timesteps(fc) == (0,)
