@@ -274,8 +274,12 @@ def nll(c: ml_collections.ConfigDict, mesh, model, params, key) -> likelihood.NL
                                 prediction=c.diffusion.prediction,
                                 variance_type=c.diffusion.variance_type,
                                 conditional=conditional)
-    it, total, gb = eval_batches(c, mesh, c.eval.batch_size)
     cap = c.eval.nll_num_examples
+    batch = c.eval.batch_size
+    if cap > 0:  # at least ~10 batches, so the progress bar moves (T passes per batch)
+        shards = parallel.num_data_shards(mesh)
+        batch = min(batch, -(-math.ceil(cap / 10) // shards) * shards)
+    it, total, gb = eval_batches(c, mesh, batch)
     if cap > 0:
         total = min(total, math.ceil(cap / gb))
     return likelihood.evaluate_nll(fn, params, it, key, mesh, max_examples=cap,
