@@ -11,7 +11,9 @@ timesteps of the same cosine T=1000 table as ``fashion_mnist.py``::
     python -m diffjax.main --config experiments/classifier_fashion_mnist.py --workdir runs/fmnist_cls \
         --mode eval    # test accuracy at t = 0, T/4, T/2, 3T/4 -> runs/fmnist_cls/eval/accuracy.json
 
-Expected: training accuracy (averaged over all t) around 0.6; near-clean accuracy ~0.9.
+Expected after the default 3000 steps (about 15 minutes on 2 CPU cores): test accuracy
+0.87 at t=0, 0.86 at t=250, 0.81 at t=500, 0.68 at t=749 (measured: 0.868, 0.857, 0.806,
+0.685).
 """
 
 import os
