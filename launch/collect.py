@@ -111,7 +111,7 @@ def series(rows: list[dict], axis_keys: list[str], labels: dict[str, str], key: 
            metric: str) -> tuple[list[Any], dict[str, list[tuple[Any, float]]]]:
     """The metric along one axis: (axis values in sweep order, {line name: [(x, y)]}).
 
-    One line per setting of the other axes (and per eval name when there are several);
+    One line per setting of the other axes (and per eval name when a run has several);
     x is the axis value for numeric axes, else its index in the value list.
     """
     column = f"metric/{metric}"
@@ -122,7 +122,12 @@ def series(rows: list[dict], axis_keys: list[str], labels: dict[str, str], key: 
         if r[key] not in values:
             values.append(r[key])
     numeric = all(_is_number(v) for v in values)
-    several_evals = len({r.get("eval") for r in have}) > 1
+    # Split lines by eval only when a run holds several (an eval sweep inside each run);
+    # one eval per run is named after that run's own sampler/scale, so it identifies nothing.
+    per_run: dict[Any, int] = {}
+    for r in have:
+        per_run[r.get("run")] = per_run.get(r.get("run"), 0) + 1
+    several_evals = any(n > 1 for n in per_run.values())
     groups: dict[str, list[tuple[Any, float]]] = {}
     for r in have:
         rest = [f"{labels.get(k, k)}={_cell(r.get(k))}" for k in axis_keys if k != key]

@@ -8,13 +8,14 @@ import pytest
 from launch import collect, sweep as sweep_cli
 
 
-def make_run(root, name, axes, labels, *, metrics=None, done=True, failed=False):
+def make_run(root, name, axes, labels, *, metrics=None, done=True, failed=False,
+             eval_name="fd"):
     d = root / name
-    (d / "eval").mkdir(parents=True)
+    (d / "eval").mkdir(parents=True, exist_ok=True)
     (d / "sweep_run.json").write_text(json.dumps({"name": name, "axes": axes, "labels": labels}))
     if metrics is not None:
-        (d / "eval" / "fd.json").write_text(json.dumps({
-            "name": "fd", "metrics": metrics, "sampler": axes.get("sampler.name", "ddim"),
+        (d / "eval" / f"{eval_name}.json").write_text(json.dumps({
+            "name": eval_name, "metrics": metrics, "sampler": axes.get("sampler.name", "ddim"),
             "num_steps": 20, "nfe": 39, "guidance": {"type": "classifier_free",
                                                      "scale": axes.get("guidance.scale", 0)},
             "checkpoint_step": 1500, "wall_time_s": 1.25}))
@@ -71,6 +72,25 @@ def test_series_along_each_axis(root):
     values, groups = collect.series(rows, keys, labels, "sampler.name", "fd_fashion_mnist")
     assert values == ["ddim", "heun"]  # the failed run has no metric, so no point
     assert groups == {"scale=0": [(0, 12.5), (1, 11.0)], "scale=3": [(0, 9.25), (1, 7.5)]}
+
+
+def test_lines_follow_the_other_axes_when_eval_names_differ_per_run(tmp_path):
+    """diffjax names each eval after its own sampler and scale (ddim-25_cfg-3.0): with one
+    eval per run those names must not split the lines; with several per run they do."""
+    root = tmp_path / "sweep"
+    for (s, g), fd in FD.items():
+        make_run(root, f"sampler-{s}_scale-{g:g}", {"sampler.name": s, "guidance.scale": g},
+                 LABELS, metrics={"fd_fashion_mnist": fd}, eval_name=f"{s}-25_cfg-{g}")
+    rows, keys, labels = collect.gather(root)
+    _, groups = collect.series(rows, keys, labels, "guidance.scale", "fd_fashion_mnist")
+    assert groups == {"sampler=ddim": [(0.0, 12.5), (3.0, 9.25)],
+                      "sampler=heun": [(0.0, 11.0), (3.0, 7.5)]}
+    make_run(root, "sampler-ddim_scale-0", {"sampler.name": "ddim", "guidance.scale": 0.0},
+             LABELS, metrics={"fd_fashion_mnist": 20.0}, eval_name="ddim-50_cfg-0.0")
+    rows, keys, labels = collect.gather(root)
+    _, groups = collect.series(rows, keys, labels, "guidance.scale", "fd_fashion_mnist")
+    assert groups["sampler=ddim, eval=ddim-50_cfg-0.0"] == [(0.0, 20.0)]
+    assert groups["sampler=heun, eval=heun-25_cfg-3.0"] == [(3.0, 7.5)]
 
 
 def test_unknown_metric_and_empty_root(root, tmp_path):
