@@ -35,7 +35,6 @@ LR_DECAYS = ("constant", "cosine")
 TIMESTEP_SAMPLERS = ("uniform", "loss_second_moment")
 THRESHOLDINGS = ("none", "static", "dynamic")
 CONDITION_TYPES = ("none", "img2img", "inpaint", "superres")
-CONDITION_MASKS = ("center", "left_half")
 
 
 class ConfigError(ValueError):
@@ -309,15 +308,17 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
 
 
 def _validate_condition(c: ml_collections.ConfigDict) -> None:
+    from diffjax.diffusion import conditional
+
     k = c.condition
     if not 0.0 <= k.strength <= 1.0:
         raise ConfigError(f"condition.strength={k.strength} must be in [0, 1]")
     if k.repaint_resample < 1 or k.repaint_jump < 1:
         raise ConfigError("condition.repaint_resample and condition.repaint_jump must be >= 1 "
                           "(repaint_resample=1 turns RePaint off)")
-    if k.mask not in CONDITION_MASKS and not str(k.mask).lower().endswith(".png"):
-        raise ConfigError(f"condition.mask={k.mask!r} must be one of {', '.join(CONDITION_MASKS)}"
-                          " or a .png path (white = known pixels)")
+    if k.mask not in conditional.MASKS and not str(k.mask).lower().endswith(".png"):
+        raise ConfigError(f"condition.mask={k.mask!r} must be one of "
+                          f"{', '.join(conditional.MASKS)} or a .png path (white = known pixels)")
     if k.type != "superres":
         if k.low_res_size:
             raise ConfigError("condition.low_res_size is set but condition.type is not "

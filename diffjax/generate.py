@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from diffjax import configlib, parallel
-from diffjax.diffusion import conditional, guidance, process, samplers, sigmas as sigma_lib
+from diffjax.diffusion import conditional, guidance, process, sigmas as sigma_lib
 
 
 def sigma_sequence(c: ml_collections.ConfigDict, ds) -> np.ndarray:
@@ -229,8 +230,6 @@ def _to_model_range(images: np.ndarray, size: int, channels: int) -> np.ndarray:
 def load_condition_inputs(path: str, size: int, channels: int) -> np.ndarray:
     """Images of ``condition.input``: an image file (PNG, JPEG...) or an .npz (key "images",
     else its first array; uint8 in [0, 255] or floats in [-1, 1]) -> [N, size, size, channels]."""
-    import os
-
     from PIL import Image
 
     if not path or not os.path.isfile(path):
@@ -249,8 +248,6 @@ def load_condition_inputs(path: str, size: int, channels: int) -> np.ndarray:
 def load_mask(spec: str, size: int) -> np.ndarray:
     """``condition.mask`` as [size, size, 1] float32, 1 = known: "center", "left_half" or a
     PNG (pixels > 127 known, resized nearest)."""
-    import os
-
     from PIL import Image
 
     if spec in conditional.MASKS:

@@ -211,4 +211,3 @@ def left_half_mask(height: int, width: int) -> np.ndarray:
 
 
 MASKS = {"center": center_mask, "left_half": left_half_mask}
-CONDITIONS = ("none", "img2img", "inpaint", "superres")

@@ -360,15 +360,8 @@ def evaluate(c: ml_collections.ConfigDict, workdir: str, mesh, model, params,
         _say(f"nll: {result.bpd:.4f} +- {result.stderr:.4f} bits/dim over "
              f"{result.num_examples} {c.eval.split} images")
         if names == ("nll",):  # nothing depends on samples: draw none
-            record = {"name": c.eval.name or "nll", "metrics": shared,
-                      "split": c.eval.split, "num_examples": result.num_examples,
-                      "checkpoint_step": int(checkpoint_step),
-                      "wall_time_s": time.perf_counter() - start}
-            if jax.process_index() == 0:
-                out.mkdir(parents=True, exist_ok=True)
-                (out / f"{record['name']}.json").write_text(json.dumps(record, indent=1) + "\n")
-                _say(f"wrote {out}/{record['name']}.json")
-            return [record]
+            return [write_split_record(c, out, "nll", shared, result.num_examples,
+                                       checkpoint_step, time.perf_counter() - start)]
     guide_fn = generate.load_classifier_log_prob(c, mesh)
     records = []
     for p in sweep_points(c):
@@ -405,22 +398,21 @@ def evaluate_classifier(c: ml_collections.ConfigDict, workdir: str, mesh, model,
                         checkpoint_step: int, seed: int) -> list[dict[str, Any]]:
     """``--mode eval`` of a classifier run: top-1 accuracy on ``eval.split`` at each of
     :func:`classifier_timesteps` (x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, eps from
-    ``seed``), written to WORKDIR/eval/accuracy.json (``eval.name`` when set) as metrics
+    ``seed``, for a noise-aware classifier; the clean images for a clean one), written to WORKDIR/eval/accuracy.json (``eval.name`` when set) as metrics
     ``accuracy_t<t>``; ``accuracy`` is their mean."""
     from diffjax.diffusion import process
 
     start = time.perf_counter()
     ts = classifier_timesteps(c)
     ds = configlib.build_discrete_schedule(c)
-    coef = np.sqrt(ds.alphas_cumprod)[list(ts)], np.sqrt(1.0 - ds.alphas_cumprod)[list(ts)]
     data_sh, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
 
     def correct(p, x0, labels, key):
         def at(i):
             noise = jax.random.normal(jax.random.fold_in(key, i), x0.shape, x0.dtype)
-            x = process.q_sample(x0, noise, coef[0][i], coef[1][i])
-            t = jnp.full((x0.shape[0],), float(ts[i]), jnp.float32)
-            logits = model.apply({"params": p}, x, t, train=False)
+            t = jnp.full((x0.shape[0],), ts[i], jnp.int32)
+            x = process.q_sample_discrete(ds, x0, noise, t) if c.model.classifier_noised else x0
+            logits = model.apply({"params": p}, x, t.astype(jnp.float32), train=False)
             return jnp.argmax(logits, -1) == labels
 
         return jnp.stack([at(i) for i in range(len(ts))])  # [len(ts), B]
@@ -441,17 +433,30 @@ def evaluate_classifier(c: ml_collections.ConfigDict, workdir: str, mesh, model,
         raise ValueError(f"the accuracy evaluation got no {c.eval.split} images")
     metrics = {f"accuracy_t{t}": float(h / count) for t, h in zip(ts, hits)}
     metrics["accuracy"] = float(np.mean(list(metrics.values())))
-    record = {"name": c.eval.name or "accuracy", "metrics": metrics, "split": c.eval.split,
-              "num_examples": count, "checkpoint_step": int(checkpoint_step),
-              "wall_time_s": time.perf_counter() - start}
     shown = ", ".join(f"t={t} {metrics[f'accuracy_t{t}']:.4f}" for t in ts)
     _say(f"accuracy on {count} {c.eval.split} images: {shown}")
+    return [write_split_record(c, epath.Path(workdir) / "eval", "accuracy", metrics, count,
+                               checkpoint_step, time.perf_counter() - start)]
+
+
+def write_split_record(c: ml_collections.ConfigDict, out: epath.Path, default_name: str,
+                       metrics: dict[str, float], num_examples: int, checkpoint_step: int,
+                       wall_time_s: float) -> dict[str, Any]:
+    """The record of a sample-free evaluation on ``eval.split`` (nll alone, a classifier's
+    accuracy), written to ``out/<eval.name or default_name>.json``."""
+    record = {"name": c.eval.name or default_name, "metrics": metrics, "split": c.eval.split,
+              "num_examples": int(num_examples), "checkpoint_step": int(checkpoint_step),
+              "wall_time_s": float(wall_time_s)}
+    _write_json(out, record)
+    _say(f"wrote {out}/{record['name']}.json")
+    return record
+
+
+def _write_json(out: epath.Path, record: dict[str, Any]) -> None:
+    """``out/<record name>.json`` (process 0 only)."""
     if jax.process_index() == 0:
-        out = epath.Path(workdir) / "eval"
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{record['name']}.json").write_text(json.dumps(record, indent=1) + "\n")
-        _say(f"wrote {out}/{record['name']}.json")
-    return [record]
 
 
 def make_record(p: ml_collections.ConfigDict, values: dict[str, float], checkpoint_step: int,
@@ -476,8 +481,7 @@ def write_point(out: epath.Path, record: dict[str, Any], images: np.ndarray,
 
     if jax.process_index() != 0:
         return
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{record['name']}.json").write_text(json.dumps(record, indent=1) + "\n")
+    _write_json(out, record)
     ncol = num_classes or 8
     rows = max(1, min(8, len(images) // ncol))
     grid.save_grid(images[:rows * ncol], str(out / f"{record['name']}.png"), ncol=ncol,

@@ -17,7 +17,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from diffjax.diffusion import losses, process
@@ -86,8 +85,6 @@ def make_diffusion_loss(apply_fn, ds: DiscreteSchedule, spec: LossSpec):
     gets the batch's (augmented) low-resolution images, drawn from fold_in(key, 1) so that
     every other draw is the same as without it.
     """
-    sqrt_ab = jnp.asarray(np.sqrt(ds.alphas_cumprod), jnp.float32)
-    sqrt_1mab = jnp.asarray(np.sqrt(1.0 - ds.alphas_cumprod), jnp.float32)
     loss_kwargs = dict(spec.loss_kwargs)
 
     def loss_fn(params, state, batch, key):
@@ -95,7 +92,7 @@ def make_diffusion_loss(apply_fn, ds: DiscreteSchedule, spec: LossSpec):
         k_t, k_noise, k_drop, k_label = jax.random.split(key, 4)
         t, weights = sample_timesteps(k_t, x0.shape[0], state, spec.timestep_sampler)
         noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-        x_t = process.q_sample(x0, noise, sqrt_ab[t], sqrt_1mab[t])
+        x_t = process.q_sample_discrete(ds, x0, noise, t)
         if labels is not None and spec.label_dropout > 0:
             drop = jax.random.bernoulli(k_label, spec.label_dropout, labels.shape)
             labels = jnp.where(drop, spec.null_label, labels)
@@ -120,16 +117,13 @@ def make_classifier_loss(apply_fn, ds: DiscreteSchedule, noised: bool):
     inputs are x_t at uniform timesteps t, with t as the classifier's time input. Otherwise
     the clean images at time input 0 (a feature network for Frechet distances / accuracy).
     """
-    sqrt_ab = jnp.asarray(np.sqrt(ds.alphas_cumprod), jnp.float32)
-    sqrt_1mab = jnp.asarray(np.sqrt(1.0 - ds.alphas_cumprod), jnp.float32)
-
     def loss_fn(params, state, batch, key):
         x0, labels = batch["image"], batch["label"]
         k_t, k_noise, k_drop = jax.random.split(key, 3)
         if noised:
             t = jax.random.randint(k_t, (x0.shape[0],), 0, ds.num_timesteps)
             noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-            x = process.q_sample(x0, noise, sqrt_ab[t], sqrt_1mab[t])
+            x = process.q_sample_discrete(ds, x0, noise, t)
         else:
             t, x = jnp.zeros((x0.shape[0],), jnp.int32), x0
         logits = apply_fn(params, x, t.astype(jnp.float32), None, True, {"dropout": k_drop})
