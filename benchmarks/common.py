@@ -218,17 +218,17 @@ def time_trainer(c, batch: int, steps: int, warmup: int, repeats: int) -> dict[s
         data = jax.device_put(random_batch(c, batch), parallel.data_sharding(mesh))
         compiled, compile_s = compile_jitted(trainer.train_step, state, data)
         compile_mb = mem.restart()
-        box = [state]
+        box = [state, None]  # the latest state and metrics
 
         def run():
             s = box[0]
             for _ in range(steps):
                 s, metrics = compiled(s, data)
-            box[0] = s
+            box[:] = [s, metrics]
             return s, metrics
 
         timing = time_calls(run, warmup=warmup, repeats=repeats)
-        loss = float(jax.device_get(run()[1]["loss"]))
+        loss = float(jax.device_get(box[1]["loss"]))
     step_s = timing.median / steps
     return {"params": params, "batch": batch, "compile_s": compile_s, "step_s": step_s,
             "steps_per_s": 1.0 / step_s, "examples_per_s": batch / step_s,

@@ -3,7 +3,7 @@
     python benchmarks/vs_pytorch.py [--batch 16] [--adm_batch 4] [--steps 1] [--repeats 3]
                                     [--sample_steps 25] [--quick] [--json PATH]
 
-Needs the ``bench`` extra (``pip install -e .[bench]``: torch, diffusers). For the
+Needs the ``bench`` extra (``bash launch/install.sh --bench``: torch, diffusers). For the
 fashion_mnist model and the ADM ImageNet-64 architecture reduced in width
 (``common.imagenet64_cpu_config``), measures in one process, diffjax first then PyTorch
 (never concurrently), at the same batch, 2 threads each (XLA:CPU uses the 2 cores; torch
@@ -83,10 +83,12 @@ def torch_side(c, batch: int, steps: int, sample_steps: int, warmup: int, repeat
     import torch.nn.functional as F
     from diffusers import DDIMScheduler
 
+    from diffjax import configlib
+
     torch.manual_seed(0)
-    ds = np.asarray(__import__("diffjax.configlib").configlib.build_discrete_schedule(c)
-                    .alphas_cumprod, np.float32)
-    abar, T, C = torch.from_numpy(ds), len(ds), c.data.channels
+    ds = configlib.build_discrete_schedule(c)
+    abar = torch.from_numpy(ds.alphas_cumprod.astype(np.float32))
+    T, C = ds.num_timesteps, c.data.channels
     null = c.data.num_classes
     p_drop = c.guidance.label_dropout if c.guidance.type == "classifier_free" else 0.0
     sync = lambda out: out  # noqa: E731  eager CPU ops have finished when they return
@@ -123,7 +125,7 @@ def torch_side(c, batch: int, steps: int, sample_steps: int, warmup: int, repeat
         out["train_mb"] = mem.restart()
     del opt, ema
     model.eval()
-    sched = DDIMScheduler(num_train_timesteps=T, trained_betas=_betas(ds), clip_sample=True,
+    sched = DDIMScheduler(num_train_timesteps=T, trained_betas=ds.betas, clip_sample=True,
                           set_alpha_to_one=False)
     cfg = c.guidance.type == "classifier_free"
     w = c.guidance.scale
@@ -155,12 +157,6 @@ def torch_side(c, batch: int, steps: int, sample_steps: int, warmup: int, repeat
     return out
 
 
-def _betas(abar: np.ndarray) -> np.ndarray:
-    """Betas whose cumulative product is ``abar`` (the same table on both sides)."""
-    prev = np.concatenate([[1.0], abar[:-1]])
-    return 1.0 - abar.astype(np.float64) / prev
-
-
 def jax_side(c, batch: int, steps: int, sample_steps: int, warmup: int, repeats: int) -> dict:
     """The same three measurements for diffjax (real trainer, jitted apply, make_sample_fn)."""
     from diffjax import configlib, generate
@@ -169,8 +165,8 @@ def jax_side(c, batch: int, steps: int, sample_steps: int, warmup: int, repeats:
     tr = common.time_trainer(c, batch, steps, warmup, repeats)
     out = {"params": tr["params"], "train_mb": tr["train_peak_rss_increase_mb"],
            "train_compile_mb": tr["compile_peak_rss_increase_mb"],
-           "train": common.Timing(tr["compile_s"], [tr["step_s"] * steps]),
-           "train_compile_s": tr["compile_s"], "train_spread": tr["spread"]}
+           "train_step_s": tr["step_s"], "train_compile_s": tr["compile_s"],
+           "train_spread": tr["spread"]}
     c.sampler.name, c.sampler.num_steps, c.sampler.batch_size = "ddim", sample_steps, batch
     mesh = common.cpu_mesh()
     model = configlib.build_model(c)
@@ -206,7 +202,7 @@ def compare(name: str, c, batch: int, args) -> dict:
     per = args.steps
     rows = [
         ("parameters (M)", jx["params"] / 1e6, pt["params"] / 1e6),
-        (f"train step (s, batch {batch})", jx["train"].median / per, pt["train"].median / per),
+        (f"train step (s, batch {batch})", jx["train_step_s"], pt["train"].median / per),
         ("forward (s)", jx["forward"].median, pt["forward"].median),
         (f"{args.sample_steps}-step DDIM sampling (s)", jx["sample"].median,
          pt["sample"].median),

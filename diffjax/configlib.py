@@ -182,6 +182,8 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.channel_mult = tuple(c.model.channel_mult[:n_levels])
     c.model.num_res_blocks = 1
     if c.data.image_size > 32:
+        if c.condition.low_res_size:  # a super-resolution model keeps its upscaling factor
+            c.condition.low_res_size = max(1, c.condition.low_res_size * 32 // c.data.image_size)
         c.data.image_size = 32
         c.data.resize = "resize"
     lowest = c.data.image_size // 2 ** (n_levels - 1)

@@ -71,7 +71,4 @@ def get_config(arg=None):
         c.eval.num_samples = 50_000
         return c
 
-    c = configlib.with_variant(build, arg)
-    if arg == "smoke":
-        c.condition.low_res_size = c.data.image_size // 4
-    return c
+    return configlib.with_variant(build, arg)

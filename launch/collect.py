@@ -10,6 +10,7 @@ failures show up in the table.
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
 import math
@@ -124,10 +125,7 @@ def series(rows: list[dict], axis_keys: list[str], labels: dict[str, str], key: 
     numeric = all(_is_number(v) for v in values)
     # Split lines by eval only when a run holds several (an eval sweep inside each run);
     # one eval per run is named after that run's own sampler/scale, so it identifies nothing.
-    per_run: dict[Any, int] = {}
-    for r in have:
-        per_run[r.get("run")] = per_run.get(r.get("run"), 0) + 1
-    several_evals = any(n > 1 for n in per_run.values())
+    several_evals = any(n > 1 for n in collections.Counter(r["run"] for r in have).values())
     groups: dict[str, list[tuple[Any, float]]] = {}
     for r in have:
         rest = [f"{labels.get(k, k)}={_cell(r.get(k))}" for k in axis_keys if k != key]

@@ -4,6 +4,7 @@
 #   bash launch/install.sh          # runtime only
 #   bash launch/install.sh --test   # plus the test extra
 #   bash launch/install.sh --reference  # plus PyTorch references for the Inception tests
+#   bash launch/install.sh --bench  # plus torch + diffusers for benchmarks/vs_pytorch.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,7 +13,8 @@ for arg in "$@"; do
   case "$arg" in
     --test) extras+=(test) ;;
     --reference) extras+=(reference) ;;
-    *) echo "install.sh: unknown option $arg (valid: --test, --reference)" >&2; exit 2 ;;
+    --bench) extras+=(bench) ;;
+    *) echo "install.sh: unknown option $arg (valid: --test, --reference, --bench)" >&2; exit 2 ;;
   esac
 done
 spec="."

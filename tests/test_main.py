@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from diffjax import configlib, parallel
+from diffjax.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,13 +92,12 @@ def test_every_experiment_loads_validates_and_its_smoke_model_runs(name):
     x = jnp.zeros((2, s, s, c.data.channels))
     y = jnp.array([0, 1]) if c.model.class_cond or c.model.name == "classifier" else None
     t = jnp.array([3.0, 7.0])
+    # The trainer's own init and apply: labels, classifier, super-resolution inputs included.
+    params = loop.init_params_fn(model, c)(jax.random.PRNGKey(0))
+    out = loop.make_apply_fn(model, c)(params, x, t, y, False, **loop.superres_dummies(c, 2))
     if c.model.name == "classifier":
-        params = model.init(jax.random.PRNGKey(0), x, t, train=False)
-        out = model.apply(params, x, t, train=False)
         assert out.shape == (2, c.data.num_classes)
     else:
-        params = model.init(jax.random.PRNGKey(0), x, t, y, train=False)
-        out = model.apply(params, x, t, y, train=False)
         learned = configlib.learns_variance(c)
         assert out.shape == (2, s, s, c.data.channels * (2 if learned else 1))
     assert bool(jnp.all(jnp.isfinite(out)))

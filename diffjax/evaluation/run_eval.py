@@ -397,9 +397,10 @@ def classifier_timesteps(c: ml_collections.ConfigDict) -> tuple[int, ...]:
 def evaluate_classifier(c: ml_collections.ConfigDict, workdir: str, mesh, model, params,
                         checkpoint_step: int, seed: int) -> list[dict[str, Any]]:
     """``--mode eval`` of a classifier run: top-1 accuracy on ``eval.split`` at each of
-    :func:`classifier_timesteps` (x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, eps from
-    ``seed``, for a noise-aware classifier; the clean images for a clean one), written to WORKDIR/eval/accuracy.json (``eval.name`` when set) as metrics
-    ``accuracy_t<t>``; ``accuracy`` is their mean."""
+    :func:`classifier_timesteps` (a noise-aware classifier sees x_t = sqrt(abar_t) x_0 +
+    sqrt(1 - abar_t) eps, eps from ``seed``; a clean one the clean images), written to
+    WORKDIR/eval/accuracy.json (``eval.name`` when set) as metrics ``accuracy_t<t>``;
+    ``accuracy`` is their mean."""
     from diffjax.diffusion import process
 
     start = time.perf_counter()

@@ -68,19 +68,20 @@ def init_params_fn(model, c: ml_collections.ConfigDict):
             return model.init(key, jnp.zeros(shape), jnp.zeros((1,)), train=False)["params"]
         y = jnp.zeros((1,), jnp.int32) if c.model.class_cond else None
         return model.init(key, jnp.zeros(shape), jnp.zeros((1,)), y, train=False,
-                          **_superres_dummies(c))["params"]
+                          **superres_dummies(c))["params"]
 
     return init
 
 
-def _superres_dummies(c: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Dummy ``low_res`` / ``aug_level`` inputs of a super-resolution UNet (none otherwise)."""
+def superres_dummies(c: ml_collections.ConfigDict, batch: int = 1) -> dict[str, Any]:
+    """Zero ``low_res`` / ``aug_level`` inputs of a super-resolution UNet for ``batch``
+    examples, as model keywords (empty for every other model): for init and shape checks."""
     sr = configlib.superres_spec(c)
     if sr is None:
         return {}
-    out = {"low_res": jnp.zeros((1, sr.low_res_size, sr.low_res_size, c.data.channels))}
+    out = {"low_res": jnp.zeros((batch, sr.low_res_size, sr.low_res_size, c.data.channels))}
     if sr.augments:
-        out["aug_level"] = jnp.zeros((1,))
+        out["aug_level"] = jnp.zeros((batch,))
     return out
 
 

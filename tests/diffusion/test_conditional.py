@@ -121,6 +121,8 @@ def test_repaint_moves_follow_the_published_schedule(n, jump, resample):
     path = np.concatenate([moves[:1, 0], moves[:, 1]])
     np.testing.assert_array_equal(n - 1 - path, _repaint_schedule_reference(n, jump, resample))
     assert np.all(np.abs(moves[:, 1] - moves[:, 0]) == 1)
+    # Each move starts where the previous one ended.
+    np.testing.assert_array_equal(moves[1:, 0], moves[:-1, 1])
 
 
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])

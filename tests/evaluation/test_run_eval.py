@@ -45,6 +45,13 @@ def write_fashion_like(directory: str) -> str:
     return directory
 
 
+def read_test_split(data: str) -> tuple[np.ndarray, np.ndarray]:
+    """The NUM_TEST test images of write_fashion_like in [-1, 1] and their labels."""
+    images, labels = idx.IdxSource(data, "test", num_classes=10, name="idx").read_batch(
+        np.arange(NUM_TEST))
+    return images.astype(np.float32) / 127.5 - 1, labels
+
+
 def save_run(config, workdir, mesh, seed):
     """A run directory as the trainer leaves it at step 2, written by the trainer's checkpoint
     code without compiling anything (a 2-step training run costs ~60 s of compilation on
@@ -100,9 +107,7 @@ def eval_config(root, data, **overrides):
     c.eval.batch_size = 8
     c.eval.nll_num_examples = 6
     c.sampler.num_steps = 2
-    for key, value in overrides.items():
-        section, field = key.split(".")
-        c[section][field] = value
+    c.update_from_flattened_dict(overrides)
     return c
 
 
@@ -170,9 +175,7 @@ def test_data_against_its_own_reference_has_zero_fd(trained, net):
     root, data, mesh = trained
     c = eval_config(root, data)
     ref = run_eval.fd_reference(c, mesh, net, root / "fd_ref")
-    source = idx.IdxSource(data, "test", num_classes=10, name="idx")
-    images, labels = source.read_batch(np.arange(NUM_TEST))
-    images = images.astype(np.float32) / 127.5 - 1
+    images, labels = read_test_split(data)
     got = run_eval.sample_metrics(("fd_fashion_mnist", "class_accuracy"), images, labels,
                                   domain="fashion_mnist", net=net, fd_ref=ref,
                                   inception_params=None, inception_ref=None, mesh=mesh,
@@ -245,9 +248,7 @@ def test_inception_metrics_match_a_direct_computation(trained, tmp_path):
                                    "eval.inception_weights": str(tmp_path / "w.npz")})
     run_eval.check(c)
     ref = run_eval.inception_reference(c, mesh, params, tmp_path)
-    source = idx.IdxSource(data, "test", num_classes=10, name="idx")
-    images, labels = source.read_batch(np.arange(NUM_TEST))
-    images = images.astype(np.float32) / 127.5 - 1
+    images, labels = read_test_split(data)
     got = run_eval.sample_metrics(names, images[:16], labels[:16], domain="fashion_mnist",
                                   net=None, fd_ref=None, inception_params=params,
                                   inception_ref=ref, mesh=mesh, batch_size=8, inception_size=75)
@@ -326,9 +327,8 @@ def test_classifier_run_eval_reports_test_accuracy(trained, net, tmp_path):
     fc.eval.batch_size = 16  # 40 test images: the last batch is padded
     [record] = runs.evaluate(fc, str(tmp_path / "features_eval"), mesh,
                              checkpoint=str(root / "features"))
-    source = idx.IdxSource(data, "test", num_classes=10, name="idx")
-    images, labels = source.read_batch(np.arange(NUM_TEST))
-    _, logits = net(images.astype(np.float32) / 127.5 - 1)
+    images, labels = read_test_split(data)
+    _, logits = net(images)
     want = float(np.mean(np.argmax(logits, -1) == labels))
     assert record["metrics"] == {"accuracy_t0": want, "accuracy": want}
     assert record["num_examples"] == NUM_TEST and record["checkpoint_step"] == 2

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffjax.models.layers import num_params
 from diffjax.models.unet import UNet, count_params, upsample_low_res
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -339,9 +340,9 @@ def test_aug_embed_adds_a_second_time_embedding():
     n_plain = count_params(plain, (1, 8, 8, 3), low_res_shape=(1, 4, 4, 3))
     shapes = jax.eval_shape(lambda: aug.init(jax.random.key(0), x, t, low_res=low,
                                              aug_level=t))
-    assert layers_count(shapes["params"]) == n_plain + (mc * 4 * mc + 4 * mc) + (16 * mc * mc
+    assert num_params(shapes["params"]) == n_plain + (mc * 4 * mc + 4 * mc) + (16 * mc * mc
                                                                                 + 4 * mc)
-    params = _perturb(aug.init(jax.random.key(0), x, t, low_res=low, aug_level=t)["params"])
+    params = _random_params(shapes["params"])
     a0, a1 = jnp.zeros((3,)), jnp.full((3,), 250.0)
     out0 = aug.apply({"params": params}, x, t, low_res=low, aug_level=a0)
     out1 = aug.apply({"params": params}, x, t, low_res=low, aug_level=a1)
@@ -357,6 +358,3 @@ def test_aug_embed_adds_a_second_time_embedding():
     with pytest.raises(ValueError, match="aug_level"):
         plain.apply({"params": without}, x, t, low_res=low, aug_level=a0)
 
-
-def layers_count(params):
-    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))

@@ -50,13 +50,17 @@ tiny = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(tiny)
 
 
-class Recorder:
-    """Delegates to a grain iterator; writes this process's first batch labels to a file."""
+class Tap:
+    """Delegates to a grain iterator (its state too); SIGKILLs the process at the ``kill_at``-th
+    request (0 = never) and writes the labels of the first batch it returns to ``path``."""
 
-    def __init__(self, it, path):
-        self.it, self.path = it, path
+    def __init__(self, it, kill_at, path):
+        self.it, self.kill_at, self.count, self.path = it, kill_at, 0, path
 
     def __next__(self):
+        self.count += 1
+        if self.count == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
         batch = next(self.it)
         if self.path:
             with open(self.path, "w") as f:
@@ -74,39 +78,16 @@ class Recorder:
         self.it.set_state(state)
 
 
-class KillAt:
-    """Delegates to a grain iterator and SIGKILLs the process at the K-th request."""
-
-    def __init__(self, it, k):
-        self.it, self.k, self.count = it, k, 0
-
-    def __next__(self):
-        self.count += 1
-        if self.count == self.k:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return next(self.it)
-
-    def __iter__(self):
-        return self
-
-    def get_state(self):
-        return self.it.get_state()
-
-    def set_state(self, state):
-        self.it.set_state(state)
-
-
 parallel.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
 mesh = parallel.make_mesh()
 c = tiny.config(args.data_dir, **{"train.num_steps": args.steps})
 configlib.validate(c, parallel.num_data_shards(mesh))
 it = configlib.build_train_iterator(c, jax.process_index(), jax.process_count())
-if args.kill_at_batch:
-    it = KillAt(it, args.kill_at_batch)
 ckpts = checkpoint.checkpoint_dir(args.workdir)
 start = max([int(d) for d in os.listdir(ckpts) if d.isdigit()], default=0) \
     if os.path.isdir(ckpts) else 0
-it = Recorder(it, os.path.join(args.workdir, f"first_batch_p{jax.process_index()}_s{start}.json"))
+it = Tap(it, args.kill_at_batch,
+         os.path.join(args.workdir, f"first_batch_p{jax.process_index()}_s{start}.json"))
 print(f"process {jax.process_index()} starts at step {start}", flush=True)
 state = loop.train(c, args.workdir, mesh, data_iterator=it)
 params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)

@@ -95,7 +95,8 @@ def test_two_processes_match_one_process_with_as_many_devices(data_dir, tmp_path
     read = lambda path: json.load(open(path))  # noqa: E731
     want = read(os.path.join(one, "first_batch_p0_s0.json"))
     halves = [read(os.path.join(two, f"first_batch_p{i}_s0.json")) for i in range(2)]
-    assert len(want) == 8 and halves == [want[:4], want[4:]]
+    assert len(want) == 8 and want[:4] != want[4:]  # so a host reading the wrong half fails
+    assert halves == [want[:4], want[4:]]
     # Only process 0 writes logs: one line per logged step, not one per process.
     with open(os.path.join(two, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == [2, 4]

@@ -98,9 +98,7 @@ def test_condition_validation_errors():
                "condition.aug_max": 0.1, "condition.aug_sample": 0.2}, "aug_sample")]
     for overrides, match in cases:
         c = configlib.base_config()
-        for key, value in overrides.items():
-            section, field = key.split(".")
-            c[section][field] = value
+        c.update_from_flattened_dict(overrides)
         with pytest.raises(configlib.ConfigError, match=match) as err:
             configlib.validate(c)
         assert "\n" not in str(err.value)

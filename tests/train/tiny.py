@@ -71,7 +71,5 @@ def config(data_dir: str, **overrides):
     c.train.sample_every = 0
     c.sampler.num_steps = 3
     c.sampler.batch_size = 8
-    for key, value in overrides.items():
-        section, field = key.split(".")
-        c[section][field] = value
+    c.update_from_flattened_dict(overrides)
     return c
