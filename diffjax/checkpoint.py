@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -91,6 +92,75 @@ def restore(
             f"resume from an earlier one, or use a fresh --workdir"
         ) from e
     return restored["state"], step
+
+
+def resolve_dir(source: str) -> str:
+    """The checkpoints directory of a run directory (or ``source`` itself if it is one)."""
+    directory = source if epath.Path(source).name == "checkpoints" else checkpoint_dir(source)
+    if not epath.Path(directory).exists():
+        raise CheckpointError(
+            f"no checkpoints at {directory}; train first or pass --checkpoint RUN_DIR")
+    return directory
+
+
+def _read_only_params_manager(directory: str) -> ocp.CheckpointManager:
+    """A read-only manager whose ``state`` item is read as a plain PyTree (partial restore)."""
+    if "://" not in directory:
+        directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(epath.Path(directory), options=options, item_names=("state",),
+                                 item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+
+
+def _shapes(tree: Any) -> list[tuple[str, tuple[int, ...]]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [(jax.tree_util.keystr(path), tuple(leaf.shape)) for path, leaf in flat]
+
+
+def restore_ema_params(source: str, abstract_params: Any, step: int | None = None,
+                       index: int = 0) -> tuple[Any, int]:
+    """(EMA parameters number ``index``, step) of a run directory or its checkpoints
+    directory, read-only, without the optimiser state or the other parameter copies.
+
+    abstract_params: shapes, dtypes and shardings of the parameters (from the model's init,
+    ``jax.eval_shape``); nothing else of the train state is needed.
+
+    Raises:
+      CheckpointError: no checkpoint, an unreadable one, or one of another model.
+    """
+    directory = resolve_dir(source)
+    manager = _read_only_params_manager(directory)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no checkpoint in {directory}; train first (--mode train)")
+    try:
+        stored = manager.item_metadata(step)["state"]
+        stored_ema = stored["ema_params"]
+        if index >= len(stored_ema):
+            raise CheckpointError(f"checkpoint step {step} in {directory} holds "
+                                  f"{len(stored_ema)} EMA copies, not {index + 1}")
+        if _shapes(stored_ema[index]) != _shapes(abstract_params):
+            raise CheckpointError(
+                f"checkpoint step {step} in {directory} holds parameters of another model "
+                "(shapes or names differ from this config's); pass the config the run was "
+                "trained with, or another --checkpoint")
+        target = {"ema_params": [abstract_params if i == index else None
+                                 for i in range(len(stored_ema))]}
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, OSError, TypeError, FileNotFoundError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint step {step} in {directory} cannot be restored ({first[:200]}); it is "
+            "corrupt or from a different config: move that step's directory aside or pass "
+            "another --checkpoint_step") from e
+    finally:
+        manager.close()
+    return restored["state"]["ema_params"][index], step
 
 
 def restore_config(manager: ocp.CheckpointManager, step: int | None = None) -> dict | None:

@@ -1,10 +1,9 @@
-"""The base config, its validation, and the one place names become implementations.
+"""The base config, its variants, loading experiment files, and validation.
 
 Every experiment under ``experiments/`` starts from :func:`base_config` and states only what
 differs. :func:`validate` checks every name and shape constraint once, at start-up, with a
-one-line error listing the valid choices. The ``build_*`` functions turn the validated
-ConfigDict into plain objects (schedule, model, sampler, guidance, optimiser); below them no
-code reads a ConfigDict.
+one-line error listing the valid choices. :func:`diffjax.experiment.build` then turns the
+validated ConfigDict into an Experiment of frozen specs; below it no code reads a ConfigDict.
 
 Glossary of config sections:
   data       source and geometry of the images, global batch size
@@ -20,11 +19,15 @@ Glossary of config sections:
 
 from __future__ import annotations
 
-import dataclasses
+import importlib.util
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
+
+from diffjax.diffusion import conditional, losses, samplers, schedules
+from diffjax.errors import ConfigError
 
 MODES = ("train", "sample", "eval", "summary")
 GUIDANCE_TYPES = ("none", "classifier", "classifier_free")
@@ -37,8 +40,9 @@ THRESHOLDINGS = ("none", "static", "dynamic")
 CONDITION_TYPES = ("none", "img2img", "inpaint", "superres")
 
 
-class ConfigError(ValueError):
-    """A config value is invalid; the message says which and how to fix it."""
+def _option() -> ml_collections.FieldReference:
+    """An unset float option (None) that ``--config.x.y=0.5`` can still set."""
+    return ml_collections.FieldReference(None, field_type=float)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -106,14 +110,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampler = ml_collections.ConfigDict()
     c.sampler.name = "ddim"
     c.sampler.num_steps = 50
-    c.sampler.eta = 0.0
+    # Sampler options: None = the sampler's own default; one the sampler does not take is an
+    # error (diffjax.experiment checks them against the sampler's signature).
+    c.sampler.eta = _option()  # ddim (default 0), euler_ancestral / dpmpp_*_sde (default 1)
     c.sampler.sigma_spacing = "model"
     c.sampler.timestep_spacing = ""  # "" = uniform; "ddimN" or "10,10,5" as in iDDPM
     c.sampler.rho = 7.0
-    c.sampler.s_churn = 0.0
-    c.sampler.s_tmin = 0.0
-    c.sampler.s_tmax = float("inf")
-    c.sampler.s_noise = 1.0
+    c.sampler.s_churn = _option()  # euler, heun: Karras churn (default 0)
+    c.sampler.s_tmin = _option()  # euler, heun (default 0)
+    c.sampler.s_tmax = _option()  # euler, heun (default inf)
+    c.sampler.s_noise = _option()  # euler, heun, euler_ancestral, dpmpp_*_sde (default 1)
     c.sampler.thresholding = "static"
     c.sampler.dynamic_percentile = 0.995
     c.sampler.num_samples = 64
@@ -221,11 +227,7 @@ def with_variant(get_config: Callable[[], ml_collections.ConfigDict], arg: str |
 
 def _tables() -> dict[str, Sequence[str]]:
     """Every named choice of the config and the names that are valid for it."""
-    from diffjax.data import SOURCES
-    from diffjax.diffusion import losses, samplers, schedules
-
     return {
-        "data.source": SOURCES,
         "model.name": MODEL_NAMES,
         "model.dtype": DTYPES,
         "model.param_dtype": DTYPES,
@@ -251,7 +253,8 @@ def _get(c: ml_collections.ConfigDict, dotted: str) -> Any:
     return node
 
 
-def _check_name(field: str, value: str, valid: Sequence[str]) -> None:
+def check_name(field: str, value: str, valid: Sequence[str]) -> None:
+    """ConfigError unless ``value`` is one of ``valid`` (a ``tfds:NAME`` data source is)."""
     if field == "data.source" and isinstance(value, str) and value.startswith("tfds:"):
         return
     if value not in valid:
@@ -262,9 +265,12 @@ def _check_name(field: str, value: str, valid: Sequence[str]) -> None:
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-    """Checks names and shape constraints of a config; raises ConfigError with one line."""
+    """Checks names and shape constraints of a config; raises ConfigError with one line.
+
+    ``data.source`` is checked by :func:`diffjax.experiment.build` (its table comes with the
+    data pipelines, whose imports configure logging; this module stays free of them)."""
     for field, valid in _tables().items():
-        _check_name(field, _get(c, field), valid)
+        check_name(field, _get(c, field), valid)
     levels = len(c.model.channel_mult)
     if c.data.image_size % 2 ** (levels - 1):
         raise ConfigError(
@@ -310,8 +316,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
 
 
 def _validate_condition(c: ml_collections.ConfigDict) -> None:
-    from diffjax.diffusion import conditional
-
     k = c.condition
     if not 0.0 <= k.strength <= 1.0:
         raise ConfigError(f"condition.strength={k.strength} must be in [0, 1]")
@@ -338,110 +342,8 @@ def _validate_condition(c: ml_collections.ConfigDict) -> None:
                           "classifier-free guidance (the low-res input is not a label)")
 
 
-def superres_spec(c: ml_collections.ConfigDict):
-    """The :class:`diffjax.train.superres.SuperRes` of a superres config, else None."""
-    if c.condition.type != "superres":
-        return None
-    from diffjax.train.superres import SuperRes
-
-    k = c.condition
-    return SuperRes(low_res_size=k.low_res_size, aug_max=k.aug_max, aug_sample=k.aug_sample)
-
-
-# ----------------------------------------------------------------------------- builders
-
-
-def build_schedule(c: ml_collections.ConfigDict):
-    """The continuous schedule named by ``diffusion.schedule`` (its default parameters)."""
-    from diffjax.diffusion import schedules
-
-    return schedules.SCHEDULES[c.diffusion.schedule]()
-
-
-def build_discrete_schedule(c: ml_collections.ConfigDict):
-    """The T-step table (``diffusion.num_timesteps``) of the configured schedule."""
-    return build_schedule(c).discretize(c.diffusion.num_timesteps)
-
-
-def learns_variance(c: ml_collections.ConfigDict) -> bool:
-    return c.diffusion.variance_type in ("learned", "learned_range")
-
-
-def build_model(c: ml_collections.ConfigDict):
-    """The Flax module of ``model.name`` with the ADM options of ``c.model``."""
-    import jax.numpy as jnp
-
-    from diffjax.models import classifier, unet
-
-    m = c.model
-    shared = dict(
-        model_channels=m.model_channels,
-        num_res_blocks=m.num_res_blocks,
-        channel_mult=tuple(m.channel_mult),
-        attention_resolutions=tuple(m.attention_resolutions),
-        num_heads=m.num_heads,
-        num_head_channels=m.num_head_channels,
-        use_scale_shift_norm=m.use_scale_shift_norm,
-        resblock_updown=m.resblock_updown,
-        conv_resample=m.conv_resample,
-        use_new_attention_order=m.use_new_attention_order,
-        dropout=m.dropout,
-        norm_groups=m.norm_groups,
-        dtype=jnp.dtype(m.dtype),
-        param_dtype=jnp.dtype(m.param_dtype),
-        remat=m.remat,
-        cpu_fast_conv=m.cpu_fast_conv,
-    )
-    if m.name == "classifier":
-        return classifier.EncoderClassifier(num_classes=c.data.num_classes, pool=m.pool, **shared)
-    conditional = m.class_cond
-    return unet.UNet(
-        out_channels=c.data.channels,
-        num_heads_upsample=m.num_heads_upsample,
-        num_classes=c.data.num_classes if conditional else None,
-        class_null_label=conditional and c.guidance.label_dropout > 0,
-        learn_sigma=learns_variance(c),
-        aug_embed=c.condition.type == "superres" and c.condition.aug_max > 0,
-        **shared,
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerSpec:
-    """A sampler resolved from config: the function and its options (the sigma sequence is
-    built by :func:`diffjax.generate.sigma_sequence`)."""
-
-    name: str
-    fn: Callable[..., Any]
-    num_steps: int
-    options: dict[str, Any]
-
-
-def build_sampler(c: ml_collections.ConfigDict) -> SamplerSpec:
-    from diffjax.diffusion import samplers
-
-    s = c.sampler
-    options: dict[str, Any] = {}
-    if s.name == "ddim":
-        options["eta"] = s.eta
-    if s.name in ("euler", "heun"):
-        options.update(s_churn=s.s_churn, s_tmin=s.s_tmin, s_tmax=s.s_tmax, s_noise=s.s_noise)
-    if s.name == "ddpm":
-        learned = c.diffusion.variance_type in ("learned", "learned_range")
-        options["variance"] = "learned" if learned else c.diffusion.variance_type
-    return SamplerSpec(
-        name=s.name,
-        fn=samplers.SAMPLERS[s.name],
-        num_steps=s.num_steps,
-        options=options,
-    )
-
-
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """Loads ``get_config(arg)`` of an experiment file (``path`` or ``path:arg``)."""
-    import importlib.util
-    import os
-
     if arg is None and ":" in os.path.basename(path):
         path, arg = path.rsplit(":", 1)
     if not os.path.isfile(path):
@@ -453,29 +355,3 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path!r} has no get_config(arg) function")
     return module.get_config(arg) if arg is not None else module.get_config()
-
-
-def build_train_iterator(c: ml_collections.ConfigDict, process_index: int, process_count: int):
-    """This process's shard of the training data (grain iterator of local batches).
-
-    ``data.path`` "" means the source's default location. Checks ``data.channels`` and
-    ``data.num_classes`` against the data before any training starts.
-    """
-    from diffjax import data
-
-    d = c.data
-    options = {"channels": d.channels} if d.source == "folder" else {}
-    common = dict(source=d.source, split=d.split, image_size=d.image_size,
-                  data_dir=d.path or None, resize=d.resize, **options)
-    _, shape, num_classes = data.dataset_info(**common)
-    if shape[-1] != d.channels:
-        raise data.DataError(f"data.channels={d.channels} but {d.source} images have "
-                             f"{shape[-1]} channel(s); set --config.data.channels={shape[-1]}")
-    if d.num_classes > 0 and d.num_classes != num_classes:
-        raise data.DataError(f"data.num_classes={d.num_classes} but {d.source} has {num_classes}"
-                             f" classes; set --config.data.num_classes={num_classes} (0 = ignore"
-                             " labels)")
-    return data.make_train_iterator(
-        **common, global_batch_size=d.batch_size, seed=c.train.seed,
-        random_flip=d.random_flip, process_index=process_index, process_count=process_count,
-        num_workers=d.num_workers)

@@ -19,6 +19,13 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from diffjax import experiment, parallel
+from diffjax.app import common
+from diffjax.app import evaluate as app_evaluate
+from diffjax.app import sample as app_sample
+from diffjax.app import summary as app_summary
+from diffjax.app import train as app_train
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (path.py[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://...).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "summary"], "What to do.")
@@ -50,25 +57,21 @@ def main(argv: list[str]) -> None:
         _fail(f"--mode {mode} needs --workdir DIR")
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    from diffjax import configlib, parallel, runs
-
     try:
         parallel.maybe_initialize_distributed(
             _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         mesh = parallel.make_mesh()
-        config = _CONFIG.value
-        configlib.validate(config, num_devices=parallel.num_data_shards(mesh))
+        exp = experiment.build(_CONFIG.value, num_devices=parallel.num_data_shards(mesh),
+                               mode=mode)
         if mode == "summary":
-            print(runs.summary(config, mesh))
+            print(app_summary.run(exp, mesh))
         elif mode == "train":
-            runs.train(config, _WORKDIR.value, mesh, allow_config_change=_ALLOW_CHANGE.value)
-        elif mode == "sample":
-            runs.sample(config, _WORKDIR.value, mesh, checkpoint=_CHECKPOINT.value,
-                        step=_CHECKPOINT_STEP.value, seed=_SEED.value)
+            app_train.run(exp, _WORKDIR.value, mesh, allow_config_change=_ALLOW_CHANGE.value)
         else:
-            runs.evaluate(config, _WORKDIR.value, mesh, checkpoint=_CHECKPOINT.value,
-                          step=_CHECKPOINT_STEP.value, seed=_SEED.value)
-    except runs.user_errors() as e:
+            run = app_sample.run if mode == "sample" else app_evaluate.run
+            run(exp, _WORKDIR.value, mesh, checkpoint=_CHECKPOINT.value,
+                step=_CHECKPOINT_STEP.value, seed=_SEED.value)
+    except common.USER_ERRORS as e:
         _fail(str(e))
 
 

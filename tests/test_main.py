@@ -6,8 +6,7 @@ import sys
 
 import pytest
 
-from diffjax import configlib, parallel
-from diffjax.train import loop
+from diffjax import configlib, experiment, parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,11 +32,14 @@ def test_summary_prints_config_mesh_and_parameter_count():
     ("--config.data.batch_size=12", "data.batch_size=12 is not a positive multiple of the 8 "
                                     "devices"),
     ("--config.guidance.type=cfg", "valid: none, classifier, classifier_free"),
+    ("--config.sampler.name=heun --config.sampler.eta=0.5",
+     "sampler.eta=0.5 is not an option of sampler 'heun', which takes sampler.s_churn, "
+     "sampler.s_tmin, sampler.s_tmax, sampler.s_noise"),
 ])
 def test_bad_config_is_one_line_and_nothing_is_written(tmp_path, override, message):
     workdir = tmp_path / "run"
     out = _main("--config", "experiments/fashion_mnist.py:smoke", "--workdir", str(workdir),
-                override)
+                *override.split())
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.startswith("diffjax: error")]
     assert len(lines) == 1 and message in lines[0], out.stderr[-2000:]
@@ -83,22 +85,20 @@ def test_every_experiment_loads_validates_and_its_smoke_model_runs(name):
     import jax.numpy as jnp
 
     path = os.path.join(REPO, "experiments", f"{name}.py")
-    full = configlib.load_config_file(path)
-    configlib.validate(full, num_devices=1)
+    experiment.build(configlib.load_config_file(path), num_devices=1)
     c = configlib.load_config_file(path + ":smoke")
-    configlib.validate(c, num_devices=8)
-    model = configlib.build_model(c)
+    task = experiment.build(c, num_devices=8).task
     s = c.data.image_size
     x = jnp.zeros((2, s, s, c.data.channels))
     y = jnp.array([0, 1]) if c.model.class_cond or c.model.name == "classifier" else None
     t = jnp.array([3.0, 7.0])
     # The trainer's own init and apply: labels, classifier, super-resolution inputs included.
-    params = loop.init_params_fn(model, c)(jax.random.PRNGKey(0))
-    out = loop.make_apply_fn(model, c)(params, x, t, y, False, **loop.superres_dummies(c, 2))
+    params = task.init_params(jax.random.PRNGKey(0))
+    out = task.apply(params, x, t, y, False, **task.init_inputs(2)[1])
     if c.model.name == "classifier":
         assert out.shape == (2, c.data.num_classes)
     else:
-        learned = configlib.learns_variance(c)
+        learned = task.learned_variance
         assert out.shape == (2, s, s, c.data.channels * (2 if learned else 1))
     assert bool(jnp.all(jnp.isfinite(out)))
 
@@ -115,8 +115,8 @@ def test_diverging_run_stops_with_a_clear_message(tmp_path):
 def test_null_label_row_follows_training_label_dropout_not_the_sampling_guidance():
     """A CFG-trained model keeps its null-label row when sampled with another guidance."""
     c = configlib.load_config_file(os.path.join(REPO, "experiments", "fashion_mnist.py"))
-    assert configlib.build_model(c).class_null_label
+    assert experiment.build_model(c).class_null_label
     c.guidance.type = "classifier"
-    assert configlib.build_model(c).class_null_label
+    assert experiment.build_model(c).class_null_label
     c.guidance.label_dropout = 0.0
-    assert not configlib.build_model(c).class_null_label
+    assert not experiment.build_model(c).class_null_label

@@ -26,6 +26,7 @@ import functools
 import sys
 from typing import Any, Iterator
 
+from absl import flags
 import grain
 import jax
 import numpy as np
@@ -120,8 +121,6 @@ def _allow_grain_flags() -> None:
     """grain 0.2.18's worker start-up reads an absl flag and fails in scripts that never parse
     flags (google/grain#1355, fixed after 0.2.18); mark flags parsed there, keeping defaults.
     Under absl.app (diffjax.main) flags are already parsed and this does nothing."""
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 

@@ -60,8 +60,8 @@ def classifier_free(denoise: Denoiser, scale: float, null_cond: Any, *,
     rescale: phi of Lin et al. (2024) Alg. 2 applied to x0_hat: the guided x0_hat is scaled
       by phi * std(D_c) / std(D) + (1 - phi), std over each example's non-batch dims.
     The conditional and unconditional passes run as one call on a batch of 2B (always both:
-    the interval only changes the mix). ``scale`` may be traced (e.g. swept under one jit);
-    ``rescale`` is a Python float.
+    the interval only changes the mix). ``scale``, the interval's bounds and ``rescale`` may
+    be traced (e.g. swept under one jit); a Python 0 for ``rescale`` skips its statistics.
     """
 
     def guided(x: Array, sigma: Array, cond: Any) -> Any:
@@ -81,10 +81,11 @@ def classifier_free(denoise: Denoiser, scale: float, null_cond: Any, *,
             w = jnp.where((sigma_b > lo) & (sigma_b <= hi), w, 0.0)
         w = _per_example(w, x)
         d = d_c + w * (d_c - d_u)
-        if rescale:
+        if not (isinstance(rescale, (int, float)) and rescale == 0):
             axes = tuple(range(1, x.ndim))
             ratio = jnp.std(d_c, axis=axes, keepdims=True) / jnp.std(d, axis=axes, keepdims=True)
-            d = d * (rescale * ratio + (1.0 - rescale))
+            # where, not a product with rescale = 0: ratio is NaN for a constant example.
+            d = jnp.where(rescale != 0, d * (rescale * ratio + (1.0 - rescale)), d)
         return d if frac is None else (d, frac)
 
     return guided
@@ -126,9 +127,9 @@ def dynamic_threshold(denoise: Denoiser, percentile: float = 0.995,
 
     Per example s = max(quantile(|x0_hat|, percentile), limit); x0_hat <- clip(x0_hat, -s, s)
     * limit / s. With limit = 1 this is Imagen's rule; the result lies in [-limit, limit] and
-    examples already within [-limit, limit] are unchanged.
+    examples already within [-limit, limit] are unchanged. ``percentile`` may be traced.
     """
-    if not 0.0 < percentile <= 1.0:
+    if isinstance(percentile, (int, float)) and not 0.0 < percentile <= 1.0:
         raise ValueError(f"percentile must be in (0, 1], got {percentile}.")
 
     def thresholded_x0(x0: Array) -> Array:

@@ -14,7 +14,9 @@ Every sampler has the signature
 x_init: [B, ...] = unit Gaussian noise * sigmas[0]; sigmas: [N + 1] decreasing, normally
 ending with 0 (see ``diffjax.diffusion.sigmas``), a NumPy array or a traced jnp array; key: a
 PRNG key, step i draws its noise from ``jax.random.fold_in(key, i)`` (deterministic samplers
-ignore it). xs[i] is the state after step i. Options are Python scalars fixed at trace time.
+ignore it). xs[i] is the state after step i. Float options (eta, s_noise, s_churn, s_tmin,
+s_tmax) may be traced scalars, so one compiled program serves every value (a Python 0 for eta
+or s_churn skips drawing the noise it would scale); string options are fixed at trace time.
 The caller jits and shards, e.g. ``jax.jit(lambda p, x, k: euler(partial(D, p), x, s, k))``
 with x sharded over the batch axis; samplers contain no device logic.
 
@@ -76,12 +78,17 @@ def _noise(key: Array, x: Array) -> Array:
     return jax.random.normal(key, x.shape, x.dtype)
 
 
+def _static_zero(value: Any) -> bool:
+    """Whether an option is a Python (not traced) zero, so the noise it scales can be skipped."""
+    return isinstance(value, (int, float)) and value == 0
+
+
 def _churn(x: Array, sigma: Array, key: Array, num_steps: int, s_churn: float, s_tmin: float,
            s_tmax: float, s_noise: float) -> tuple[Array, Array]:
     """Karras Alg. 2 churn: raise sigma to sigma_hat = (1 + gamma) sigma by adding noise."""
-    if s_churn == 0:
+    if _static_zero(s_churn):
         return x, sigma
-    gamma_max = min(s_churn / num_steps, math.sqrt(2.0) - 1.0)
+    gamma_max = jnp.minimum(s_churn / num_steps, math.sqrt(2.0) - 1.0)
     gamma = jnp.where((sigma >= s_tmin) & (sigma <= s_tmax), gamma_max, 0.0)
     sigma_hat = sigma * (1.0 + gamma)
     # sqrt(sigma_hat^2 - sigma^2), written so that gamma = 0 gives exactly 0 (no FMA residue).
@@ -184,7 +191,7 @@ def ddim(
         eps = (x - x0) / sigma
         c = eta * sigma_next * jnp.sqrt((sigma - sigma_next) * (sigma + sigma_next)) / sigma
         x = x0 + jnp.sqrt(jnp.maximum(sigma_next**2 - c**2, 0.0)) * eps
-        return (x + c * _noise(k, x) if eta != 0 else x,)
+        return (x if _static_zero(eta) else x + c * _noise(k, x),)
 
     return _loop(step, (x_init,), x_init, sigmas, key, return_trajectory)
 
@@ -312,7 +319,7 @@ def dpmpp_2m_sde(
         r = _log_ratio(inp["sigma_prev"], sigma) / h
         coef = 0.5 * one_minus if solver_type == "midpoint" else 1.0 - one_minus / h_eta
         x_next = x_next + jnp.where(inp["i"] > 0, coef / r, 0.0) * (x0 - old)
-        if eta != 0:
+        if not _static_zero(eta):
             x_next = x_next + _sde_noise(k, x, safe_next, h, eta, s_noise)
         return jnp.where(sigma_next > 0, x_next, x0), x0
 
@@ -349,7 +356,7 @@ def dpmpp_3m_sde(
         d1_1 = (x0_1 - x0_2) / r1
         third = phi_2 * (d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)) - phi_3 * (d1_0 - d1_1) / (r0 + r1)
         x_next = x_next + jnp.where(i >= 2, third, jnp.where(i == 1, phi_2 * d1_0, 0.0))
-        if eta != 0:
+        if not _static_zero(eta):
             x_next = x_next + _sde_noise(k, x, safe_next, h, eta, s_noise)
         return jnp.where(sigma_next > 0, x_next, x0), x0, x0_1
 

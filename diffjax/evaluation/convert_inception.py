@@ -138,7 +138,7 @@ def load_inception_params(path: str) -> dict:
 def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     """Read a PyTorch .pth state dict as NumPy arrays (imports torch, only here)."""
     try:
-        import torch
+        import torch  # optional: PyTorch is only a reference, never a runtime dependency
     except ImportError:
         raise ValueError("converting a .pth file needs PyTorch: pip install torch") from None
     if not os.path.isfile(path):

@@ -18,29 +18,20 @@ images), as the feature classifier was trained with ``model.classifier_noised=Fa
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
-from diffjax import checkpoint, configlib, parallel
+from diffjax import parallel
+from diffjax.evaluation.metrics import MetricError
 
 # Scope paths of the last projection of EncoderClassifier, per pool.
 HEAD_PATHS = (("out_pool", "c_proj"), ("out_proj",))
-
-
-def domain_name(c: ml_collections.ConfigDict) -> str:
-    """Short name of a config's data for metric and file names: "fashion_mnist_idx" ->
-    "fashion_mnist", "tfds:cifar10" -> "cifar10", "tfds:imagenet_resized/64x64" ->
-    "imagenet_resized_64x64", "folder" -> "folder"."""
-    name = c.data.source.split(":", 1)[-1]
-    name = name[:-len("_idx")] if name.endswith("_idx") else name
-    return re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_").lower()
 
 
 def penultimate_and_logits(model: nn.Module, params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -67,12 +58,12 @@ def penultimate_and_logits(model: nn.Module, params, x: jax.Array) -> tuple[jax.
 class FeatureNet:
     """The trained feature classifier, replicated on a mesh, applied in sharded batches.
 
-    Built by :func:`load`; ``config`` is the classifier's config, ``step`` its checkpoint.
+    ``image_shape``: (H, W, C) of the images it was trained on; ``step``: its checkpoint.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, model: nn.Module, params, mesh,
+    def __init__(self, model: nn.Module, image_shape: tuple[int, int, int], params, mesh,
                  step: int, batch_size: int):
-        self.config, self.model, self.mesh, self.step = config, model, mesh, step
+        self.model, self.image_shape, self.mesh, self.step = model, image_shape, mesh, step
         shards = parallel.num_data_shards(mesh)
         self.batch_size = -(-batch_size // shards) * shards
         self._params = jax.device_put(params, parallel.replicated(mesh))
@@ -82,10 +73,9 @@ class FeatureNet:
                            out_shardings=parallel.replicated(mesh))
 
     def _check(self, images: np.ndarray) -> None:
-        d = self.config.data
-        want = (d.image_size, d.image_size, d.channels)
+        want = tuple(self.image_shape)
         if tuple(images.shape[1:]) != want:
-            raise configlib.ConfigError(
+            raise MetricError(
                 f"the feature classifier was trained on images {want}, got {images.shape[1:]};"
                 " set eval.features_config to a classifier of this data")
 
@@ -123,8 +113,6 @@ def gather_mask(local_mask: np.ndarray) -> np.ndarray:
     """All processes' masks in the order of ``make_array_from_process_local_data``."""
     if jax.process_count() == 1:
         return np.asarray(local_mask, bool)
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(local_mask, tiled=True), bool)
 
 
@@ -133,37 +121,3 @@ def _pad(x: np.ndarray, size: int) -> tuple[np.ndarray, int]:
     if count < size:
         x = np.concatenate([x, np.zeros((size - count, *x.shape[1:]), x.dtype)])
     return x, count
-
-
-def missing_run_message(config_path: str, workdir: str) -> str:
-    return (f"no trained feature classifier at {workdir!r} (eval.features_workdir); train it with"
-            f" `python -m diffjax.main --config {config_path} --workdir {workdir}` or set "
-            "eval.features_workdir")
-
-
-def check_run(config_path: str, workdir: str) -> ml_collections.ConfigDict:
-    """The feature classifier's config, after checking that its run has checkpoints."""
-    from etils import epath
-
-    if not config_path or not workdir:
-        raise configlib.ConfigError(
-            "fd_* and class_accuracy need eval.features_config (e.g. experiments/"
-            "fmnist_features.py) and eval.features_workdir (its trained run)")
-    fc = configlib.load_config_file(config_path)
-    if fc.model.name != "classifier":
-        raise configlib.ConfigError(f"eval.features_config={config_path!r} is not a classifier "
-                                    f"config (model.name={fc.model.name!r})")
-    ckpt = epath.Path(checkpoint.checkpoint_dir(workdir))
-    if not ckpt.exists() or not any(p.name.isdigit() for p in ckpt.iterdir()):
-        raise checkpoint.CheckpointError(missing_run_message(config_path, workdir))
-    return fc
-
-
-def load(config_path: str, workdir: str, mesh, batch_size: int) -> FeatureNet:
-    """The EMA parameters of the latest checkpoint of a feature-classifier run."""
-    from diffjax.train.loop import restore_ema_params
-
-    fc = check_run(config_path, workdir)
-    model, params, step = restore_ema_params(fc, mesh, workdir)
-    return FeatureNet(fc, model, params, mesh, step, batch_size)
-

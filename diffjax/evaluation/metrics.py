@@ -22,6 +22,7 @@ hold the reference images as ``arr_0`` (uint8 [N, H, W, 3]).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import os
@@ -30,6 +31,12 @@ import zipfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from diffjax.evaluation import convert_inception, inception
+
+
+class MetricError(ValueError):
+    """A metric cannot be computed from what it was given; the message says what is missing."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,10 +335,6 @@ def main(argv: list[str] | None = None) -> None:
     Both files hold images as ``arr_0`` (uint8 [N, H, W, 3]); the reference may also hold
     ``mu``/``sigma``/``mu_s``/``sigma_s``, used for FID/sFID when present (ADM's files).
     """
-    import argparse
-
-    from diffjax.evaluation import convert_inception, inception
-
     parser = argparse.ArgumentParser(description="FID, sFID, IS, KID, precision/recall.")
     parser.add_argument("ref_batch", help="reference .npz (arr_0 images [+ mu, sigma, ...])")
     parser.add_argument("sample_batch", help="sample .npz (arr_0 images)")

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 from etils import epath
 
 from diffjax.evaluation import grid
@@ -28,8 +29,7 @@ class Reporter:
         if not enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        from tensorboardX import SummaryWriter
-        from tqdm import tqdm
+        from tensorboardX import SummaryWriter  # heavy (protobuf): only where logs are written
 
         self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,

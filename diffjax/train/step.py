@@ -21,7 +21,6 @@ import optax
 
 from diffjax.diffusion import losses, process
 from diffjax.diffusion.schedules import DiscreteSchedule
-from diffjax.train import superres as superres_lib
 from diffjax.train.state import HISTORY, TrainState, ema_update
 
 # iDDPM's resampler mixes a little of the uniform distribution into the importance weights.
@@ -40,7 +39,6 @@ class LossSpec:
     timestep_sampler: str = "uniform"
     label_dropout: float = 0.0
     null_label: int = -1  # the extra embedding row used for classifier-free guidance
-    superres: superres_lib.SuperRes | None = None  # low-res conditioning of an upsampler
 
 
 def sample_timesteps(
@@ -77,13 +75,15 @@ def update_loss_history(state: TrainState, t: jax.Array, loss: jax.Array) -> Tra
     return state.replace(loss_history=hist, loss_count=jnp.minimum(count, HISTORY))
 
 
-def make_diffusion_loss(apply_fn, ds: DiscreteSchedule, spec: LossSpec):
+def make_diffusion_loss(apply_fn, ds: DiscreteSchedule, spec: LossSpec,
+                        model_inputs: Callable[[jax.Array, jax.Array], dict] | None = None):
     """``loss_fn(params, state, batch, key) -> (loss, (terms, t))`` of a denoising network.
 
     Per example: a timestep (uniform or importance-sampled), the noise, and for classifier-free
-    guidance whether the label is replaced by the null label. A super-resolution model also
-    gets the batch's (augmented) low-resolution images, drawn from fold_in(key, 1) so that
-    every other draw is the same as without it.
+    guidance whether the label is replaced by the null label. ``model_inputs(x0, key) ->
+    {name: array}`` gives extra network inputs of the batch (a super-resolution model's
+    augmented low-resolution images), drawn from fold_in(key, 1) so that every other draw is
+    the same as without it.
     """
     loss_kwargs = dict(spec.loss_kwargs)
 
@@ -97,8 +97,7 @@ def make_diffusion_loss(apply_fn, ds: DiscreteSchedule, spec: LossSpec):
             drop = jax.random.bernoulli(k_label, spec.label_dropout, labels.shape)
             labels = jnp.where(drop, spec.null_label, labels)
         x_in, c_noise = process.discrete_model_input(ds, x_t, t, prediction=spec.prediction)
-        extra = {} if spec.superres is None else superres_lib.train_conditioning(
-            spec.superres, x0, jax.random.fold_in(key, 1), ds)
+        extra = {} if model_inputs is None else model_inputs(x0, jax.random.fold_in(key, 1))
         out = apply_fn(params, x_in, c_noise, labels, True, {"dropout": k_drop}, **extra)
         terms = losses.training_losses(
             out.astype(jnp.float32), x0=x0, x_t=x_t, noise=noise, t=t, ds=ds,

@@ -1,25 +1,23 @@
-"""configlib.build_train_iterator: the trainer's adapter from c.data.* to make_train_iterator."""
+"""app.train.train_iterator: the trainer's adapter from the DataSpec to make_train_iterator."""
 
-import ml_collections
+import dataclasses
+
 import numpy as np
 import pytest
 
-from diffjax import configlib
+from diffjax.app.train import train_iterator
 from diffjax.data import pipeline
+from diffjax.specs import DataSpec
 
 
-def _config(idx_dir, **data):
-    c = ml_collections.ConfigDict()
-    c.data = ml_collections.ConfigDict(dict(
-        source="idx", path=idx_dir, split="train", image_size=6, resize="pad", channels=1,
-        num_classes=7, batch_size=4, random_flip=False, num_workers=0))
-    c.data.update(data)
-    c.train = ml_collections.ConfigDict(dict(seed=0))
-    return c
+def _spec(idx_dir, **data):
+    spec = DataSpec(source="idx", path=idx_dir, split="train", image_size=6, resize="pad",
+                    channels=1, num_classes=7, batch_size=4, random_flip=False, num_workers=0)
+    return dataclasses.replace(spec, **data)
 
 
 def test_config_iterator_matches_the_direct_call(idx_dir):
-    got = configlib.build_train_iterator(_config(idx_dir), process_index=1, process_count=2)
+    got = train_iterator(_spec(idx_dir), 0, process_index=1, process_count=2)
     want = pipeline.make_train_iterator(
         source="idx", split="train", data_dir=idx_dir, image_size=6, resize="pad",
         global_batch_size=4, seed=0, random_flip=False, process_index=1, process_count=2)
@@ -32,8 +30,8 @@ def test_config_iterator_matches_the_direct_call(idx_dir):
 
 def test_config_mismatches_are_reported(idx_dir):
     with pytest.raises(ValueError, match="data.channels=3 but idx images have 1"):
-        configlib.build_train_iterator(_config(idx_dir, channels=3), 0, 1)
+        train_iterator(_spec(idx_dir, channels=3), 0, 0, 1)
     with pytest.raises(ValueError, match="data.num_classes=10 but idx has 7"):
-        configlib.build_train_iterator(_config(idx_dir, num_classes=10), 0, 1)
-    unlabelled = configlib.build_train_iterator(_config(idx_dir, num_classes=0), 0, 1)
+        train_iterator(_spec(idx_dir, num_classes=10), 0, 0, 1)
+    unlabelled = train_iterator(_spec(idx_dir, num_classes=0), 0, 0, 1)
     assert next(unlabelled)["label"].shape == (4,)

@@ -6,7 +6,8 @@ import os
 import jax
 import pytest
 
-from diffjax import checkpoint, configlib, parallel
+from diffjax import checkpoint, configlib, experiment, parallel
+from diffjax.app import train as app_train
 from diffjax.train import loop
 
 
@@ -17,23 +18,28 @@ def test_workdir_of_a_different_config_is_refused(tiny, tiny_data, tmp_path):
     mesh = parallel.make_mesh(jax.devices()[:1])
     with pytest.raises(configlib.ConfigError, match="holds a run of a different config "
                                                     "\\(fields differ: model.model_channels\\)"):
-        loop.train(other, str(tmp_path), mesh)
+        app_train.run(experiment.build(other), str(tmp_path), mesh)
     assert not (tmp_path / "checkpoints").exists()
     # Sections that may change between sessions of one run are not compared.
     longer = tiny.config(tiny_data, **{"train.num_steps": 1000, "sampler.name": "heun"})
-    loop._check_workdir_config(str(tmp_path), longer.to_dict(), allow_change=False)
-    loop._check_workdir_config(str(tmp_path), other.to_dict(), allow_change=True)
+    loop.check_workdir_config(str(tmp_path), longer.to_dict(), allow_change=False)
+    loop.check_workdir_config(str(tmp_path), other.to_dict(), allow_change=True)
     # A section a newer version added is not a difference.
     newer = first.to_dict()
     newer["condition"]["brand_new_field"] = 1
     newer["brand_new_section"] = {"x": 1}
-    loop._check_workdir_config(str(tmp_path), newer, allow_change=False)
+    loop.check_workdir_config(str(tmp_path), newer, allow_change=False)
+
+
+def _trainer(c, mesh):
+    exp = experiment.build(c)
+    return loop.Trainer(exp.task, exp.optim, exp.train, mesh)
 
 
 def test_corrupt_checkpoint_is_a_one_line_error_and_is_kept(tiny, tiny_data, tmp_path):
     c = tiny.config(tiny_data)
     mesh = parallel.make_mesh(jax.devices()[:1])
-    trainer = loop.Trainer(c, mesh)
+    trainer = _trainer(c, mesh)
     manager = checkpoint.make_manager(str(tmp_path / "checkpoints"), async_save=False)
     checkpoint.save(manager, 1, trainer.new_state(), None, c.to_dict())
     manager.wait_until_finished()
@@ -56,7 +62,7 @@ def test_corrupt_checkpoint_is_a_one_line_error_and_is_kept(tiny, tiny_data, tmp
 def test_checkpoint_round_trip_is_exact(tiny, tiny_data, tmp_path):
     c = tiny.config(tiny_data)
     mesh = parallel.make_mesh(jax.devices()[:2])
-    trainer = loop.Trainer(c, mesh)
+    trainer = _trainer(c, mesh)
     state = trainer.new_state()
     manager = checkpoint.make_manager(str(tmp_path / "ck"))
     checkpoint.save(manager, 3, state, None, c.to_dict())
@@ -75,7 +81,7 @@ def test_checkpoint_round_trip_is_exact(tiny, tiny_data, tmp_path):
 def test_relative_checkpoint_directory_works(tiny, tiny_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     c = tiny.config(tiny_data)
-    trainer = loop.Trainer(c, parallel.make_mesh(jax.devices()[:1]))
+    trainer = _trainer(c, parallel.make_mesh(jax.devices()[:1]))
     manager = checkpoint.make_manager("runs/x/checkpoints", async_save=False)
     checkpoint.save(manager, 2, trainer.new_state(), None, c.to_dict())
     manager.wait_until_finished()

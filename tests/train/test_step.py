@@ -5,11 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffjax import parallel
+from diffjax import experiment, parallel
 from diffjax.train import optim
-from diffjax.train.loop import Trainer
+from diffjax.train import loop
 from diffjax.train.state import HISTORY, ema_update
 from diffjax.train.step import sample_timesteps
+
+
+def Trainer(c, mesh):  # noqa: N802 (the trainer of a config)
+    exp = experiment.build(c)
+    return loop.Trainer(exp.task, exp.optim, exp.train, mesh)
 
 
 def _batch(c, seed=0):

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffjax import configlib, generate, parallel, runs
-from diffjax.train import superres
-from diffjax.train.loop import Trainer
+from diffjax import configlib, experiment, generate, parallel
+from diffjax.app import sample as app_sample
+from diffjax.app import summary
+from diffjax.diffusion import schedules, superres
+from diffjax.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EPS32 = float(np.finfo(np.float32).eps)
@@ -40,9 +42,7 @@ def test_downsample_is_the_box_filter():
 
 
 def test_augmentation_levels_follow_the_extended_table():
-    c = configlib.base_config()
-    c.diffusion.num_timesteps = 50
-    ds = configlib.build_discrete_schedule(c)
+    ds = schedules.LinearSchedule().discretize(50)  # the base config's schedule, T = 50
     t = ds.num_timesteps
     levels = jnp.array([0.0, 1.0 / t, 7.0 / t, 7.5 / t, 1.0])
     a, s, u = (np.asarray(v, np.float64) for v in superres.aug_coefficients(ds, levels))
@@ -54,8 +54,7 @@ def test_augmentation_levels_follow_the_extended_table():
 
 
 def test_train_and_sample_conditioning():
-    c = configlib.base_config()
-    ds = configlib.build_discrete_schedule(c)
+    ds = experiment.build(configlib.base_config()).schedule
     images = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (512, 8, 8, 1)), jnp.float32)
     plain = superres.SuperRes(low_res_size=4)
     out = superres.train_conditioning(plain, images, jax.random.PRNGKey(0), ds)
@@ -82,9 +81,9 @@ def test_adm_upsampler_config_has_the_published_parameter_count():
     want = adm_count(6, 192, 3, 2, (1, 1, 2, 2, 4, 4), (8, 16, 32), 1000, True, True, True)
     assert want == 311_795_910
     c = configlib.load_config_file(os.path.join(REPO, "experiments", "imagenet64_to_256.py"))
-    configlib.validate(c)
-    assert runs.param_count(c) == want
-    assert configlib.build_model(c).aug_embed is False
+    exp = experiment.build(c)
+    assert summary.param_count(exp) == want
+    assert exp.task.model.aug_embed is False
 
 
 def test_condition_validation_errors():
@@ -122,10 +121,10 @@ def _superres_config(tiny, data_dir):
 
 def test_tiny_upsampler_trains_and_samples(tiny, tiny_data, tmp_path):
     c = _superres_config(tiny, tiny_data)
-    configlib.validate(c, num_devices=1)
+    exp = experiment.build(c, num_devices=1)
     mesh = parallel.make_mesh(jax.devices()[:1])
-    trainer = Trainer(c, mesh)
-    assert trainer.model.aug_embed
+    trainer = loop.Trainer(exp.task, exp.optim, exp.train, mesh)
+    assert exp.task.model.aug_embed
     state = trainer.new_state()
     before = jax.device_get(state.params)
     rng = np.random.default_rng(0)
@@ -143,7 +142,7 @@ def test_tiny_upsampler_trains_and_samples(tiny, tiny_data, tmp_path):
     k_after, k_before = after["input_blocks_0_conv"]["kernel"], before[
         "input_blocks_0_conv"]["kernel"]
     assert k_after.shape[2] == 2 and np.abs(k_after[:, :, 1] - k_before[:, :, 1]).max() > 0
-    generator = generate.Generator(c, trainer.model, mesh)
+    generator = generate.Generator(exp.task, exp.sampling, mesh)
     low = rng.uniform(-1, 1, (8, 4, 4, 1)).astype(np.float32)
     images, labels = generator(state.ema_params[0], 8, jax.random.PRNGKey(0), inputs=low)
     assert images.shape == (8, 8, 8, 1) and np.all(np.isfinite(images))
@@ -151,10 +150,8 @@ def test_tiny_upsampler_trains_and_samples(tiny, tiny_data, tmp_path):
         generator(state.ema_params[0], 8, jax.random.PRNGKey(0))
 
 
-def _random_params(model, c):
-    from diffjax.train.loop import init_params_fn
-
-    params = init_params_fn(model, c)(jax.random.PRNGKey(0))
+def _random_params(task):
+    params = task.init_params(jax.random.PRNGKey(0))
     rng = np.random.default_rng(3)
     return jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(p.dtype), params)
 
@@ -163,19 +160,20 @@ def test_inpaint_and_img2img_sampling_from_inputs(tiny, tiny_data, tmp_path):
     c = tiny.config(tiny_data, **SMALL, **{"condition.type": "inpaint", "sampler.name": "ddpm",
                                            "condition.mask": "left_half"})
     mesh = parallel.make_mesh(jax.devices()[:1])
-    model = configlib.build_model(c)
-    params = _random_params(model, c)
+    exp = experiment.build(c)
+    params = _random_params(exp.task)
     rng = np.random.default_rng(0)
     # Inputs through a PNG (uint8) and an .npz (floats in [-1, 1]), resized from 16x16.
     img = rng.integers(0, 256, (16, 16), dtype=np.uint8)
     Image.fromarray(img, "L").save(tmp_path / "in.png")
-    one = generate.load_condition_inputs(str(tmp_path / "in.png"), 8, 1)
+    one = app_sample.load_inputs(str(tmp_path / "in.png"), 8, 1)
     assert one.shape == (1, 8, 8, 1) and one.min() >= -1 and one.max() <= 1
     np.savez(tmp_path / "in.npz", images=rng.uniform(-1, 1, (5, 8, 8, 1)).astype(np.float32))
-    inputs = generate.load_condition_inputs(str(tmp_path / "in.npz"), 8, 1)
-    c.condition.input = str(tmp_path / "in.npz")
+    inputs = app_sample.load_inputs(str(tmp_path / "in.npz"), 8, 1)
     run = tmp_path / "run"
-    out, _ = generate.sample_with_condition(c, str(run), mesh, model, params, 0, 1)
+    generator = generate.Generator(exp.task, exp.sampling, mesh)
+    out, _ = app_sample.sample_with_inputs(exp.sampling, str(run), generator, params, inputs, 0,
+                                           1)
     with np.load(run / "samples.npz") as f:
         np.testing.assert_array_equal(f["inputs"], inputs)
         np.testing.assert_array_equal(f["images"], out)
@@ -184,21 +182,23 @@ def test_inpaint_and_img2img_sampling_from_inputs(tiny, tiny_data, tmp_path):
     np.testing.assert_array_equal(out[..., :4, :], np.clip(inputs[..., :4, :], -1, 1))
     assert np.abs(out[..., 4:, :] - inputs[..., 4:, :]).max() > 0.1
     c.condition.type, c.condition.strength = "img2img", 0.0
-    same, _ = generate.Generator(c, model, mesh)(params, 5, jax.random.PRNGKey(1), inputs=inputs)
+    exp = experiment.build(c)
+    same, _ = generate.Generator(exp.task, exp.sampling, mesh)(params, 5, jax.random.PRNGKey(1),
+                                                                 inputs=inputs)
     np.testing.assert_array_equal(same, np.clip(inputs, -1, 1))
-    grid = generate.side_by_side(inputs, same, ncol=4)
+    grid = app_sample.side_by_side(inputs, same, ncol=4)
     assert grid.shape == (16, 8, 8, 1)
     np.testing.assert_array_equal(grid[:4], inputs[:4])
     np.testing.assert_array_equal(grid[4:8], same[:4])
     with pytest.raises(configlib.ConfigError, match="condition.input"):
-        generate.load_condition_inputs(str(tmp_path / "missing.png"), 8, 1)
+        app_sample.load_inputs(str(tmp_path / "missing.png"), 8, 1)
 
 
 def test_png_mask(tmp_path):
     m = np.zeros((4, 4), np.uint8)
     m[:, :2] = 255
     Image.fromarray(m, "L").save(tmp_path / "m.png")
-    got = generate.load_mask(str(tmp_path / "m.png"), 8)
+    got = experiment.load_mask(str(tmp_path / "m.png"), 8)
     np.testing.assert_array_equal(got[..., 0], np.repeat(np.repeat(m > 127, 2, 0), 2, 1))
     with pytest.raises(configlib.ConfigError, match="condition.mask"):
-        generate.load_mask(str(tmp_path / "nope.png"), 8)
+        experiment.load_mask(str(tmp_path / "nope.png"), 8)

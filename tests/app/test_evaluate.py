@@ -11,10 +11,13 @@ import sys
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
-from diffjax import checkpoint, configlib, parallel, runs
+from diffjax import checkpoint, configlib, experiment, generate, parallel
+from diffjax.app import common, references
+from diffjax.app import evaluate as app_evaluate
 from diffjax.data import DataError, idx
-from diffjax.evaluation import features, metrics, run_eval
+from diffjax.evaluation import features, metrics, sample_metrics
 from diffjax.train import loop
 from launch import collect
 
@@ -52,13 +55,23 @@ def read_test_split(data: str) -> tuple[np.ndarray, np.ndarray]:
     return images.astype(np.float32) / 127.5 - 1, labels
 
 
+def build(config, mesh, mode="eval"):
+    return experiment.build(config, num_devices=parallel.num_data_shards(mesh), mode=mode)
+
+
+def evaluate(config, workdir, mesh, **kwargs):
+    """--mode eval of a config: built (checked) for eval, then run."""
+    return app_evaluate.run(build(config, mesh), workdir, mesh, **kwargs)
+
+
 def save_run(config, workdir, mesh, seed):
     """A run directory as the trainer leaves it at step 2, written by the trainer's checkpoint
     code without compiling anything (a 2-step training run costs ~60 s of compilation on
     these shared cores): the trainer's abstract state filled with NumPy values, EMA
     parameters drawn at a 1/sqrt(fan-in) scale (norm scales near 1) so the network's output
     depends on its input and label."""
-    abstract = loop.Trainer(config, mesh).abstract_state()
+    exp = build(config, mesh, mode="train")
+    abstract = loop.Trainer(exp.task, exp.optim, exp.train, mesh).abstract_state()
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
@@ -94,7 +107,9 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def net(trained):
     root, _, mesh = trained
-    return features.load(FEATURES, str(root / "features"), mesh, 8)
+    task = experiment.load(FEATURES).task
+    params, step = common.restore_params(task, mesh, str(root / "features"))
+    return features.FeatureNet(task.model, task.image_shape, params, mesh, step, 8)
 
 
 def eval_config(root, data, **overrides):
@@ -115,7 +130,7 @@ def test_eval_sweep_writes_jsons_grids_and_plot(trained):
     root, data, mesh = trained
     workdir = root / "sweep" / "run0"
     c = eval_config(root, data, **{"eval.sweep_guidance_scales": (1.0, 3.0)})
-    records = runs.evaluate(c, str(workdir), mesh, seed=0)
+    records = evaluate(c, str(workdir), mesh, seed=0)
     names = [r["name"] for r in records]
     assert names == ["ddim-2_cfg-1.0", "ddim-2_cfg-3.0"]
     out = workdir / "eval"
@@ -147,7 +162,7 @@ def test_eval_sweep_writes_jsons_grids_and_plot(trained):
 
 def test_nll_alone_draws_no_samples_and_writes_one_json(trained, tmp_path, monkeypatch):
     """eval.metrics=("nll",): the bits/dim of run0 (read through --checkpoint) equal a direct
-    run_eval.nll call with the same key, and the sampler is never built."""
+    references.nll call with the same key, and the sampler is never built."""
     from diffjax import generate
 
     root, data, mesh = trained
@@ -158,14 +173,14 @@ def test_nll_alone_draws_no_samples_and_writes_one_json(trained, tmp_path, monke
     monkeypatch.setattr(generate, "Generator", no_sampling)
     c = eval_config(root, data, **{"eval.metrics": ("nll",)})
     workdir = tmp_path / "nll_only"
-    [record] = runs.evaluate(c, str(workdir), mesh, checkpoint=str(root / "sweep" / "run0"),
-                             seed=0)
+    [record] = evaluate(c, str(workdir), mesh, checkpoint=str(root / "sweep" / "run0"), seed=0)
     assert json.loads((workdir / "eval" / "nll.json").read_text()) == record
     assert sorted(p.name for p in (workdir / "eval").iterdir()) == ["nll.json"]
     assert record["name"] == "nll" and record["split"] == "test"
     assert record["num_examples"] == 6 and record["checkpoint_step"] == 2
-    model, params, _ = loop.restore_ema_params(c, mesh, str(root / "sweep" / "run0"))
-    direct = run_eval.nll(c, mesh, model, params, jax.random.fold_in(jax.random.PRNGKey(0), 1))
+    exp = build(c, mesh)
+    params, _ = common.restore_params(exp.task, mesh, str(root / "sweep" / "run0"))
+    direct = references.nll(exp, mesh, params, jax.random.fold_in(jax.random.PRNGKey(0), 1))
     assert record["metrics"] == {"nll_bpd": direct.bpd, "nll_bpd_stderr": direct.stderr}
 
 
@@ -173,20 +188,20 @@ def test_data_against_its_own_reference_has_zero_fd(trained, net):
     """The eval split pushed through the sample path gives FD 0 against the cached reference
     (same network, same features up to float32 batching) and the classifier's accuracy."""
     root, data, mesh = trained
-    c = eval_config(root, data)
-    ref = run_eval.fd_reference(c, mesh, net, root / "fd_ref")
+    exp = build(eval_config(root, data), mesh)
+    ref = references.fd_reference(exp, mesh, net, root / "fd_ref")
     images, labels = read_test_split(data)
-    got = run_eval.sample_metrics(("fd_fashion_mnist", "class_accuracy"), images, labels,
-                                  domain="fashion_mnist", net=net, fd_ref=ref,
-                                  inception_params=None, inception_ref=None, mesh=mesh,
-                                  batch_size=16)
+    got = sample_metrics.sample_metrics(("fd_fashion_mnist", "class_accuracy"), images, labels,
+                                        domain="fashion_mnist", net=net, fd_ref=ref,
+                                        inception_params=None, inception_ref=None, mesh=mesh,
+                                        batch_size=16)
     feats, logits = net(images)
     scale = np.trace(ref.sigma)
     assert got["fd_fashion_mnist"] < 1e-5 * scale, (got, scale)
     assert got["class_accuracy"] == np.mean(np.argmax(logits, -1) == labels)
     assert metrics.frechet_distance(metrics.GaussianStats.from_features(feats[: NUM_TEST // 2]),
                                     ref) > 1e-3 * scale
-    cached = run_eval.fd_reference(c, mesh, net, root / "fd_ref")  # read back from the cache
+    cached = references.fd_reference(exp, mesh, net, root / "fd_ref")  # read back from cache
     np.testing.assert_array_equal(cached.sigma, ref.sigma)
 
 
@@ -196,11 +211,12 @@ def test_penultimate_features_are_the_input_of_the_last_projection(net):
     head = jax.device_get(net._params)["out_pool"]["c_proj"]
     np.testing.assert_allclose(feats @ head["kernel"] + head["bias"], logits, rtol=1e-4,
                                atol=1e-5)
-    assert feats.shape == (8, net.config.model.model_channels * 2)
+    assert feats.shape == (8, net.model.model_channels * 2)
 
 
 @pytest.mark.parametrize("overrides, error, message", [
-    ({"condition.type": "superres"}, configlib.ConfigError, "a superres model needs a "),
+    ({"condition.type": "superres", "condition.low_res_size": 14, "guidance.type": "none"},
+     configlib.ConfigError, "a superres model needs a "),
     ({"eval.metrics": ("fd_mnist",)}, configlib.ConfigError,
      "unknown metric(s) ['fd_mnist']; valid: fd_fashion_mnist, class_accuracy, nll, fid"),
     ({"eval.metrics": ("fid",), "eval.inception_weights": "/nowhere/inception.npz"},
@@ -216,7 +232,7 @@ def test_errors_come_before_reading_the_checkpoint(trained, tmp_path, overrides,
     root, data, mesh = trained
     c = eval_config(root, data, **overrides)
     with pytest.raises(error) as info:
-        runs.evaluate(c, str(tmp_path / "no_run"), mesh)  # no checkpoints there either
+        evaluate(c, str(tmp_path / "no_run"), mesh)  # no checkpoints there either
     assert message in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / "no_run").exists()
 
@@ -246,12 +262,14 @@ def test_inception_metrics_match_a_direct_computation(trained, tmp_path):
     names = ("sfid", "inception_score", "precision_recall", "kid")
     c = eval_config(root, data, **{"eval.metrics": ("fid", *names), "eval.inception_size": 75,
                                    "eval.inception_weights": str(tmp_path / "w.npz")})
-    run_eval.check(c)
-    ref = run_eval.inception_reference(c, mesh, params, tmp_path)
+    exp = build(c, mesh)
+    app_evaluate.check_files(exp)
+    ref = references.inception_reference(exp, mesh, params, tmp_path)
     images, labels = read_test_split(data)
-    got = run_eval.sample_metrics(names, images[:16], labels[:16], domain="fashion_mnist",
-                                  net=None, fd_ref=None, inception_params=params,
-                                  inception_ref=ref, mesh=mesh, batch_size=8, inception_size=75)
+    got = sample_metrics.sample_metrics(names, images[:16], labels[:16], domain="fashion_mnist",
+                                        net=None, fd_ref=None, inception_params=params,
+                                        inception_ref=ref, mesh=mesh, batch_size=8,
+                                        inception_size=75)
     acts_ref, acts = (inception.compute_activations(params, x, batch_size=8, size=75,
                                                     progress=False)
                       for x in (images, images[:16]))
@@ -269,16 +287,17 @@ def test_inception_metrics_match_a_direct_computation(trained, tmp_path):
         acts_ref["pool"], acts["pool"])[0], rel=1e-3)
     small = np.random.default_rng(3).normal(size=(16, 6))
     small_ref = stats(small[:8] * 2 + 1)
-    fid = run_eval._inception_metrics(("fid",), {"pool": small},
-                                      {"mu": small_ref.mu, "sigma": small_ref.sigma})
+    fid = sample_metrics.inception_metrics(("fid",), {"pool": small},
+                                           {"mu": small_ref.mu, "sigma": small_ref.sigma})
     assert fid == {"fid": metrics.frechet_distance(stats(small), small_ref)}
 
 
 def test_classifier_guidance_loads_the_trained_classifier_as_a_program_argument(trained):
-    """load_classifier_log_prob on a saved classifier run: log p(y | x_t) at the classifier's
+    """Classifier guidance from a saved classifier run: log p(y | x_t) at the classifier's
     own timesteps (x_ve / sqrt(1 + sigma^2), t of sigma), and the sampling program takes the
     classifier's parameters as an argument, with the samples of the closed-over form."""
-    from diffjax import generate
+    import dataclasses
+    import functools
 
     root, data, mesh = trained
     cls_config = os.path.join(REPO, "experiments", "classifier_fashion_mnist.py:smoke")
@@ -288,34 +307,43 @@ def test_classifier_guidance_loads_the_trained_classifier_as_a_program_argument(
     c = eval_config(root, data, **{"guidance.type": "classifier", "guidance.scale": 4.0,
                                    "guidance.classifier_config": cls_config,
                                    "guidance.classifier_workdir": str(root / "classifier")})
-    log_prob = generate.load_classifier_log_prob(c, mesh)
-    assert isinstance(log_prob, generate.ClassifierLogProb)
+    exp = build(c, mesh)
+    cls_task = exp.sampling.guidance.classifier
+    cls_params = common.classifier_params(exp.sampling, mesh)
+    log_prob = functools.partial(cls_task.log_prob, cls_params)
 
-    ds = configlib.build_discrete_schedule(cc)
-    model, params, _ = loop.restore_ema_params(cc, mesh, str(root / "classifier"))
+    ds = cls_task.schedule
+    params, _ = common.restore_params(cls_task, mesh, str(root / "classifier"))
     t = np.array([0, 3, cc.diffusion.num_timesteps // 2, cc.diffusion.num_timesteps - 1])
     sigma = np.asarray(ds.sigmas)[t]
     x_ve = np.asarray(jax.random.normal(jax.random.key(1), (4, 28, 28, 1))) * np.sqrt(1 + sigma**2)[
         :, None, None, None]
     y = np.array([0, 3, 5, 9])
-    logits = model.apply({"params": params}, x_ve / np.sqrt(1 + sigma**2)[:, None, None, None],
-                         t.astype(np.float32), train=False)  # the trainer's time input
+    logits = cls_task.model.apply({"params": params},
+                                  x_ve / np.sqrt(1 + sigma**2)[:, None, None, None],
+                                  t.astype(np.float32), train=False)  # the trainer's time input
     want = np.asarray(jax.nn.log_softmax(logits))[np.arange(4), y]
     np.testing.assert_allclose(log_prob(x_ve, sigma, y), want, rtol=1e-4, atol=1e-4)
 
-    diff_model, diff_params, _ = loop.restore_ema_params(c, mesh, str(root / "sweep" / "run0"))
-    fn = generate.make_sample_fn(c, diff_model, mesh, 8, log_prob)
+    diff_params, _ = common.restore_params(exp.task, mesh, str(root / "sweep" / "run0"))
+    fn = generate.make_sample_program(exp.task, exp.sampling, mesh, 8, False)
     key, labels = jax.random.key(2), np.arange(8) % 10
-    (cls_arg, *_), _ = fn.lower(diff_params, key, labels).args_info
-    assert len(jax.tree.leaves(cls_arg)) == len(jax.tree.leaves(log_prob.params)) > 0
-    closed = generate.make_sample_fn(c, diff_model, mesh, 8, lambda *a: log_prob(*a))
-    guided = np.asarray(fn(diff_params, key, labels))
+    knobs = exp.sampling.knobs()
+    (_, cls_arg, *_), _ = fn.lower(diff_params, cls_params, key, labels, None, knobs).args_info
+    assert len(jax.tree.leaves(cls_arg)) == len(jax.tree.leaves(cls_params)) > 0
+    g = exp.sampling.guidance
+    closed_guidance = dataclasses.replace(g, classifier=None,
+                                          static={"log_prob_fn": log_prob})
+    closed = generate.make_sample_program(
+        exp.task, dataclasses.replace(exp.sampling, guidance=closed_guidance), mesh, 8, False)
+    guided = np.asarray(fn(diff_params, cls_params, key, labels, None, knobs))
     # The same float32 math compiled with the parameters as constants or as an argument:
     # XLA folds and fuses differently, rounding differences of ~1e-4 at most in [-1, 1].
-    np.testing.assert_allclose(guided, np.asarray(closed(diff_params, key, labels)), atol=5e-4)
-    c.guidance.scale = 0.0
-    plain = generate.make_sample_fn(c, diff_model, mesh, 8, log_prob)
-    assert np.abs(guided - np.asarray(plain(diff_params, key, labels))).mean() > 1e-2
+    np.testing.assert_allclose(guided, np.asarray(closed(diff_params, None, key, labels, None,
+                                                         knobs)), atol=5e-4)
+    plain = np.asarray(fn(diff_params, cls_params, key, labels, None,
+                          exp.sampling.knobs(guidance_scale=0.0)))
+    assert np.abs(guided - plain).mean() > 1e-2
 
 
 def test_classifier_run_eval_reports_test_accuracy(trained, net, tmp_path):
@@ -325,8 +353,8 @@ def test_classifier_run_eval_reports_test_accuracy(trained, net, tmp_path):
     fc = configlib.load_config_file(FEATURES)
     fc.data.path = data
     fc.eval.batch_size = 16  # 40 test images: the last batch is padded
-    [record] = runs.evaluate(fc, str(tmp_path / "features_eval"), mesh,
-                             checkpoint=str(root / "features"))
+    [record] = evaluate(fc, str(tmp_path / "features_eval"), mesh,
+                        checkpoint=str(root / "features"))
     images, labels = read_test_split(data)
     _, logits = net(images)
     want = float(np.mean(np.argmax(logits, -1) == labels))
@@ -338,6 +366,59 @@ def test_classifier_run_eval_reports_test_accuracy(trained, net, tmp_path):
     cc = configlib.load_config_file(os.path.join(REPO, "experiments",
                                                  "classifier_fashion_mnist.py:smoke"))
     t_max = cc.diffusion.num_timesteps - 1
-    assert run_eval.classifier_timesteps(cc) == tuple(
+    assert app_evaluate.classifier_timesteps(experiment.build(cc).task) == tuple(
         round(f * t_max) for f in (0, 0.25, 0.5, 0.75))
-    assert run_eval.classifier_timesteps(fc) == (0,)
+    assert app_evaluate.classifier_timesteps(experiment.build(fc).task) == (0,)
+
+
+def _counting(monkeypatch, name):
+    """Replaces sampler ``name`` in the samplers table by a wrapper counting its traces."""
+    import functools
+
+    from diffjax.diffusion import samplers
+
+    original, calls = samplers.SAMPLERS[name], []
+
+    @functools.wraps(original)
+    def counted(*args, **kwargs):
+        calls.append(1)  # runs once per trace of the sampling program
+        return original(*args, **kwargs)
+
+    monkeypatch.setitem(samplers.SAMPLERS, name, counted)
+    return calls
+
+
+def test_a_sweep_over_guidance_scales_traces_the_sampler_once(trained, monkeypatch):
+    root, data, mesh = trained
+    calls = _counting(monkeypatch, "ddim")
+    c = eval_config(root, data, **{"eval.sweep_guidance_scales": (0.0, 1.5, 4.0),
+                                   "eval.metrics": ("class_accuracy",)})
+    records = evaluate(c, str(root / "sweep" / "run0"), mesh, seed=0)
+    assert [r["guidance"]["scale"] for r in records] == [0.0, 1.5, 4.0]
+    assert len(calls) == 1
+    out = root / "sweep" / "run0" / "eval"
+    grids = [np.asarray(Image.open(out / f"{r['name']}.png")) for r in records]
+    assert all(np.abs(g.astype(int) - grids[0]).max() > 0 for g in grids[1:])  # scales applied
+
+
+def test_sampling_twice_with_other_knobs_compiles_once(trained, tmp_path, monkeypatch):
+    """--mode sample twice in one process, another guidance scale and eta: one trace; the
+    knobs reach the program (the samples differ) and an unset eta is the sampler's own."""
+    from diffjax.app import sample as app_sample
+
+    root, data, mesh = trained
+    calls = _counting(monkeypatch, "euler_ancestral")
+    run = str(root / "sweep" / "run0")
+
+    def draw(**overrides):
+        c = eval_config(root, data, **{"sampler.name": "euler_ancestral", **overrides})
+        images, _ = app_sample.run(build(c, mesh, mode="sample"), str(tmp_path / "out"), mesh,
+                                   checkpoint=run, seed=0)
+        return images
+
+    base = draw()
+    assert len(calls) == 1
+    np.testing.assert_array_equal(draw(**{"sampler.eta": 1.0}), base)  # its default
+    assert np.abs(draw(**{"sampler.eta": 0.5}) - base).max() > 1e-2
+    assert np.abs(draw(**{"guidance.scale": 3.0}) - base).max() > 1e-2
+    assert len(calls) == 1

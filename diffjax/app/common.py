@@ -1,0 +1,57 @@
+"""What the modes share: the user errors, restoring parameters for inference, output."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+
+from diffjax import checkpoint, parallel
+from diffjax.data import DataError
+from diffjax.errors import ConfigError
+from diffjax.evaluation.metrics import MetricError
+from diffjax.train.loop import NonFiniteLossError
+
+# Errors whose message is the whole story: main prints one line and exits with status 2.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError, checkpoint.CheckpointError, DataError, MetricError, FileNotFoundError,
+    NonFiniteLossError)
+
+
+def abstract_params(task, mesh) -> Any:
+    """The task's parameter shapes and dtypes, replicated on ``mesh`` (nothing allocated)."""
+    rep = parallel.replicated(mesh)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
+                        task.abstract_params())
+
+
+def restore_params(task, mesh, source: str, step: int | None = None) -> tuple[Any, int]:
+    """(EMA parameters of the first decay, step) of a run directory or its checkpoints
+    directory, read-only, replicated on ``mesh``: only the model's init shapes are built."""
+    return checkpoint.restore_ema_params(source, abstract_params(task, mesh), step)
+
+
+def classifier_params(sampling, mesh) -> Any:
+    """The guiding classifier's EMA parameters for classifier guidance, else None."""
+    g = sampling.guidance
+    if g.classifier is None:
+        return None
+    params, _ = restore_params(g.classifier, mesh, g.classifier_workdir)
+    return params
+
+
+def write_samples(workdir: str, **arrays: Any) -> epath.Path:
+    """``WORKDIR/samples.npz`` of ``arrays`` (process 0); returns WORKDIR."""
+    out = epath.Path(workdir)
+    if jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "samples.npz").open("wb") as f:
+            np.savez(f, **arrays)
+    return out
+
+
+def say(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)

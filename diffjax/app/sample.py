@@ -1,0 +1,114 @@
+"""``--mode sample``: samples from a checkpoint to ``WORKDIR/samples.npz`` and a PNG grid.
+
+With ``condition.type`` set each sample starts from an input image of ``condition.input``
+(img2img, inpaint) or is conditioned on it (superres: the low-resolution image).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import numpy as np
+from PIL import Image
+
+from diffjax import generate
+from diffjax.app import common
+from diffjax.errors import ConfigError
+from diffjax.evaluation import grid
+from diffjax.specs import Experiment
+
+
+def to_model_range(images: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """[N, H, W, C] (or [H, W, C]) uint8 or float in [-1, 1] -> float32 [N, size, size,
+    channels] in [-1, 1]: channels averaged or repeated, resized (antialiased bilinear)."""
+    x = np.asarray(images)
+    x = x[None] if x.ndim == 3 else x[None, ..., None] if x.ndim == 2 else x
+    x = x.astype(np.float32) / 127.5 - 1.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    if x.shape[-1] != channels:
+        x = x.mean(-1, keepdims=True) if channels == 1 else np.repeat(x[..., :1], channels, -1)
+    if x.shape[1:3] != (size, size):
+        x = np.asarray(jax.image.resize(x, (x.shape[0], size, size, channels), "linear",
+                                        antialias=True))
+    return x
+
+
+def load_inputs(path: str, size: int, channels: int) -> np.ndarray:
+    """Images of ``condition.input``: an image file (PNG, JPEG...) or an .npz (key "images",
+    else its first array; uint8 in [0, 255] or floats in [-1, 1]) -> [N, size, size, channels]."""
+    if not path or not os.path.isfile(path):
+        raise ConfigError(
+            f"condition.input={path!r} is not a file; pass --config.condition.input=PATH of an "
+            "image or an .npz of images to condition on")
+    if path.endswith(".npz"):
+        with np.load(path) as f:
+            arr = f["images"] if "images" in f.files else f[f.files[0]]
+    else:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("L" if channels == 1 else "RGB"))
+    return to_model_range(arr, size, channels)
+
+
+def side_by_side(inputs: np.ndarray, outputs: np.ndarray, ncol: int = 8) -> np.ndarray:
+    """Interleaves rows of ``ncol`` inputs and their outputs ([N, H, W, C] each; smaller
+    inputs are enlarged by pixel repetition) for one grid: input row, result row, ..."""
+    factor = outputs.shape[1] // inputs.shape[1]
+    inputs = np.repeat(np.repeat(inputs, factor, 1), factor, 2)
+    rows = []
+    for i in range(0, len(outputs), ncol):
+        a, b = inputs[i:i + ncol], outputs[i:i + ncol]
+        pad = ((0, ncol - len(a)), (0, 0), (0, 0), (0, 0))
+        rows += [np.pad(a, pad, constant_values=1.0), np.pad(b, pad, constant_values=1.0)]
+    return np.concatenate(rows)
+
+
+def _check_can_sample(experiment: Experiment) -> None:
+    if not experiment.task.draws_samples:
+        raise ConfigError(f"--mode sample needs a generative model; {experiment.model_name!r} "
+                          "is a classifier (use --mode eval for its accuracy)")
+
+
+def run(experiment: Experiment, workdir: str, mesh, *, checkpoint: str = "",
+        step: int | None = None, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Writes ``WORKDIR/samples.npz`` (images in [-1, 1], labels) and ``samples.png``;
+    returns (images [N, H, W, C], labels [N])."""
+    _check_can_sample(experiment)
+    task, sampling = experiment.task, experiment.sampling
+    inputs = None
+    if sampling.uses_inputs(task):  # read (and checked) before the checkpoint
+        size, _, channels = task.input_shape
+        inputs = load_inputs(sampling.condition_input, size, channels)
+    params, got = common.restore_params(task, mesh, checkpoint or workdir, step)
+    seed = sampling.seed if seed is None else seed
+    generator = generate.Generator(task, sampling, mesh,
+                                   common.classifier_params(sampling, mesh))
+    if inputs is not None:
+        return sample_with_inputs(sampling, workdir, generator, params, inputs, got, seed)
+    start = time.perf_counter()
+    images, labels = generator(params, sampling.num_samples, jax.random.PRNGKey(seed),
+                               grouped=True)
+    wall = time.perf_counter() - start
+    out = common.write_samples(workdir, images=images, labels=labels, step=got, seed=seed)
+    if jax.process_index() == 0:
+        ncol = -(-len(images) // task.num_classes) if task.class_cond else None
+        grid.save_grid(images, str(out / "samples.png"), ncol=ncol, scale=2)
+    common.say(f"wrote {len(images)} samples from checkpoint step {got} with "
+               f"{sampling.sampler.name} ({sampling.sampler.num_steps} steps, seed {seed}) in "
+               f"{wall:.1f}s to {out}/samples.npz and samples.png")
+    return images, labels
+
+
+def sample_with_inputs(sampling, workdir: str, generator, params, inputs: np.ndarray,
+                        step: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One result per input image, written to ``WORKDIR/samples.npz`` (images, inputs,
+    labels) and ``samples.png`` (input | result rows)."""
+    images, labels = generator(params, len(inputs), jax.random.PRNGKey(seed), inputs=inputs)
+    out = common.write_samples(workdir, images=images, inputs=inputs, labels=labels, step=step,
+                               seed=seed)
+    if jax.process_index() == 0:
+        grid.save_grid(side_by_side(inputs, images), str(out / "samples.png"), ncol=8, scale=2)
+    common.say(f"wrote {len(images)} {sampling.condition_type} results from checkpoint step "
+               f"{step} with {sampling.sampler.name} to {out}/samples.npz and samples.png "
+               "(input | result rows)")
+    return images, labels

@@ -1,0 +1,62 @@
+"""``--mode train``: data, the trainer's loop, and the EMA sample grids it draws."""
+
+from __future__ import annotations
+
+import jax
+
+from diffjax import data, generate
+from diffjax.app import common
+from diffjax.specs import DataSpec, Experiment
+from diffjax.train import loop
+from diffjax.train.state import TrainState
+
+
+def train_iterator(d: DataSpec, seed: int, process_index: int, process_count: int):
+    """This process's shard of the training data (grain iterator of local batches).
+
+    ``d.path`` "" means the source's default location. Checks ``d.channels`` and
+    ``d.num_classes`` against the data before any training starts.
+    """
+    common_kwargs = d.source_kwargs()
+    _, shape, num_classes = data.dataset_info(**common_kwargs)
+    if shape[-1] != d.channels:
+        raise data.DataError(f"data.channels={d.channels} but {d.source} images have "
+                             f"{shape[-1]} channel(s); set --config.data.channels={shape[-1]}")
+    if d.num_classes > 0 and d.num_classes != num_classes:
+        raise data.DataError(f"data.num_classes={d.num_classes} but {d.source} has {num_classes}"
+                             f" classes; set --config.data.num_classes={num_classes} (0 = ignore"
+                             " labels)")
+    return data.make_train_iterator(
+        **common_kwargs, global_batch_size=d.batch_size, seed=seed, random_flip=d.random_flip,
+        process_index=process_index, process_count=process_count, num_workers=d.num_workers)
+
+
+def grid_drawer(experiment: Experiment, mesh):
+    """``ema_params -> (images, classes per row)`` of the training grids, or None for a task
+    that draws no samples without inputs (a classifier, a super-resolution model)."""
+    task, t = experiment.task, experiment.train
+    if not task.draws_samples or task.needs_inputs or t.sample_every <= 0:
+        return None
+    generator = generate.Generator(task, experiment.sampling, mesh,
+                                   common.classifier_params(experiment.sampling, mesh),
+                                   batch_size=min(experiment.sampling.batch_size,
+                                                  t.num_sample_images))
+    per_row = task.num_classes if task.class_cond else 0
+
+    def draw(ema_params):
+        images, _ = generator(ema_params, t.num_sample_images, jax.random.PRNGKey(t.seed + 1),
+                              grouped=True)
+        return images, per_row
+
+    return draw
+
+
+def run(experiment: Experiment, workdir: str, mesh, *, allow_config_change: bool = False,
+        data_iterator=None) -> TrainState:
+    """Trains to ``train.num_steps``, resuming from ``WORKDIR/checkpoints`` if it has any."""
+    loop.check_workdir_config(workdir, experiment.resolved, allow_config_change)
+    it = data_iterator or train_iterator(experiment.data, experiment.train.seed,
+                                         jax.process_index(), jax.process_count())
+    return loop.train(experiment.task, experiment.optim, experiment.train, workdir, mesh, it,
+                      resolved=experiment.resolved, global_batch=experiment.data.batch_size,
+                      draw_grid=grid_drawer(experiment, mesh))

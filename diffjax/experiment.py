@@ -1,0 +1,448 @@
+"""ConfigDict -> Experiment: the one place names become implementations.
+
+:func:`build` validates a config (:func:`diffjax.configlib.validate`) and resolves it, through
+one name -> factory table per concept, into an :class:`diffjax.specs.Experiment` of small
+frozen specs and a :class:`diffjax.tasks.Task`:
+
+  TASKS        what is trained          (diffusion / superres / classifier)
+  MODELS       the network              (``model.name``: unet / classifier)
+  SCHEDULES    the noise schedule       (``diffusion.schedule``)
+  SIGMA_SPACINGS  the sampling sigmas   (``sampler.sigma_spacing``)
+  SAMPLERS     the sampling algorithm   (``sampler.name``), its options checked against it
+  GUIDANCE     the denoiser transform   (``guidance.type``)
+  THRESHOLDING the x0 transform         (``sampler.thresholding``)
+  CONDITIONS   conditioning at sampling (``condition.type``)
+
+Configs referenced by path (a guiding classifier, the feature network of ``--mode eval``)
+are loaded and resolved here too, so nothing below reads a config file. Below this module
+nothing imports ``ml_collections``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from diffjax import configlib, generate, specs, tasks
+from diffjax import data as data_lib
+from diffjax.configlib import ConfigError
+from diffjax.diffusion import conditional, guidance, samplers, schedules
+from diffjax.diffusion import sigmas as sigma_lib
+from diffjax.diffusion import superres
+from diffjax.evaluation import sample_metrics
+from diffjax.models import classifier, unet
+from diffjax.train.step import LossSpec
+
+# Options of ``config.sampler`` that are a sampler's keyword arguments; None = the sampler's
+# own default. Each is checked against the chosen sampler's signature.
+SAMPLER_OPTIONS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
+# Keyword arguments of every sampler that are not options (see diffusion.samplers).
+_SAMPLER_ARGS = ("cond", "return_trajectory")
+
+SCHEDULES = schedules.SCHEDULES
+SAMPLERS = samplers.SAMPLERS
+GUIDANCE = guidance.GUIDANCE
+THRESHOLDING = guidance.THRESHOLDING
+
+
+def build(c: ml_collections.ConfigDict, *, num_devices: int = 1,
+          mode: str = "train") -> specs.Experiment:
+    """The validated, resolved experiment of config ``c``.
+
+    num_devices: the data-parallel width the batch sizes must divide; mode: the ``--mode``
+    it is built for (``eval`` also resolves and checks the eval section). Raises
+    ConfigError (one line) for anything wrong in the config.
+    """
+    configlib.check_name("data.source", c.data.source, data_lib.SOURCES)
+    configlib.validate(c, num_devices=num_devices)
+    data = _data(c)
+    ds = SCHEDULES[c.diffusion.schedule]().discretize(c.diffusion.num_timesteps)
+    task = TASKS[_task_kind(c)](c, data, ds)
+    return specs.Experiment(
+        model_name=c.model.name, data=data, task=task, schedule=ds,
+        sampling=_sampling(c, task, ds), optim=_optim(c), train=_train(c),
+        eval=_eval(c, mode, ds), resolved=c.to_dict(), config_text=str(c))
+
+
+def load(path: str, *, num_devices: int = 1, mode: str = "train") -> specs.Experiment:
+    """The experiment of a config file (``path`` or ``path:variant``)."""
+    return build(configlib.load_config_file(path), num_devices=num_devices, mode=mode)
+
+
+# ----------------------------------------------------------------------------- data, model
+
+
+def _data(c: ml_collections.ConfigDict) -> specs.DataSpec:
+    d = c.data
+    return specs.DataSpec(
+        source=d.source, path=d.path, split=d.split, image_size=d.image_size,
+        channels=d.channels, num_classes=d.num_classes, batch_size=d.batch_size,
+        random_flip=d.random_flip, resize=d.resize, num_workers=d.num_workers)
+
+
+def _shared_model_options(m: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The ADM options the UNet and the classifier share."""
+    return dict(
+        model_channels=m.model_channels,
+        num_res_blocks=m.num_res_blocks,
+        channel_mult=tuple(m.channel_mult),
+        attention_resolutions=tuple(m.attention_resolutions),
+        num_heads=m.num_heads,
+        num_head_channels=m.num_head_channels,
+        use_scale_shift_norm=m.use_scale_shift_norm,
+        resblock_updown=m.resblock_updown,
+        conv_resample=m.conv_resample,
+        use_new_attention_order=m.use_new_attention_order,
+        dropout=m.dropout,
+        norm_groups=m.norm_groups,
+        dtype=jnp.dtype(m.dtype),
+        param_dtype=jnp.dtype(m.param_dtype),
+        remat=m.remat,
+        cpu_fast_conv=m.cpu_fast_conv,
+    )
+
+
+def learns_variance(c: ml_collections.ConfigDict) -> bool:
+    return c.diffusion.variance_type in ("learned", "learned_range")
+
+
+def _unet(c: ml_collections.ConfigDict) -> unet.UNet:
+    m = c.model
+    return unet.UNet(
+        out_channels=c.data.channels,
+        num_heads_upsample=m.num_heads_upsample,
+        num_classes=c.data.num_classes if m.class_cond else None,
+        # The null-label row exists when the model was trained with label dropout, whatever
+        # guidance samples it.
+        class_null_label=m.class_cond and c.guidance.label_dropout > 0,
+        learn_sigma=learns_variance(c),
+        aug_embed=c.condition.type == "superres" and c.condition.aug_max > 0,
+        **_shared_model_options(m),
+    )
+
+
+def _classifier(c: ml_collections.ConfigDict) -> classifier.EncoderClassifier:
+    return classifier.EncoderClassifier(num_classes=c.data.num_classes, pool=c.model.pool,
+                                        **_shared_model_options(c.model))
+
+
+MODELS: dict[str, Callable[[ml_collections.ConfigDict], Any]] = {
+    "unet": _unet,
+    "classifier": _classifier,
+}
+
+
+def build_model(c: ml_collections.ConfigDict):
+    """The Flax module of ``model.name`` with the ADM options of ``c.model``."""
+    return MODELS[c.model.name](c)
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def _loss(c: ml_collections.ConfigDict) -> LossSpec:
+    d = c.diffusion
+    kwargs = {"vlb_weight": d.vlb_weight, "min_snr_gamma": d.min_snr_gamma,
+              "p2_gamma": d.p2_gamma, "p2_k": d.p2_k}
+    cfg = c.guidance.type == "classifier_free"
+    return LossSpec(
+        prediction=d.prediction, loss_type=d.loss, variance_type=d.variance_type,
+        weighting=d.weighting, loss_kwargs=tuple(sorted(kwargs.items())),
+        timestep_sampler=d.timestep_sampler,
+        label_dropout=c.guidance.label_dropout if cfg else 0.0,
+        null_label=c.data.num_classes,
+    )
+
+
+def _diffusion_task(c, data: specs.DataSpec, ds) -> tasks.DiffusionTask:
+    return tasks.DiffusionTask(
+        model=build_model(c), image_shape=data.image_shape, num_classes=data.num_classes,
+        schedule=ds, class_cond=c.model.class_cond, loss=_loss(c),
+        learned_variance=learns_variance(c))
+
+
+def _superres_task(c, data: specs.DataSpec, ds) -> tasks.SuperResTask:
+    k = c.condition
+    return tasks.SuperResTask(
+        model=build_model(c), image_shape=data.image_shape, num_classes=data.num_classes,
+        schedule=ds, class_cond=c.model.class_cond, loss=_loss(c),
+        learned_variance=learns_variance(c),
+        superres=superres.SuperRes(low_res_size=k.low_res_size, aug_max=k.aug_max,
+                                   aug_sample=k.aug_sample))
+
+
+def _classifier_task(c, data: specs.DataSpec, ds) -> tasks.ClassifierTask:
+    return tasks.ClassifierTask(
+        model=build_model(c), image_shape=data.image_shape, num_classes=data.num_classes,
+        schedule=ds, noised=c.model.classifier_noised)
+
+
+TASKS: dict[str, Callable[..., tasks.Task]] = {
+    "diffusion": _diffusion_task,
+    "superres": _superres_task,
+    "classifier": _classifier_task,
+}
+
+
+def _task_kind(c: ml_collections.ConfigDict) -> str:
+    """The TASKS key: a classifier model, else a (super-resolution) diffusion model."""
+    if c.model.name == "classifier":
+        return "classifier"
+    return "superres" if c.condition.type == "superres" else "diffusion"
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _model_sigmas(c, ds) -> np.ndarray:
+    s = c.sampler
+    return sigma_lib.discrete_sigmas(ds.sigmas, s.num_steps, s.timestep_spacing or "uniform")
+
+
+def _karras_sigmas(c, ds) -> np.ndarray:
+    lo, hi = float(ds.sigmas[0]), float(ds.sigmas[-1])
+    return sigma_lib.karras_sigmas(c.sampler.num_steps, lo, hi, c.sampler.rho)
+
+
+def _loglinear_sigmas(c, ds) -> np.ndarray:
+    lo, hi = float(ds.sigmas[0]), float(ds.sigmas[-1])
+    return sigma_lib.loglinear_sigmas(c.sampler.num_steps, lo, hi)
+
+
+SIGMA_SPACINGS: dict[str, Callable[..., np.ndarray]] = {
+    "model": _model_sigmas,
+    "karras": _karras_sigmas,
+    "loglinear": _loglinear_sigmas,
+}
+
+
+def sampler_options(fn: Callable[..., Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    """(float options with their defaults, other options with theirs) of a sampler."""
+    floats, other = {}, {}
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name in _SAMPLER_ARGS:
+            continue
+        (floats if isinstance(p.default, float) else other)[p.name] = p.default
+    return floats, other
+
+
+def _sampler(c: ml_collections.ConfigDict, ds) -> specs.SamplerSpec:
+    s = c.sampler
+    fn = SAMPLERS[s.name]
+    floats, other = sampler_options(fn)
+    for name in SAMPLER_OPTIONS:
+        value = s[name]
+        if value is not None and name not in floats:
+            takes = ", ".join(f"sampler.{o}" for o in floats) or "none of them"
+            raise ConfigError(
+                f"sampler.{name}={value} is not an option of sampler {s.name!r}, which takes "
+                f"{takes}; remove --config.sampler.{name} or choose another sampler.name")
+    knobs = {name: float(s[name]) if s.get(name) is not None else default
+             for name, default in floats.items()}
+    if s.name == "ddim" and not 0.0 <= knobs["eta"] <= 1.0:
+        raise ConfigError(f"sampler.eta={knobs['eta']} must be in [0, 1] for ddim")
+    options = {}
+    if "variance" in other:  # ddpm: the variance the model was trained for
+        options["variance"] = "learned" if learns_variance(c) else c.diffusion.variance_type
+    sigmas = SIGMA_SPACINGS[s.sigma_spacing](c, ds)
+    return specs.SamplerSpec(name=s.name, fn=fn, num_steps=s.num_steps, sigmas=sigmas,
+                             options=options, knobs=knobs)
+
+
+def _no_guidance(c: ml_collections.ConfigDict) -> generate.GuidanceSpec:
+    return generate.GuidanceSpec(name="none", fn=GUIDANCE["none"], static={}, knobs={})
+
+
+def _classifier_free(c: ml_collections.ConfigDict) -> generate.GuidanceSpec:
+    g = c.guidance
+    return generate.GuidanceSpec(
+        name=g.type, fn=GUIDANCE[g.type], static={"null_cond": c.data.num_classes},
+        knobs={"scale": float(g.scale), "rescale": float(g.rescale),
+               "interval": (float(g.interval_sigma_min), float(g.interval_sigma_max))})
+
+
+def _classifier_guidance(c: ml_collections.ConfigDict) -> generate.GuidanceSpec:
+    g = c.guidance
+    if not g.classifier_config or not g.classifier_workdir:
+        raise ConfigError(
+            "guidance.type='classifier' needs --config.guidance.classifier_config="
+            "experiments/classifier_*.py and --config.guidance.classifier_workdir=DIR of "
+            "its trained run")
+    guide = load(g.classifier_config)
+    if not isinstance(guide.task, tasks.ClassifierTask):
+        raise ConfigError(f"guidance.classifier_config={g.classifier_config!r} is not a "
+                          "classifier config (model.name='classifier')")
+    return generate.GuidanceSpec(name=g.type, fn=GUIDANCE[g.type], static={},
+                                 knobs={"scale": float(g.scale)}, classifier=guide.task,
+                                 classifier_workdir=g.classifier_workdir)
+
+
+GUIDANCE_SPECS: dict[str, Callable[[ml_collections.ConfigDict], generate.GuidanceSpec]] = {
+    "none": _no_guidance,
+    "classifier_free": _classifier_free,
+    "classifier": _classifier_guidance,
+}
+
+
+def _threshold(c: ml_collections.ConfigDict) -> generate.ThresholdSpec:
+    s = c.sampler
+    knobs = {"percentile": float(s.dynamic_percentile)} if s.thresholding == "dynamic" else {}
+    if knobs and not 0.0 < knobs["percentile"] <= 1.0:
+        raise ConfigError(f"sampler.dynamic_percentile={s.dynamic_percentile} must be in (0, 1]")
+    return generate.ThresholdSpec(name=s.thresholding, fn=THRESHOLDING[s.thresholding],
+                                  knobs=knobs)
+
+
+def load_mask(spec: str, size: int) -> np.ndarray:
+    """``condition.mask`` as [size, size, 1] float32, 1 = known: "center", "left_half" or a
+    PNG (pixels > 127 known, resized nearest)."""
+    if spec in conditional.MASKS:
+        return conditional.MASKS[spec](size, size)
+    if not os.path.isfile(spec):
+        raise ConfigError(f"condition.mask={spec!r} is neither center, left_half nor "
+                          "an existing PNG file")
+    with Image.open(spec) as img:
+        m = np.asarray(img.convert("L").resize((size, size), Image.NEAREST))
+    return (m > 127).astype(np.float32)[..., None]
+
+
+CONDITIONS: dict[str, Callable[[ml_collections.ConfigDict], Any]] = {
+    "none": lambda c: generate.FromNoise(),
+    # the low-resolution inputs reach the network through the SuperResTask
+    "superres": lambda c: generate.FromNoise(),
+    "img2img": lambda c: generate.Img2Img(strength=float(c.condition.strength)),
+    "inpaint": lambda c: generate.Inpaint(
+        mask=load_mask(c.condition.mask, c.data.image_size),
+        resample=int(c.condition.repaint_resample), jump=int(c.condition.repaint_jump)),
+}
+
+
+def _sampling(c: ml_collections.ConfigDict, task: tasks.Task, ds) -> generate.Sampling | None:
+    if not task.draws_samples:
+        return None
+    s = c.sampler
+    return generate.Sampling(
+        sampler=_sampler(c, ds), guidance=GUIDANCE_SPECS[c.guidance.type](c),
+        threshold=_threshold(c), condition=CONDITIONS[c.condition.type](c),
+        condition_type=c.condition.type, condition_input=c.condition.input,
+        with_variance=learns_variance(c) and s.name == "ddpm",
+        batch_size=s.batch_size, num_samples=s.num_samples, seed=s.seed)
+
+
+# ----------------------------------------------------------------------------- optim, train, eval
+
+
+def _optim(c: ml_collections.ConfigDict) -> specs.OptimSpec:
+    o = c.optim
+    return specs.OptimSpec(
+        learning_rate=o.learning_rate, warmup_steps=o.warmup_steps, decay=o.decay,
+        min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
+        grad_clip=o.grad_clip, ema_decays=tuple(float(d) for d in o.ema_decays))
+
+
+def _train(c: ml_collections.ConfigDict) -> specs.TrainSpec:
+    t = c.train
+    return specs.TrainSpec(
+        num_steps=t.num_steps, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
+        keep_checkpoints=t.keep_checkpoints, keep_every=t.keep_every,
+        sample_every=t.sample_every, num_sample_images=t.num_sample_images, seed=t.seed)
+
+
+def domain_name(source: str) -> str:
+    """Short name of a data source for metric and file names: "fashion_mnist_idx" ->
+    "fashion_mnist", "tfds:cifar10" -> "cifar10", "tfds:imagenet_resized/64x64" ->
+    "imagenet_resized_64x64", "folder" -> "folder"."""
+    name = source.split(":", 1)[-1]
+    name = name[:-len("_idx")] if name.endswith("_idx") else name
+    return re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_").lower()
+
+
+def valid_metrics(domain: str) -> tuple[str, ...]:
+    return (f"fd_{domain}", *sample_metrics.OTHER_METRICS, *sample_metrics.INCEPTION_METRICS)
+
+
+def _eval(c: ml_collections.ConfigDict, mode: str, ds) -> specs.EvalSpec:
+    e = c.eval
+    domain = domain_name(c.data.source)
+    steps = tuple(int(n) for n in e.sweep_num_steps) or (c.sampler.num_steps,)
+    features = None
+    if mode == "eval":
+        features = _check_eval(c, domain)
+    samplers_ = ()
+    if mode == "eval" and c.model.name != "classifier":
+        point = copy.deepcopy(c)
+        points = []
+        for n in steps:
+            point.sampler.num_steps = n
+            points.append(_sampler(point, ds))
+        samplers_ = tuple(points)
+    return specs.EvalSpec(
+        num_samples=e.num_samples, batch_size=e.batch_size, metrics=tuple(e.metrics),
+        split=e.split, sweep_guidance_scales=tuple(float(s) for s in e.sweep_guidance_scales),
+        sweep_num_steps=steps, samplers=samplers_, name=e.name, features=features,
+        features_config=e.features_config, features_workdir=e.features_workdir,
+        inception_weights=e.inception_weights, reference_stats=e.reference_stats,
+        inception_size=e.inception_size, nll_num_examples=e.nll_num_examples, domain=domain,
+        seed=c.sampler.seed)
+
+
+def _check_eval(c: ml_collections.ConfigDict, domain: str) -> specs.Experiment | None:
+    """The config checks of ``--mode eval`` (one-line ConfigError) and the feature
+    classifier's experiment when a metric needs it. Files (checkpoints, weights, data) are
+    checked by the app before any checkpoint is read."""
+    e = c.eval
+    names, valid = tuple(e.metrics), valid_metrics(domain)
+    if c.model.name == "classifier":
+        if e.batch_size < 1:
+            raise ConfigError("eval.batch_size must be >= 1")
+        return None
+    if c.condition.type == "superres":
+        raise ConfigError(
+            "--mode eval draws samples without inputs, and a superres model needs a "
+            "low-resolution input per sample; upsample given inputs with --mode sample "
+            "--config.condition.input=FILE instead")
+    unknown = [m for m in names if m not in valid]
+    if not names or unknown:
+        raise ConfigError(f"eval.metrics has unknown metric(s) {unknown or '(none given)'}; "
+                          f"valid: {', '.join(valid)}")
+    if e.num_samples < 2 or e.batch_size < 1:
+        raise ConfigError("eval.num_samples must be >= 2 and eval.batch_size >= 1")
+    if "class_accuracy" in names and not c.model.class_cond:
+        raise ConfigError("class_accuracy needs a class-conditional model "
+                          "(model.class_cond=True); remove it from eval.metrics")
+    if e.sweep_guidance_scales and c.guidance.type == "none":
+        raise ConfigError("eval.sweep_guidance_scales needs guidance.type "
+                          "'classifier_free' or 'classifier'")
+    if any(int(n) < 1 for n in e.sweep_num_steps):
+        raise ConfigError(f"eval.sweep_num_steps={tuple(e.sweep_num_steps)} must be step "
+                          "counts >= 1")
+    if not sample_metrics.needs_features(names):
+        return None
+    if not e.features_config or not e.features_workdir:
+        raise ConfigError(
+            "fd_* and class_accuracy need eval.features_config (e.g. experiments/"
+            "fmnist_features.py) and eval.features_workdir (its trained run)")
+    fc = configlib.load_config_file(e.features_config)
+    if fc.model.name != "classifier":
+        raise ConfigError(f"eval.features_config={e.features_config!r} is not a classifier "
+                          f"config (model.name={fc.model.name!r})")
+    want = (c.data.image_size, c.data.channels)
+    if (fc.data.image_size, fc.data.channels) != want:
+        raise ConfigError(
+            f"eval.features_config={e.features_config!r} classifies "
+            f"{fc.data.image_size}px x{fc.data.channels} images but this model makes "
+            f"{want[0]}px x{want[1]}; use a feature classifier of this data")
+    if "class_accuracy" in names and fc.data.num_classes != c.data.num_classes:
+        raise ConfigError(
+            f"eval.features_config={e.features_config!r} has {fc.data.num_classes} classes,"
+            f" this model {c.data.num_classes}; class_accuracy needs the same labels")
+    return build(fc)
