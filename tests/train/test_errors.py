@@ -4,9 +4,11 @@ import json
 import os
 
 import jax
+import numpy as np
 import pytest
 
 from diffjax import checkpoint, configlib, experiment, parallel
+from diffjax.app import common
 from diffjax.app import train as app_train
 from diffjax.train import loop
 
@@ -86,3 +88,31 @@ def test_relative_checkpoint_directory_works(tiny, tiny_data, tmp_path, monkeypa
     checkpoint.save(manager, 2, trainer.new_state(), None, c.to_dict())
     manager.wait_until_finished()
     assert (tmp_path / "runs" / "x" / "checkpoints" / "2" / "state").is_dir()
+
+
+def test_inference_restores_one_ema_copy_from_the_model_shapes_alone(tiny, tiny_data, tmp_path):
+    """checkpoint.restore_ema_params reads EMA copy i into the model's init shapes (no
+    optimiser, no train step), and refuses a checkpoint of another model in one line."""
+    c = tiny.config(tiny_data)  # two EMA decays
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    trainer = _trainer(c, mesh)
+    state = trainer.new_state()
+    emas = tuple(jax.tree.map(lambda p, k=k: p + (k + 1.0), state.params) for k in range(2))
+    state = state.replace(ema_params=emas)
+    manager = checkpoint.make_manager(str(tmp_path / "checkpoints"), async_save=False)
+    checkpoint.save(manager, 4, state, None, c.to_dict())
+    manager.wait_until_finished()
+    task = experiment.build(c).task
+    abstract = common.abstract_params(task, mesh)
+    for k in range(2):
+        got, step = checkpoint.restore_ema_params(str(tmp_path), abstract, index=k)
+        assert step == 4
+        for a, b in zip(jax.tree.leaves(jax.device_get(got)),
+                        jax.tree.leaves(jax.device_get(emas[k]))):
+            np.testing.assert_array_equal(a, b)
+    other = experiment.build(tiny.config(tiny_data, **{"model.model_channels": 64})).task
+    with pytest.raises(checkpoint.CheckpointError, match="parameters of another model") as info:
+        common.restore_params(other, mesh, str(tmp_path))
+    assert "\n" not in str(info.value)
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoints at"):
+        common.restore_params(task, mesh, str(tmp_path / "elsewhere"))
