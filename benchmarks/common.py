@@ -197,22 +197,23 @@ def random_batch(c, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def time_trainer(c, batch: int, steps: int, warmup: int, repeats: int) -> dict[str, Any]:
-    """Compile time, per-step median time and peak RSS of ``Trainer(c).train_step``.
+    """Compile time, per-step median time and peak RSS of ``loop.Trainer(...).train_step``
+    for the Experiment of config ``c`` (``diffjax.experiment.build``).
 
     The jitted step (forward, loss, backward, AdamW, EMA; state donated and threaded through)
     runs ``steps`` times per timed call on one fixed random batch already on the device.
     """
     import jax
 
-    from diffjax import configlib, parallel
+    from diffjax import experiment, parallel
     from diffjax.models import layers
-    from diffjax.train.loop import Trainer
+    from diffjax.train import loop
 
     c.data.batch_size = batch
     mesh = cpu_mesh()
-    configlib.validate(c, num_devices=1)
     with PeakRSS() as mem:
-        trainer = Trainer(c, mesh)
+        exp = experiment.build(c, num_devices=1)
+        trainer = loop.Trainer(exp.task, exp.optim, exp.train, mesh)
         state = trainer.new_state()
         params = layers.num_params(state.params)
         data = jax.device_put(random_batch(c, batch), parallel.data_sharding(mesh))

@@ -4,9 +4,9 @@
                                   [--quick] [--json PATH]
 
 For every sampler in ``diffjax.diffusion.samplers.SAMPLERS``, builds the production sampling
-program (``diffjax.generate.make_sample_fn``: denoiser wrapper, classifier-free guidance and
-thresholding of experiments/fashion_mnist.py, one jitted ``lax.scan``) at ``--steps`` steps and
-times it: images/s = batch / median seconds per call.
+program (``diffjax.generate.make_sample_program``: denoiser wrapper, classifier-free guidance
+and thresholding of experiments/fashion_mnist.py, one jitted ``lax.scan``) at ``--steps`` steps
+and times it: images/s = batch / median seconds per call.
 
 The network's own time is measured by a second program: a ``lax.scan`` of the same number of
 bare ``model.apply`` calls (``num_evals(name, steps)``) with exactly the shapes the sampler
@@ -26,6 +26,7 @@ Speed does not depend on the weights: the model is randomly initialised unless
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 from typing import Any
 
@@ -37,7 +38,10 @@ import common
 
 
 class RecordingModel:
-    """Stands in for a Flax module: delegates ``apply`` and records the traced call shapes."""
+    """Stands in for a Flax module: delegates ``apply`` and records the traced call shapes.
+
+    Put in a task with ``dataclasses.replace(task, model=RecordingModel(task.model))``: the
+    task's ``apply`` calls ``model.apply({"params": ...}, x, t, y, train=..., ...)``."""
 
     def __init__(self, model):
         self.model, self.calls = model, []
@@ -62,16 +66,14 @@ def network_only(model, call: tuple, nfe: int):
     return jax.jit(run)
 
 
-def load_params(c, model, mesh, checkpoint: str):
+def load_params(task, mesh, checkpoint: str):
     if checkpoint:
-        from diffjax.train.loop import restore_ema_params
+        from diffjax.app import common as app_common
 
-        _, params, step = restore_ema_params(c, mesh, checkpoint)
+        params, step = app_common.restore_params(task, mesh, checkpoint)
         print(f"restored EMA parameters of step {step} from {checkpoint}")
         return params
-    from diffjax.train.loop import init_params_fn
-
-    return jax.jit(init_params_fn(model, c))(jax.random.PRNGKey(0))
+    return jax.jit(task.init_params)(jax.random.PRNGKey(0))
 
 
 def main() -> None:
@@ -91,26 +93,29 @@ def main() -> None:
         args.samplers = args.samplers or "ddim,heun"
     common.setup_jax()
 
-    from diffjax import configlib, generate
+    from diffjax import experiment, generate
     from diffjax.diffusion import samplers
 
     c = common.experiment_config("fashion_mnist")
     c.sampler.batch_size = args.batch
-    configlib.validate(c, num_devices=1)
+    task = experiment.build(c, num_devices=1).task
+    model = task.model
     mesh = common.cpu_mesh()
-    model = configlib.build_model(c)
-    params = load_params(c, model, mesh, args.checkpoint)
+    params = load_params(task, mesh, args.checkpoint)
     names = args.samplers.split(",") if args.samplers else list(samplers.SAMPLERS)
-    labels = generate.balanced_labels(args.batch, c.data.num_classes)
+    labels = generate.balanced_labels(args.batch, task.num_classes)
     key = jax.random.PRNGKey(0)
     net_cache: dict[tuple, Any] = {}
     results = {}
     for name in names:
         print(f"timing {name} ...", flush=True)
         c.sampler.name, c.sampler.num_steps = name, args.steps
+        sampling = experiment.build(c, num_devices=1).sampling
         recorder = RecordingModel(model)
-        fn = generate.make_sample_fn(c, recorder, mesh, args.batch)
-        compiled, compile_s = common.compile_jitted(fn, params, key, labels)
+        fn = generate.make_sample_program(dataclasses.replace(task, model=recorder), sampling,
+                                          mesh, args.batch, with_inputs=False)
+        knobs = sampling.knobs()
+        compiled, compile_s = common.compile_jitted(fn, params, None, key, labels, None, knobs)
         if len(set(recorder.calls)) != 1:
             raise RuntimeError(f"{name}: network called with several shapes {recorder.calls}")
         call, nfe = recorder.calls[0], samplers.num_evals(name, args.steps)
@@ -120,7 +125,8 @@ def main() -> None:
             net_c, _ = common.compile_jitted(network_only(model, call, nfe), params, x, y)
             net_cache[(call, nfe)] = functools.partial(net_c, params, x, y)
         t = common.time_interleaved(
-            {"sampler": lambda: compiled(params, key, labels), "network": net_cache[(call, nfe)]},
+            {"sampler": lambda: compiled(params, None, key, labels, None, knobs),
+             "network": net_cache[(call, nfe)]},
             warmup=args.warmup, repeats=args.repeats)
         sampler_t, net_t = t["sampler"], t["network"]
         results[name] = {

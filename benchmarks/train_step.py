@@ -5,9 +5,10 @@
 
 For experiments/fashion_mnist.py and for experiments/imagenet64.py reduced in width to fit a
 CPU (see ``common.imagenet64_cpu_config``), builds ``diffjax.train.loop.Trainer`` from the
-config and times its jitted ``train_step`` (forward, loss, backward, AdamW, EMA; the state is
-donated and threaded through) on a fixed random batch already on the device, so the data
-pipeline is not in the loop (``common.time_trainer``). Then measures the input pipeline alone (host iterator, examples/s
+config's Experiment (``diffjax.experiment.build``) and times its jitted ``train_step``
+(forward, loss, backward, AdamW, EMA; the state is donated and threaded through) on a fixed
+random batch already on the device, so the data pipeline is not in the loop
+(``common.time_trainer``). Then measures the input pipeline alone (host iterator, examples/s
 after a warm-up batch; benchmarks/input_pipeline.py) for the same geometry: Fashion-MNIST
 IDX files, and for 64x64 a folder of generated 96x96 PNGs resized on the fly (the tfds
 ImageNet pipeline needs the prepared dataset, which a CPU box does not have). The input

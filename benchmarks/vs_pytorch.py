@@ -14,7 +14,7 @@ fashion_mnist model and the ADM ImageNet-64 architecture reduced in width
     ADM hybrid loss, diffjax also computes the VLB term (elementwise, cheap) the torch step
     leaves out;
   * forward: one inference-mode network call;
-  * sampling: 25 DDIM steps (diffjax ``generate.make_sample_fn``: one compiled scan; torch:
+  * sampling: 25 DDIM steps (diffjax ``generate.make_sample_program``: one compiled scan; torch:
     diffusers' DDIMScheduler in a Python loop), both with x0 clipping and the config's
     guidance (fashion_mnist: classifier-free, conditional and null-label passes as one
     2 x batch call; ADM-64: none);
@@ -83,10 +83,10 @@ def torch_side(c, batch: int, steps: int, sample_steps: int, warmup: int, repeat
     import torch.nn.functional as F
     from diffusers import DDIMScheduler
 
-    from diffjax import configlib
+    from diffjax import experiment
 
     torch.manual_seed(0)
-    ds = configlib.build_discrete_schedule(c)
+    ds = experiment.build(c, num_devices=1).schedule
     abar = torch.from_numpy(ds.alphas_cumprod.astype(np.float32))
     T, C = ds.num_timesteps, c.data.channels
     null = c.data.num_classes
@@ -158,9 +158,8 @@ def torch_side(c, batch: int, steps: int, sample_steps: int, warmup: int, repeat
 
 
 def jax_side(c, batch: int, steps: int, sample_steps: int, warmup: int, repeats: int) -> dict:
-    """The same three measurements for diffjax (real trainer, jitted apply, make_sample_fn)."""
-    from diffjax import configlib, generate
-    from diffjax.train.loop import init_params_fn
+    """The same three measurements for diffjax (real trainer, jitted apply, sample program)."""
+    from diffjax import experiment, generate
 
     tr = common.time_trainer(c, batch, steps, warmup, repeats)
     out = {"params": tr["params"], "train_mb": tr["train_peak_rss_increase_mb"],
@@ -169,21 +168,24 @@ def jax_side(c, batch: int, steps: int, sample_steps: int, warmup: int, repeats:
            "train_spread": tr["spread"]}
     c.sampler.name, c.sampler.num_steps, c.sampler.batch_size = "ddim", sample_steps, batch
     mesh = common.cpu_mesh()
-    model = configlib.build_model(c)
-    params = jax.jit(init_params_fn(model, c))(jax.random.PRNGKey(0))
+    exp = experiment.build(c, num_devices=1)
+    task, sampling = exp.task, exp.sampling
+    params = jax.jit(task.init_params)(jax.random.PRNGKey(0))
     data = common.random_batch(c, batch)
     t = np.full((batch,), c.diffusion.num_timesteps // 2, np.float32)
     y = data["label"] if c.model.class_cond else None
-    fwd = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y, train=False))
+    fwd = jax.jit(lambda p, x, t, y: task.apply(p, x, t, y, False))
     fwd_c, out["forward_compile_s"] = common.compile_jitted(fwd, params, data["image"], t, y)
     out["forward"] = common.time_calls(lambda: fwd_c(params, data["image"], t, y),
                                        warmup=warmup, repeats=repeats)
-    key, labels = jax.random.PRNGKey(0), generate.balanced_labels(batch, c.data.num_classes)
+    key, labels = jax.random.PRNGKey(0), generate.balanced_labels(batch, task.num_classes)
+    knobs = sampling.knobs()
     with common.PeakRSS() as mem:
-        fn = generate.make_sample_fn(c, model, mesh, batch)
-        fn_c, out["sample_compile_s"] = common.compile_jitted(fn, params, key, labels)
+        fn = generate.make_sample_program(task, sampling, mesh, batch, with_inputs=False)
+        fn_c, out["sample_compile_s"] = common.compile_jitted(fn, params, None, key, labels,
+                                                              None, knobs)
         out["sample_compile_mb"] = mem.restart()
-        out["sample"] = common.time_calls(lambda: fn_c(params, key, labels),
+        out["sample"] = common.time_calls(lambda: fn_c(params, None, key, labels, None, knobs),
                                           warmup=warmup, repeats=repeats)
     out["sample_mb"] = mem.increase_mb
     return out
