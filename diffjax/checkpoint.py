@@ -109,8 +109,11 @@ def _read_only_params_manager(directory: str) -> ocp.CheckpointManager:
         directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(read_only=True, create=False,
                                            enable_async_checkpointing=False)
-    return ocp.CheckpointManager(epath.Path(directory), options=options, item_names=("state",),
-                                 item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+    return ocp.CheckpointManager(
+        epath.Path(directory), options=options, item_names=("state", "data", "config"),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()})
 
 
 def _shapes(tree: Any) -> list[tuple[str, tuple[int, ...]]]:

@@ -242,7 +242,7 @@ def _sampler(c: ml_collections.ConfigDict, ds) -> specs.SamplerSpec:
     for name in SAMPLER_OPTIONS:
         value = s[name]
         if value is not None and name not in floats:
-            takes = ", ".join(f"sampler.{o}" for o in floats) or "none of them"
+            takes = ", ".join(f"sampler.{o}" for o in floats) or "no options"
             raise ConfigError(
                 f"sampler.{name}={value} is not an option of sampler {s.name!r}, which takes "
                 f"{takes}; remove --config.sampler.{name} or choose another sampler.name")
