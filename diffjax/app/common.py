@@ -9,6 +9,7 @@ import numpy as np
 from etils import epath
 
 from diffjax import checkpoint, parallel
+from diffjax.convert.torch_file import WeightFileError
 from diffjax.data import DataError
 from diffjax.errors import ConfigError
 from diffjax.evaluation.metrics import MetricError
@@ -16,8 +17,8 @@ from diffjax.train.loop import NonFiniteLossError
 
 # Errors whose message is the whole story: main prints one line and exits with status 2.
 USER_ERRORS: tuple[type[Exception], ...] = (
-    ConfigError, checkpoint.CheckpointError, DataError, MetricError, FileNotFoundError,
-    NonFiniteLossError)
+    ConfigError, checkpoint.CheckpointError, DataError, MetricError, WeightFileError,
+    FileNotFoundError, NonFiniteLossError)
 
 
 def abstract_params(task, mesh) -> Any:
