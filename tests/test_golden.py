@@ -68,12 +68,11 @@ RERECORD_HOW = ("re-record on this machine with `python tests/test_golden.py --r
 # (not the golden values, not the config overrides further down).
 # =============================================================================================
 
-from diffjax import checkpoint, configlib, experiment, parallel  # noqa: E402
+from diffjax import configlib, experiment, parallel  # noqa: E402
 from diffjax.app import evaluate as app_evaluate  # noqa: E402
 from diffjax.app import sample as app_sample  # noqa: E402
 from diffjax.app import summary as app_summary  # noqa: E402
 from diffjax.app import train as app_train  # noqa: E402
-from diffjax.train import loop  # noqa: E402
 
 # Issue 10 changed the defaults of the sampler options on purpose: None now means "the
 # sampler's own default" (an option a sampler does not take is an error), where the config
@@ -190,28 +189,9 @@ def run_summary(config, mesh) -> str:
 
 
 def save_run(config, workdir: str, mesh, seed: int) -> str:
-    """A run directory as the trainer leaves it at step 2, written by the trainer's checkpoint
-    code without compiling anything (as tests/evaluation/test_run_eval.py's save_run): the
-    trainer's abstract state filled with NumPy zeros, EMA parameters drawn at a 1/sqrt(fan-in)
-    scale (norm scales near 1) from ``seed``."""
-    exp = _build(config, mesh, "train")
-    abstract = loop.Trainer(exp.task, exp.optim, exp.train, mesh).abstract_state()
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = str(path[-1])
-        if "kernel" in name or "embedding" in name:
-            std = 1 / np.sqrt(np.prod(leaf.shape[:-1]) if len(leaf.shape) > 1 else 1)
-            return (std * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
-        base = 1.0 if "scale" in name else 0.0
-        return (base + 0.05 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
-
-    state = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
-    state = state.replace(ema_params=jax.tree_util.tree_map_with_path(draw, abstract.ema_params))
-    manager = checkpoint.make_manager(checkpoint.checkpoint_dir(workdir), async_save=False)
-    checkpoint.save(manager, 2, state, None, config.to_dict())
-    manager.wait_until_finished()
-    return workdir
+    """A run directory as the trainer leaves it at step 2, without compiling anything
+    (tests/train/tiny.py's save_run: random EMA parameters drawn from ``seed``)."""
+    return load_tiny().save_run(config, workdir, mesh, seed)
 
 
 # =============================================================================================

@@ -1,10 +1,9 @@
 """--mode eval end to end on 2-step smoke models: JSONs, grids, sweep plot, refusals."""
 
-import gzip
+import importlib.util
 import json
 import math
 import os
-import struct
 import subprocess
 import sys
 
@@ -18,18 +17,11 @@ from diffjax.app import common, references
 from diffjax.app import evaluate as app_evaluate
 from diffjax.data import DataError, idx
 from diffjax.evaluation import features, metrics, sample_metrics
-from diffjax.train import loop
 from launch import collect
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FEATURES = os.path.join(REPO, "experiments", "fmnist_features.py:smoke")
 NUM_TEST = 40
-
-
-def _write_idx(path, array):
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
 
 
 def write_fashion_like(directory: str) -> str:
@@ -42,9 +34,9 @@ def write_fashion_like(directory: str) -> str:
         phase = rng.uniform(0, 2 * np.pi, (n, 1, 1))
         images = 0.5 + 0.45 * np.sin(2 * np.pi * (1 + labels[:, None, None]) * xx / 3 + phase
                                      + yy)
-        _write_idx(os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz"),
+        TINY.write_idx(os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz"),
                    np.round(images * 255))
-        _write_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz"), labels)
+        TINY.write_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz"), labels)
     return directory
 
 
@@ -64,29 +56,16 @@ def evaluate(config, workdir, mesh, **kwargs):
     return app_evaluate.run(build(config, mesh), workdir, mesh, **kwargs)
 
 
-def save_run(config, workdir, mesh, seed):
-    """A run directory as the trainer leaves it at step 2, written by the trainer's checkpoint
-    code without compiling anything (a 2-step training run costs ~60 s of compilation on
-    these shared cores): the trainer's abstract state filled with NumPy values, EMA
-    parameters drawn at a 1/sqrt(fan-in) scale (norm scales near 1) so the network's output
-    depends on its input and label."""
-    exp = build(config, mesh, mode="train")
-    abstract = loop.Trainer(exp.task, exp.optim, exp.train, mesh).abstract_state()
-    rng = np.random.default_rng(seed)
+def _load_tiny():
+    spec = importlib.util.spec_from_file_location(
+        "diffjax_tests_tiny_eval", os.path.join(REPO, "tests", "train", "tiny.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    def draw(path, leaf):
-        name = str(path[-1])
-        if "kernel" in name or "embedding" in name:
-            std = 1 / np.sqrt(np.prod(leaf.shape[:-1]) if len(leaf.shape) > 1 else 1)
-            return (std * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
-        base = 1.0 if "scale" in name else 0.0
-        return (base + 0.05 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
 
-    state = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
-    state = state.replace(ema_params=jax.tree_util.tree_map_with_path(draw, abstract.ema_params))
-    manager = checkpoint.make_manager(checkpoint.checkpoint_dir(workdir), async_save=False)
-    checkpoint.save(manager, 2, state, None, config.to_dict())
-    manager.wait_until_finished()
+TINY = _load_tiny()
+save_run = TINY.save_run  # random EMA parameters at step 2, nothing compiled
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +142,6 @@ def test_eval_sweep_writes_jsons_grids_and_plot(trained):
 def test_nll_alone_draws_no_samples_and_writes_one_json(trained, tmp_path, monkeypatch):
     """eval.metrics=("nll",): the bits/dim of run0 (read through --checkpoint) equal a direct
     references.nll call with the same key, and the sampler is never built."""
-    from diffjax import generate
-
     root, data, mesh = trained
 
     def no_sampling(*args, **kwargs):
