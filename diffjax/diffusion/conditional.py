@@ -1,4 +1,5 @@
-"""Conditional generation with an unconditionally trained denoiser: SDEdit and inpainting.
+"""Conditional generation with an unconditionally trained denoiser: SDEdit, inpainting and
+DDIM inversion.
 
 All in the VE convention of :mod:`diffjax.diffusion.samplers` (x = x0 + sigma n, a denoiser
 ``denoise(x, sigma, cond) -> x0_hat`` or ``(x0_hat, frac)``), for any sampler of that module.
@@ -31,6 +32,11 @@ All in the VE convention of :mod:`diffjax.diffusion.samplers` (x = x0 + sigma n,
   up by the forward process (VE: x_b = x_a + sqrt(s_b^2 - s_a^2) z) and denoised again,
   ``resample - 1`` times, as RePaint's jump schedule. One ``lax.scan`` over the static list of
   moves; with resample=1 it is exactly ``inpaint(samplers.ddpm, ...)``.
+* :func:`ddim_invert` (Song et al. 2021, sec. 5.4; the start of DDIM-based editing): the
+  deterministic encoding x0 -> x_T along the probability-flow ODE, ``samplers.ddim`` (eta=0)
+  over the reversed sampling sequence; ``samplers.ddim`` over the sequence itself decodes
+  it back (the round trip is exact as the number of steps grows; the module docstring of
+  ``samplers`` states the convention for the step out of sigma 0).
 
 This module imports only jax, numpy and diffjax.diffusion.
 """
@@ -123,6 +129,26 @@ def sdedit(denoise: Denoiser, sampler_fn: Callable[..., Any], x_image: Array, si
     tail = jnp.asarray(sig[start:], x_image.dtype)
     x = x_image + tail[0] * jax.random.normal(k_init, x_image.shape, x_image.dtype)
     return sampler_fn(denoise, x, tail, k_sample, cond=cond, **options)
+
+
+def ddim_invert(denoise: Denoiser, x0: Array, sigmas: Any, *, cond: Any = None,
+                return_trajectory: bool = False) -> Any:
+    """DDIM inversion: x_T at sigmas[0] such that ``samplers.ddim(denoise, x_T, sigmas, key)``
+    (eta = 0) returns approximately x0.
+
+    x0: [B, ...] clean data; sigmas: [N + 1] the *decreasing* sampling sequence, normally
+    ending at 0 (x0 is the state at sigmas[-1]; a sequence ending at the smallest model sigma
+    takes x0 as the state there). Runs ``samplers.ddim`` with eta = 0 over sigmas[::-1], so
+    the network sees the same sigmas as in decoding (N evaluations; none at sigma 0).
+    Deterministic. Returns x_T: [B, ...] (and the trajectory [N, B, ...] of states at
+    sigmas[-2], ..., sigmas[0] with return_trajectory).
+    """
+    if samplers.has_increasing_step(sigmas):
+        raise ValueError("ddim_invert takes the decreasing sampling sequence (it runs it "
+                         "reversed); got an increasing step: pass sigmas[::-1].")
+    up = jnp.flip(jnp.asarray(sigmas, x0.dtype))
+    return samplers.ddim(denoise, x0, up, jax.random.key(0), cond=cond, eta=0.0,
+                         return_trajectory=return_trajectory)
 
 
 def repaint_moves(num_steps: int, jump: int, resample: int) -> np.ndarray:

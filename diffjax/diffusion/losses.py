@@ -59,7 +59,17 @@ def discretized_gaussian_log_likelihood(x: Array, mean: Array, log_scale: Array,
     """log P(bin of x) under N(mean, exp(log_scale)^2) discretised into `num_bins` bins on
     [-1, 1] (width 2 / (num_bins - 1)); the edge bins extend to -inf / +inf. Elementwise,
     nats. Uses the exact normal CDF (iDDPM uses a tanh approximation of it), with the
-    difference of CDFs taken on the side of the mean where it does not cancel."""
+    difference of CDFs taken on the side of the mean where it does not cancel.
+
+    The middle bins' probability is floored at 1e-30 before the log (log P >= -69.1 nats,
+    about 99.7 bits): a bin many standard deviations from the mean has a CDF difference that
+    underflows to 0 (float32 ndtr tails end near 1e-38..1e-45, and a difference of two tail
+    values can round to 0 well before), and log(0) = -inf would make the bound and its
+    gradient infinite / NaN for a whole batch. The floor changes the value only for bins
+    with true probability below 1e-30, i.e. a decoder already more than ~11 standard
+    deviations off; the edge bins use log_ndtr directly and need no floor. iDDPM clamps at
+    1e-12 for the same reason; 1e-30 keeps the clamp far below any probability a fitted
+    model produces, float32 or float64."""
     half = 1.0 / (num_bins - 1)
     inv_std = jnp.exp(-log_scale)
     lo, hi = (x - half - mean) * inv_std, (x + half - mean) * inv_std
@@ -102,7 +112,7 @@ def loss_weight(prediction: str, weighting: str, logsnr: Array, *, min_snr_gamma
     """Per-example multiplier of the target MSE (see module docstring); logsnr: [*batch]."""
     P.check_choice("weighting", weighting, WEIGHTINGS)
     P.check_choice("prediction", prediction, PREDICTIONS)
-    lam = jnp.asarray(logsnr, jnp.float32)
+    lam = jnp.asarray(logsnr, P.coef_dtype(logsnr))
     snr = jnp.exp(lam)
     if weighting == "uniform":
         return jnp.ones_like(lam)
@@ -143,11 +153,12 @@ def training_losses(model_output: Array, x0: Array, x_t: Array, noise: Array, t:
     if loss_type == "hybrid" and var_out is None:
         raise ValueError("loss_type 'hybrid' trains a learned variance: use variance_type "
                          "'learned_range' or 'learned', or loss_type 'simple'.")
-    alpha = jnp.asarray(ds.sqrt_alphas_cumprod, jnp.float32)[t]
-    sigma = jnp.asarray(ds.sqrt_one_minus_alphas_cumprod, jnp.float32)[t]
+    dtype = P.float_dtype(x_t)
+    alpha = jnp.asarray(ds.sqrt_alphas_cumprod, dtype)[t]
+    sigma = jnp.asarray(ds.sqrt_one_minus_alphas_cumprod, dtype)[t]
     target = P.prediction_target(prediction, x0, noise, alpha, sigma, sigma_data)
     mse = mean_over_event((mean_out - target) ** 2, t.ndim)
-    logsnr = jnp.asarray(_logsnr_table(ds), jnp.float32)[t]
+    logsnr = jnp.asarray(_logsnr_table(ds), dtype)[t]
     weight = loss_weight(prediction, weighting, logsnr, min_snr_gamma=min_snr_gamma,
                          p2_gamma=p2_gamma, p2_k=p2_k, sigma_data=sigma_data)
     terms = {"mse": mse}
@@ -178,7 +189,7 @@ def continuous_training_losses(model_output: Array, x0: Array, noise: Array, t: 
     as schedule.t_from_logsnr(-2 ln sigma) to use EDM's log-normal sigmas.
     Returns {"loss", "mse"}: [*batch].
     """
-    t = jnp.asarray(t, jnp.float32)
+    t = jnp.asarray(t, P.coef_dtype(t))
     target = P.prediction_target(prediction, x0, noise, schedule.alpha(t), schedule.sigma(t),
                                  sigma_data)
     mse = mean_over_event((model_output - target) ** 2, t.ndim)

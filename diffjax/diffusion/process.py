@@ -4,6 +4,10 @@ Shapes: `x*` are [*batch, *event] (e.g. [B, H, W, C]); per-example coefficients
 (`alpha`, `sigma`, `t`) have shape [*batch] (or are scalars) and broadcast over the trailing
 event dims. Everything is pure and works under jit and vmap.
 
+Precision follows the inputs: coefficients are computed in x's float dtype (float32 for
+float32, bfloat16 or integer inputs), and with `jax_enable_x64` on, float64 inputs get
+float64 math throughout, the float64 tables of a DiscreteSchedule taken as they are.
+
 Frames. Data is x_t = alpha x0 + sigma eps. VP schedules have alpha^2 + sigma^2 = 1; the
 Karras schedule is VE (alpha = 1). Predictions are always defined in the *VP-equivalent*
 frame a = alpha / r, s = sigma / r, x_vp = x_t / r with r = sqrt(alpha^2 + sigma^2), so a
@@ -53,16 +57,23 @@ def bcast(coef: Array, x: Array) -> Array:
     return coef.reshape(coef.shape + (1,) * (x.ndim - coef.ndim))
 
 
-def _float_dtype(x: Array):
+def float_dtype(x: Array) -> Any:
     """float32, or x's dtype if it is a wider float (float64 under jax_enable_x64)."""
     if jnp.issubdtype(x.dtype, jnp.floating):
         return jnp.result_type(x.dtype, jnp.float32)
     return jnp.float32
 
 
+def coef_dtype(*coefs: Any) -> Any:
+    """float32, or the widest float dtype of `coefs` if wider (Python scalars count as weak:
+    float32). The math of a function follows its inputs: float64 under x64, else float32."""
+    dtype = jnp.result_type(*coefs, jnp.float32)
+    return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
+
+
 def extract(table, t: Array, x: Array) -> Array:
     """table[t] (float64 NumPy table [T], integer t [*batch]) broadcast against x."""
-    return bcast(jnp.asarray(table, _float_dtype(x))[t], x)
+    return bcast(jnp.asarray(table, float_dtype(x))[t], x)
 
 
 # ---- forward process and posterior ----
@@ -142,9 +153,11 @@ def denoised_to_eps(x: Array, denoised: Array, sigma: Array) -> Array:
 # ---- predictions in the VP-equivalent frame (see module docstring) ----
 
 
-def _vp_frame(alpha: Array, sigma: Array):
-    alpha = jnp.asarray(alpha, jnp.float32)
-    sigma = jnp.asarray(sigma, jnp.float32)
+def _vp_frame(alpha: Array, sigma: Array, dtype=None):
+    """(a, s, 1 / r) of the VP-equivalent frame, in `dtype` (default: alpha's and sigma's)."""
+    dtype = coef_dtype(alpha, sigma) if dtype is None else dtype
+    alpha = jnp.asarray(alpha, dtype)
+    sigma = jnp.asarray(sigma, dtype)
     inv_r = jax.lax.rsqrt(alpha * alpha + sigma * sigma)
     return alpha * inv_r, sigma * inv_r, inv_r
 
@@ -157,7 +170,7 @@ def _edm_vp(a: Array, s: Array, sigma_data: float):
 
 def edm_coefficients(sigma: Array, sigma_data: float = 0.5):
     """EDM preconditioning in the VE frame -> (c_skip, c_out, c_in, c_noise), sigma's shape."""
-    sigma = jnp.asarray(sigma, jnp.float32)
+    sigma = jnp.asarray(sigma, coef_dtype(sigma))
     total = sigma * sigma + sigma_data**2
     return (
         sigma_data**2 / total,
@@ -171,7 +184,7 @@ def prediction_to_x0(output: Array, x_t: Array, alpha: Array, sigma: Array, pred
                      sigma_data: float = 0.5) -> Array:
     """The x0 estimate from a network output; x_t = alpha x0 + sigma eps (VP or VE)."""
     check_choice("prediction", prediction, PREDICTIONS)
-    a, s, inv_r = _vp_frame(alpha, sigma)
+    a, s, inv_r = _vp_frame(alpha, sigma, float_dtype(x_t))
     x_vp = x_t * bcast(inv_r, x_t)
     if prediction == "eps":
         return (x_vp - bcast(s, x_t) * output) / bcast(a, x_t)
@@ -187,7 +200,7 @@ def prediction_target(prediction: str, x0: Array, noise: Array, alpha: Array, si
                       sigma_data: float = 0.5) -> Array:
     """What the network should output for x_t = alpha x0 + sigma noise (any frame)."""
     check_choice("prediction", prediction, PREDICTIONS)
-    a, s, _ = _vp_frame(alpha, sigma)
+    a, s, _ = _vp_frame(alpha, sigma, float_dtype(x0))
     if prediction == "eps":
         return noise
     if prediction == "x0":
@@ -229,11 +242,12 @@ def discrete_model_input(ds: DiscreteSchedule, x_t: Array, t: Array, *, predicti
     check_choice("prediction", prediction, PREDICTIONS)
     if prediction != "edm":
         index = t if timestep_map is None else jnp.asarray(timestep_map)[t]
-        return x_t, jnp.asarray(index, jnp.float32)
-    alpha = jnp.asarray(ds.sqrt_alphas_cumprod, jnp.float32)[t]
-    sigma = jnp.asarray(ds.sqrt_one_minus_alphas_cumprod, jnp.float32)[t]
+        return x_t, jnp.asarray(index, float_dtype(x_t))
+    dtype = float_dtype(x_t)
+    alpha = jnp.asarray(ds.sqrt_alphas_cumprod, dtype)[t]
+    sigma = jnp.asarray(ds.sqrt_one_minus_alphas_cumprod, dtype)[t]
     x_in = x_t * bcast(input_scale(alpha, sigma, "edm", sigma_data), x_t)
-    return x_in, 0.25 * jnp.log(jnp.asarray(ds.sigmas, jnp.float32)[t])
+    return x_in, 0.25 * jnp.log(jnp.asarray(ds.sigmas, dtype)[t])
 
 
 # ---- reverse process p(x_{t-1} | x_t) ----
@@ -266,8 +280,8 @@ def model_log_variance(ds: DiscreteSchedule, var_output: Array | None, x_t: Arra
     if variance_type == "fixed_small":
         log_var = min_log
     elif variance_type == "fixed_large":
-        large = jnp.asarray(ds.betas, _float_dtype(x_t)).at[0].set(ds.posterior_variance[1])
-        log_var = bcast(jnp.log(large)[t], x_t)
+        large = np.append(ds.posterior_variance[1], ds.betas[1:])  # float64, cast once
+        log_var = bcast(jnp.log(jnp.asarray(large, float_dtype(x_t)))[t], x_t)
     elif variance_type == "learned":
         return var_output
     else:
@@ -286,8 +300,8 @@ def p_mean_variance(ds: DiscreteSchedule, model_output: Array, x_t: Array, t: Ar
     `clip_denoised`).
     """
     mean_out, var_out = split_output(model_output, x_t, variance_type)
-    alpha = jnp.asarray(ds.sqrt_alphas_cumprod, jnp.float32)[t]
-    sigma = jnp.asarray(ds.sqrt_one_minus_alphas_cumprod, jnp.float32)[t]
+    alpha = jnp.asarray(ds.sqrt_alphas_cumprod, float_dtype(x_t))[t]
+    sigma = jnp.asarray(ds.sqrt_one_minus_alphas_cumprod, float_dtype(x_t))[t]
     pred_x0 = prediction_to_x0(mean_out, x_t, alpha, sigma, prediction, sigma_data)
     if clip_denoised:
         pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
@@ -313,7 +327,7 @@ def p_sample(ds: DiscreteSchedule, model_output: Array, x_t: Array, t: Array, no
 
 def _ve_call(model_fn: Callable, schedule: Any, x: Array, sigma: Array, cond: Any,
              prediction: str, sigma_data: float):
-    sigma = jnp.asarray(sigma, jnp.float32)
+    sigma = jnp.asarray(sigma, float_dtype(x))
     if sigma.ndim == 0:
         sigma = jnp.full(x.shape[:1], sigma)
     ones = jnp.ones_like(sigma)

@@ -22,6 +22,19 @@ with x sharded over the batch axis; samplers contain no device logic.
 
 Number of network evaluations: ``num_evals(name, num_steps)`` (num_steps = len(sigmas) - 1,
 sigmas ending at 0).
+
+Inversion (x0 -> x_T, e.g. DDIM inversion for editing): the deterministic ``ddim`` (eta=0)
+and ``euler`` (s_churn=0) also accept an *increasing* sequence, normally a sampling sequence
+reversed, ``[0, s_1, ..., s_max]`` (``conditional.ddim_invert`` does this). Each step is the
+same Euler step of the probability-flow ODE, taken upward: x' = D + s' (x - D) / s with
+D = D(x, s) at the step's start. The state at sigma 0 is clean data (x = x0), where the ODE's
+slope is 0 / 0 and the denoiser is not evaluated: a step out of sigma 0 takes the noise
+estimate at its end, x' = x + (x - D(x, s')) (a sequence may also start at the smallest
+sigma the model knows; then x0 is taken as the state at that sigma, and no special step
+occurs). For Gaussian data that first step inverts the last sampling step (s' -> 0,
+x = D(x', s')) up to O(s'^4). Stochastic options are refused with increasing concrete sigmas
+(a Python eta > 0 or s_churn > 0 raises ValueError); a traced eta is not applied on
+increasing steps (DDIM's sigma_t(eta) exists only for steps toward the data).
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Array = jax.Array
@@ -78,6 +92,28 @@ def _noise(key: Array, x: Array) -> Array:
     return jax.random.normal(key, x.shape, x.dtype)
 
 
+def has_increasing_step(sigmas: ArrayLike) -> bool:
+    """Whether a concrete sigma sequence takes an increasing step (False when traced)."""
+    try:
+        s = np.asarray(sigmas, np.float64)
+    except jax.errors.TracerArrayConversionError:
+        return False
+    return bool(np.any(s[1:] > s[:-1]))
+
+
+def _check_deterministic(name: str, sigmas: ArrayLike, **options: Any) -> None:
+    """ValueError if a Python-number stochastic option is on over an increasing sequence."""
+    on = [f"{k}={v}" for k, v in options.items() if isinstance(v, (int, float)) and v != 0]
+    if on and has_increasing_step(sigmas):
+        raise ValueError(f"{name} with increasing sigmas (inversion) is deterministic only: "
+                         f"got {', '.join(on)}; pass 0 (or give a decreasing sequence).")
+
+
+def _eval_sigma(sigma: Array, sigma_next: Array) -> Array:
+    """The sigma a step evaluates the denoiser at: its start, or its end out of sigma 0."""
+    return jnp.where(sigma > 0, sigma, sigma_next)
+
+
 def _static_zero(value: Any) -> bool:
     """Whether an option is a Python (not traced) zero, so the noise it scales can be skipped."""
     return isinstance(value, (int, float)) and value == 0
@@ -104,13 +140,16 @@ def euler(
     """Euler steps on the probability-flow ODE; Karras Alg. 1 (s_churn=0) / Alg. 2 with Euler.
 
     Churn: gamma_i = min(s_churn / N, sqrt(2) - 1) where s_tmin <= sigma_i <= s_tmax.
+    With s_churn = 0, sigmas may increase (inversion; see the module docstring).
     """
+    _check_deterministic("euler", sigmas, s_churn=s_churn)
     num_steps = jnp.shape(sigmas)[0] - 1
 
     def step(carry, inp, k):
         x, sigma_hat = _churn(carry[0], inp["sigma"], k, num_steps, s_churn, s_tmin, s_tmax,
                               s_noise)
-        d = (x - _call(denoise, x, sigma_hat, cond)) / sigma_hat
+        at = _eval_sigma(sigma_hat, inp["sigma_next"])
+        d = (x - _call(denoise, x, at, cond)) / at
         return (x + (inp["sigma_next"] - sigma_hat) * d,)
 
     return _loop(step, (x_init,), x_init, sigmas, key, return_trajectory)
@@ -181,16 +220,25 @@ def ddim(
 
     c = eta * s' sqrt(s^2 - s'^2) / s is DDIM's sigma_t(eta) / sqrt(abar_{t-1}); eta=0 is the
     deterministic DDIM (identical to ``euler`` in this convention), eta=1 is DDPM's posterior.
+    With eta = 0, sigmas may increase: DDIM inversion (see the module docstring); there
+    x' = x0_hat + s' eps_hat, and out of sigma 0, x' = x + s' eps_hat(x, s').
     """
     if isinstance(eta, (int, float)) and not 0.0 <= eta <= 1.0:
         raise ValueError(f"ddim eta must be in [0, 1], got {eta}.")
+    _check_deterministic("ddim", sigmas, eta=eta)
 
     def step(carry, inp, k):
         x, sigma, sigma_next = carry[0], inp["sigma"], inp["sigma_next"]
-        x0 = _call(denoise, x, sigma, cond)
-        eps = (x - x0) / sigma
-        c = eta * sigma_next * jnp.sqrt((sigma - sigma_next) * (sigma + sigma_next)) / sigma
-        x = x0 + jnp.sqrt(jnp.maximum(sigma_next**2 - c**2, 0.0)) * eps
+        at = _eval_sigma(sigma, sigma_next)
+        x0 = _call(denoise, x, at, cond)
+        eps = (x - x0) / at
+        if _static_zero(eta):
+            c = 0.0
+        else:  # 0 on increasing steps (the max), where no DDIM noise is defined
+            gap = jnp.maximum((sigma - sigma_next) * (sigma + sigma_next), 0.0)
+            c = eta * sigma_next * jnp.sqrt(gap) / at
+        base = jnp.where(sigma > 0, x0, x)  # x at sigma 0 is the data itself
+        x = base + jnp.sqrt(jnp.maximum(sigma_next**2 - c**2, 0.0)) * eps
         return (x if _static_zero(eta) else x + c * _noise(k, x),)
 
     return _loop(step, (x_init,), x_init, sigmas, key, return_trajectory)

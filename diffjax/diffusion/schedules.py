@@ -33,6 +33,10 @@ the table, with index i at t = (i + 1) / T (t outside [1/T, 1] is clamped to the
 `c_noise(t)` is the time input a network receives (see process.make_denoiser): 1000 t for
 continuous VP schedules, the fractional timestep index t T - 1 for a DiscreteSchedule, and
 EDM's ln(sigma) / 4 for the Karras schedule.
+
+Methods compute in float32, or in their argument's dtype where it is a wider float: with
+`jax_enable_x64` on, float64 t (or logsnr) gives float64 math, a DiscreteSchedule's
+float64 tables taken at float64 (Python scalars count as float32).
 """
 
 from __future__ import annotations
@@ -48,6 +52,12 @@ import numpy as np
 Array = jax.Array
 
 
+def _as_float(t) -> Array:
+    """t as a float array: float32, or its own dtype if that is a wider float (x64)."""
+    dtype = jnp.result_type(t, jnp.float32)
+    return jnp.asarray(t, dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32)
+
+
 class _VPSchedule:
     """Shared methods of the VP schedules, defined through `logsnr`."""
 
@@ -61,7 +71,7 @@ class _VPSchedule:
 
     def c_noise(self, t: Array) -> Array:
         """Network time input for continuous VP schedules: 1000 t."""
-        return 1000.0 * jnp.asarray(t, jnp.float32)
+        return 1000.0 * _as_float(t)
 
     def _discrete_from_alpha_bar(self, num_timesteps: int, max_beta: float) -> DiscreteSchedule:
         _check_num_timesteps(num_timesteps)
@@ -105,13 +115,13 @@ class LinearSchedule(_VPSchedule):
     def logsnr(self, t: Array) -> Array:
         """log SNR of the VP-SDE limit; t: any shape."""
         b0, d = self._b0_d()
-        t = jnp.asarray(t, jnp.float32)
+        t = _as_float(t)
         return _linear_logsnr(b0 * t + 0.5 * d * t * t)
 
     def t_from_logsnr(self, logsnr: Array) -> Array:
         """Inverse of `logsnr` (root of the quadratic, in its cancellation-free form)."""
         b0, d = self._b0_d()
-        integral = jax.nn.softplus(-jnp.asarray(logsnr, jnp.float32))
+        integral = jax.nn.softplus(-_as_float(logsnr))
         return 2.0 * integral / (b0 + jnp.sqrt(b0 * b0 + 2.0 * d * integral))
 
     def discretize(self, num_timesteps: int) -> DiscreteSchedule:
@@ -141,7 +151,7 @@ class ScaledLinearSchedule(_VPSchedule):
     def logsnr(self, t: Array) -> Array:
         """log SNR with B(t) = 1000 ((a + c t)^3 - a^3) / (3 c); t: any shape."""
         a, c = self._a_c()
-        t = jnp.asarray(t, jnp.float32)
+        t = _as_float(t)
         # (a + c t)^3 - a^3 = c t (3 a^2 + 3 a c t + c^2 t^2), free of cancellation.
         integral = 1000.0 * t * (3 * a * a + 3 * a * c * t + c * c * t * t) / 3.0
         return _linear_logsnr(integral)
@@ -149,7 +159,7 @@ class ScaledLinearSchedule(_VPSchedule):
     def t_from_logsnr(self, logsnr: Array) -> Array:
         """Inverse of `logsnr` (cube root of the cubic)."""
         a, c = self._a_c()
-        integral = jax.nn.softplus(-jnp.asarray(logsnr, jnp.float32))
+        integral = jax.nn.softplus(-_as_float(logsnr))
         return (jnp.cbrt(a**3 + 3.0 * c * integral / 1000.0) - a) / c
 
     def discretize(self, num_timesteps: int) -> DiscreteSchedule:
@@ -185,7 +195,7 @@ class CosineSchedule(_VPSchedule):
 
     def logsnr(self, t: Array) -> Array:
         """log(f(t) / (f(0) - f(t))), f(0) - f(t) = sin(b + a) sin(b - a) with b = angle(t)."""
-        t = jnp.asarray(t, jnp.float32)
+        t = _as_float(t)
         a, b = self._angle(0.0), self._angle(t)
         scale = math.pi / (2.0 * (1.0 + self.s))
         cos_b = jnp.sin((1.0 - t) * scale)  # = cos(b), exactly 0 at t = 1
@@ -194,7 +204,7 @@ class CosineSchedule(_VPSchedule):
     def t_from_logsnr(self, logsnr: Array) -> Array:
         """Inverse of `logsnr` via atan2 (accurate at both ends)."""
         a = self._angle(0.0)
-        logsnr = jnp.asarray(logsnr, jnp.float32)
+        logsnr = _as_float(logsnr)
         cos2a = math.cos(a) ** 2
         sin_b = jnp.sqrt(math.sin(a) ** 2 + cos2a * jax.nn.sigmoid(-logsnr))
         cos_b = jnp.sqrt(cos2a * jax.nn.sigmoid(logsnr))
@@ -235,13 +245,13 @@ class SigmoidSchedule(_VPSchedule):
     def logsnr(self, t: Array) -> Array:
         """log((v_end - sigmoid(z)) / (sigmoid(z) - v_start))."""
         v_start, v_end = self._v()
-        g = jax.nn.sigmoid(self._z(jnp.asarray(t, jnp.float32)))
+        g = jax.nn.sigmoid(self._z(_as_float(t)))
         return jnp.log(v_end - g) - jnp.log(g - v_start)
 
     def t_from_logsnr(self, logsnr: Array) -> Array:
         """Inverse of `logsnr`."""
         v_start, v_end = self._v()
-        logsnr = jnp.asarray(logsnr, jnp.float32)
+        logsnr = _as_float(logsnr)
         g = v_end * jax.nn.sigmoid(-logsnr) + v_start * jax.nn.sigmoid(logsnr)
         z = jnp.log(g) - jnp.log1p(-g)
         return (self.tau * z - self.start) / (self.end - self.start)
@@ -272,12 +282,12 @@ class KarrasSchedule:
 
     def alpha(self, t: Array) -> Array:
         """Always 1 (VE)."""
-        return jnp.ones_like(jnp.asarray(t, jnp.float32))
+        return jnp.ones_like(_as_float(t))
 
     def sigma(self, t: Array) -> Array:
         """Karras interpolation: sigma(0) = sigma_min, sigma(1) = sigma_max."""
         lo, hi = self._ends()
-        return (lo + jnp.asarray(t, jnp.float32) * (hi - lo)) ** self.rho
+        return (lo + _as_float(t) * (hi - lo)) ** self.rho
 
     def logsnr(self, t: Array) -> Array:
         """-2 log sigma(t)."""
@@ -286,7 +296,7 @@ class KarrasSchedule:
     def t_from_logsnr(self, logsnr: Array) -> Array:
         """Inverse of `logsnr` (t outside [0, 1] for sigma outside [sigma_min, sigma_max])."""
         lo, hi = self._ends()
-        sigma_root = jnp.exp(-jnp.asarray(logsnr, jnp.float32) / (2.0 * self.rho))
+        sigma_root = jnp.exp(-_as_float(logsnr) / (2.0 * self.rho))
         return (sigma_root - lo) / (hi - lo)
 
     def c_noise(self, t: Array) -> Array:
@@ -361,18 +371,18 @@ class DiscreteSchedule:
 
     # ---- continuous view (interpolation of log-sigma over the table) ----
 
-    def _log_sigmas(self) -> Array:
-        return jnp.asarray(np.log(self.sigmas), jnp.float32)
+    def _log_sigmas(self, dtype) -> Array:
+        return jnp.asarray(np.log(self.sigmas), dtype)
 
     def _index_from_t(self, t: Array) -> Array:
-        idx = jnp.asarray(t, jnp.float32) * self.num_timesteps - 1.0
+        idx = _as_float(t) * self.num_timesteps - 1.0
         return jnp.clip(idx, 0.0, self.num_timesteps - 1.0)
 
     def logsnr(self, t: Array) -> Array:
         """-2 log sigma interpolated at index t T - 1 (clamped to [0, T - 1])."""
         idx = self._index_from_t(t)
-        grid = jnp.arange(self.num_timesteps, dtype=jnp.float32)
-        return -2.0 * jnp.interp(idx, grid, self._log_sigmas())
+        grid = jnp.arange(self.num_timesteps, dtype=idx.dtype)
+        return -2.0 * jnp.interp(idx, grid, self._log_sigmas(idx.dtype))
 
     def alpha(self, t: Array) -> Array:
         """VP alpha at continuous t (sqrt(alpha_bar) on the grid t = (i + 1) / T)."""
@@ -384,9 +394,9 @@ class DiscreteSchedule:
 
     def t_from_logsnr(self, logsnr: Array) -> Array:
         """(idx + 1) / T with idx the fractional index of log-sigma = -logsnr / 2 (clamped)."""
-        log_sigma = -0.5 * jnp.asarray(logsnr, jnp.float32)
-        grid = jnp.arange(self.num_timesteps, dtype=jnp.float32)
-        idx = jnp.interp(log_sigma, self._log_sigmas(), grid)
+        log_sigma = -0.5 * _as_float(logsnr)
+        grid = jnp.arange(self.num_timesteps, dtype=log_sigma.dtype)
+        idx = jnp.interp(log_sigma, self._log_sigmas(log_sigma.dtype), grid)
         return (idx + 1.0) / self.num_timesteps
 
     def c_noise(self, t: Array) -> Array:
