@@ -18,8 +18,10 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "diffjax")
-# The only modules that may read a ConfigDict: flags, config files, and the Experiment.
-CONFIG_MODULES = {"diffjax.main", "diffjax.configlib", "diffjax.experiment"}
+# The only modules that may read a ConfigDict: the command lines (flags), config files, and
+# the Experiment.
+CONFIG_MODULES = {"diffjax.main", "diffjax.configlib", "diffjax.experiment",
+                  "diffjax.convert.__main__"}
 
 
 def _module_name(path: str) -> str:
