@@ -31,6 +31,9 @@ from diffjax.errors import ConfigError
 
 MODES = ("train", "sample", "eval", "summary")
 GUIDANCE_TYPES = ("none", "classifier", "classifier_free")
+# How classifier guidance enters: "auto" is ADM's choice (mean shift, Alg. 1, under the
+# ancestral ddpm sampler; score shift, Alg. 2, under ddim and the ODE/other samplers).
+CLASSIFIER_MODES = ("auto", "mean", "score")
 MODEL_NAMES = ("unet", "classifier")
 DTYPES = ("float32", "bfloat16")
 SIGMA_SPACINGS = ("model", "karras", "loglinear")
@@ -106,6 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.guidance.interval_sigma_min = 0.0  # guide only for sigma in [min, max]; 0/inf = always
     c.guidance.interval_sigma_max = float("inf")
     c.guidance.rescale = 0.0  # CFG rescale phi (Lin et al. 2023); 0 = off
+    c.guidance.classifier_mode = "auto"  # classifier: mean (ADM Alg. 1, ddpm) / score (Alg. 2)
 
     c.sampler = ml_collections.ConfigDict()
     c.sampler.name = "ddim"
@@ -238,6 +242,7 @@ def _tables() -> dict[str, Sequence[str]]:
         "diffusion.weighting": tuple(losses.WEIGHTINGS),
         "diffusion.timestep_sampler": TIMESTEP_SAMPLERS,
         "guidance.type": GUIDANCE_TYPES,
+        "guidance.classifier_mode": CLASSIFIER_MODES,
         "sampler.name": tuple(samplers.SAMPLERS),
         "sampler.sigma_spacing": SIGMA_SPACINGS,
         "sampler.thresholding": THRESHOLDINGS,

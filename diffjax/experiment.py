@@ -45,8 +45,9 @@ from diffjax.train.step import LossSpec
 # Options of ``config.sampler`` that are a sampler's keyword arguments; None = the sampler's
 # own default. Each is checked against the chosen sampler's signature.
 SAMPLER_OPTIONS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
-# Keyword arguments of every sampler that are not options (see diffusion.samplers).
-_SAMPLER_ARGS = ("cond", "return_trajectory")
+# Keyword arguments of samplers that are not options (see diffusion.samplers); ddpm's
+# mean_shift is classifier guidance in mean mode (generate.sampler_guidance).
+_SAMPLER_ARGS = ("cond", "return_trajectory", "mean_shift")
 
 SCHEDULES = schedules.SCHEDULES
 SAMPLERS = samplers.SAMPLERS
@@ -283,7 +284,26 @@ def _classifier_guidance(c: ml_collections.ConfigDict) -> generate.GuidanceSpec:
                           "classifier config (model.name='classifier')")
     return generate.GuidanceSpec(name=g.type, fn=GUIDANCE[g.type], static={},
                                  knobs={"scale": float(g.scale)}, classifier=guide.task,
-                                 classifier_workdir=g.classifier_workdir)
+                                 classifier_workdir=g.classifier_workdir,
+                                 mode=_classifier_mode(c))
+
+
+def _classifier_mode(c: ml_collections.ConfigDict) -> str:
+    """``guidance.classifier_mode`` resolved: "auto" is ADM's choice, the mean shift (Alg. 1)
+    for the ancestral ``ddpm`` sampler and the score shift (Alg. 2) for every other sampler
+    (DDIM, the ODE and SDE solvers) and for RePaint, whose own ancestral steps take no mean
+    shift."""
+    mode = c.guidance.get("classifier_mode", "auto")
+    repaint = c.condition.type == "inpaint" and c.condition.repaint_resample > 1
+    if mode == "auto":
+        return "mean" if c.sampler.name == "ddpm" and not repaint else "score"
+    if mode == "mean" and (c.sampler.name != "ddpm" or repaint):
+        raise ConfigError(
+            f"guidance.classifier_mode='mean' (ADM's mean shift) needs the ancestral sampler "
+            f"(sampler.name='ddpm', no RePaint), got sampler.name={c.sampler.name!r}"
+            f"{' with condition.repaint_resample > 1' if repaint else ''}; use "
+            "--config.guidance.classifier_mode=score or auto")
+    return mode
 
 
 GUIDANCE_SPECS: dict[str, Callable[[ml_collections.ConfigDict], generate.GuidanceSpec]] = {

@@ -29,6 +29,7 @@ import numpy as np
 
 from diffjax import parallel
 from diffjax.diffusion import conditional
+from diffjax.diffusion import guidance as guidance_lib
 from diffjax.specs import SamplerSpec
 
 Array = jax.Array
@@ -42,7 +43,10 @@ class GuidanceSpec:
     guidance type; fn: ``fn(denoise, **static, **knobs) -> denoise``; knobs: traced floats
     (``scale``, ``interval``, ``rescale``); classifier: the noise-aware classifier's task
     (``ClassifierTask``) and run directory of classifier guidance, whose parameters enter
-    the sampling program as an argument and reach ``fn`` as ``log_prob_fn``.
+    the sampling program as an argument and reach ``fn`` as ``log_prob_fn``;
+    mode: how classifier guidance enters, resolved from ``guidance.classifier_mode``:
+    ``"score"`` (``fn`` transforms the denoiser, ADM's Alg. 2) or ``"mean"`` (the denoiser is
+    left alone and the ``ddpm`` sampler shifts its mean, Alg. 1: ``sampler_guidance``).
     """
 
     name: str
@@ -51,6 +55,7 @@ class GuidanceSpec:
     knobs: Mapping[str, Any]
     classifier: Any = None
     classifier_workdir: str = ""
+    mode: str = "score"
 
     @property
     def scale(self) -> float:
@@ -169,11 +174,24 @@ class Sampling:
 def guided_denoiser(sampling: Sampling, denoise, knobs, classifier_params=None):
     """Applies the guidance and thresholding of ``sampling`` to a denoiser."""
     g = sampling.guidance
-    static = dict(g.static)
-    if g.classifier is not None:
-        static["log_prob_fn"] = functools.partial(g.classifier.log_prob, classifier_params)
-    denoise = g.fn(denoise, **static, **knobs["guidance"])
+    if g.mode != "mean":  # mean-mode guidance acts in the sampler (sampler_guidance)
+        static = dict(g.static)
+        if g.classifier is not None:
+            static["log_prob_fn"] = functools.partial(g.classifier.log_prob, classifier_params)
+        denoise = g.fn(denoise, **static, **knobs["guidance"])
     return sampling.threshold.fn(denoise, **knobs["threshold"])
+
+
+def sampler_guidance(sampling: Sampling, knobs, classifier_params=None) -> dict[str, Any]:
+    """The guidance that acts inside the sampler rather than on the denoiser: for
+    ``mode == "mean"``, ``{"mean_shift": fn}`` for ``samplers.ddpm`` (ADM's Alg. 1, the
+    scale a traced knob); else ``{}``."""
+    g = sampling.guidance
+    if g.mode != "mean":
+        return {}
+    log_prob_fn = functools.partial(g.classifier.log_prob, classifier_params)
+    shift = guidance_lib.classifier_mean_shift(log_prob_fn, knobs["guidance"]["scale"])
+    return {"mean_shift": shift}
 
 
 def make_sample_program(task, sampling: Sampling, mesh, batch: int, with_inputs: bool):
@@ -193,8 +211,10 @@ def make_sample_program(task, sampling: Sampling, mesh, batch: int, with_inputs:
         denoise = task.denoiser(params, sampling.with_variance, **model_inputs)
         denoise = guided_denoiser(sampling, denoise, knobs, classifier_params)
         place = functools.partial(jax.lax.with_sharding_constraint, shardings=data)
+        sampler_knobs = {**knobs["sampler"],
+                         **sampler_guidance(sampling, knobs, classifier_params)}
         out = condition.sample(sampling.sampler, denoise, key, cond, inputs, shape,
-                               knobs["sampler"], place)
+                               sampler_knobs, place)
         return jnp.clip(out, -1.0, 1.0)
 
     return jax.jit(run, in_shardings=(rep, rep, rep, data, data if with_inputs else None, rep),

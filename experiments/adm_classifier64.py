@@ -15,9 +15,9 @@ cosine T = 1000 table of ``imagenet64.py`` (``64x64_diffusion.pt``), the model i
         --config.guidance.classifier_workdir=runs/adm64_cls
 
 guided-diffusion samples the 64x64 model with classifier scale 1.0. Its ancestral sampler
-shifts the mean (ADM's Algorithm 1); diffjax's classifier guidance is the score shift
-(Algorithm 2) for every sampler, so ADM's scales do not yet carry over to ``ddpm``
-(issue 11 adds the mean shift). Training from scratch reads tfds
+shifts the mean (ADM's Algorithm 1), as diffjax's ``ddpm`` does under
+``guidance.classifier_mode=auto`` (the score shift, Algorithm 2, for DDIM and the other
+samplers), so ADM's scales carry over. Training from scratch reads tfds
 ``imagenet_resized/64x64`` with guided-diffusion's README settings for its 128x128
 classifier (AdamW lr 3e-4, weight decay 0.05, batch 256, 300k steps) except its
 ``--anneal_lr`` (linear decay to 0): here the learning rate stays constant after warm-up.

@@ -84,9 +84,17 @@ _RECORDED_SAMPLER_OPTIONS = {"eta": 0.0, "s_churn": 0.0, "s_noise": 1.0,
 _YAML = {"eta": "0.0", "s_churn": "0.0", "s_noise": "1.0", "s_tmax": ".inf", "s_tmin": "0.0"}
 
 
+# Fields added to the config after the recording, at their defaults (which keep the
+# recorded behaviour): removed before comparing. guidance.classifier_mode (issue 11): "auto"
+# = ADM's choice, the score shift of the recorded code for every sampler but ddpm.
+_ADDED = {("guidance", "classifier_mode"): "auto"}
+
+
 def _as_recorded_text(text: str) -> str:
     for name, value in _YAML.items():
         text = text.replace(f"\n  {name}: null\n", f"\n  {name}: {value}\n")
+    for (_, name), value in _ADDED.items():
+        text = text.replace(f"\n  {name}: {value}\n", "\n")
     return text
 
 
@@ -96,6 +104,9 @@ def _as_recorded_config_json(path: str) -> None:
     for name, value in _RECORDED_SAMPLER_OPTIONS.items():
         if config["sampler"][name] is None:
             config["sampler"][name] = value
+    for (section, name), value in _ADDED.items():
+        if config[section].get(name) == value:
+            del config[section][name]
     with open(path, "w") as f:
         f.write(json.dumps(config, indent=2, default=str))
 

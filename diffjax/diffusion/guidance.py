@@ -105,11 +105,37 @@ def classifier_guidance(denoise: Denoiser, log_prob_fn: Callable[[Array, Array, 
 
     def guided(x: Array, sigma: Array, cond: Any) -> Any:
         sigma_b = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), (x.shape[0],))
-        grad = jax.grad(lambda z: jnp.sum(log_prob_fn(z, sigma_b, cond)))(x)
+        grad = _log_prob_grad(log_prob_fn, x, sigma_b, cond)
         shift = _per_example(sigma_b**2 * scale, x) * grad
         return _map_x0(denoise(x, sigma, cond), lambda x0: x0 + shift)
 
     return guided
+
+
+def _log_prob_grad(log_prob_fn: Callable[[Array, Array, Any], Array], x: Array,
+                   sigma_b: Array, cond: Any) -> Array:
+    """grad_x log p(y | x, sigma) [B, ...] (VE x; the batch sum differentiated)."""
+    return jax.grad(lambda z: jnp.sum(log_prob_fn(z, sigma_b, cond)))(x)
+
+
+def classifier_mean_shift(log_prob_fn: Callable[[Array, Array, Any], Array],
+                          scale: float) -> Callable[[Array, Array, Any], Array]:
+    """The gradient term of ADM's mean shift (Dhariwal & Nichol 2021 Alg. 1) for
+    ``samplers.ddpm(..., mean_shift=...)``: ``fn(x, sigma [B], y) -> scale * grad_x log p(y |
+    x, sigma)`` [B, ...] in VE coordinates (the sampler turns it into mean + Sigma s grad in
+    ADM's VP frame). ``classifier_mode = "mean"`` uses this in place of
+    :func:`classifier_guidance` (Alg. 2, the score shift); per step they differ by a factor
+    beta_t / (sqrt(alpha_t) Sigma_t). ``scale`` may be traced.
+    """
+
+    def shift(x: Array, sigma: Array, cond: Any) -> Array:
+        sigma_b = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), (x.shape[0],))
+        return _per_example(scale, x) * _log_prob_grad(log_prob_fn, x, sigma_b, cond)
+
+    return shift
+
+
+CLASSIFIER_MODES = ("auto", "mean", "score")
 
 
 def static_threshold(denoise: Denoiser, limit: float = 1.0) -> Denoiser:

@@ -277,25 +277,75 @@ def ddpm_transition(x: Array, x0: Array, sigma: Array, sigma_next: Array,
     return x0 + ratio * (x - x0), var
 
 
+def shift_variance(var: Array, sigma: Array, sigma_next: Array, sigma_prev: Array,
+                   variance: str = "fixed_small", frac: Array | None = None) -> Array:
+    """The VE variance guided-diffusion's ``condition_mean`` multiplies: ``var`` of
+    :func:`ddpm_transition`, except in the step into sigma 0 (ADM's t = 0).
+
+    There ADM's table entries are 0 ("fixed_small"), the previous step's beta_tilde
+    ("fixed_large": its variance list starts with posterior_variance[1]) and
+    exp(frac log beta + (1 - frac) log beta_tilde_prev) ("learned": the log beta_tilde clipped
+    at t = 0); beta_tilde_prev is that of the step sigma_prev -> sigma. No noise is drawn
+    there, but the mean shift uses it.
+    """
+    ratio = (sigma / sigma_prev) ** 2
+    tilde_prev = (sigma_prev - sigma) * (sigma_prev + sigma) / (1.0 + sigma_prev**2) * ratio * (
+        (1.0 + sigma_prev**2) / (1.0 + sigma**2))
+    if variance == "fixed_small":
+        last = jnp.zeros_like(tilde_prev)
+    elif variance == "fixed_large":
+        last = tilde_prev
+    else:
+        tiny = jnp.finfo(jnp.result_type(var)).tiny
+        beta = sigma**2 / (1.0 + sigma**2)
+        frac = jnp.reshape(frac, jnp.shape(frac) + (1,) * (jnp.ndim(var) - jnp.ndim(frac)))
+        last = jnp.exp(frac * jnp.log(beta) + (1.0 - frac) * jnp.log(jnp.maximum(tilde_prev,
+                                                                                  tiny)))
+    return jnp.where(sigma_next > 0, var, last)
+
+
 def ddpm(
     denoise: Denoiser, x_init: Array, sigmas: ArrayLike, key: Array, *, cond: Any = None,
     return_trajectory: bool = False, variance: str = "fixed_small",
+    mean_shift: Callable[[Array, Array, Any], Array] | None = None,
 ) -> Sampled:
     """Ancestral sampling (Ho et al. 2020 Alg. 2; iDDPM's learned range variance).
 
     With variance="learned", ``denoise`` must be ``denoise_with_variance(x, sigma, cond) ->
     (x0_hat, frac)`` with frac: [B, ...] (or [B]) in [0, 1]. No noise is added into sigma 0.
+
+    mean_shift: ``fn(x, sigma [B], cond) -> g [B, ...]``, g = s grad_{x_ve} log p(y | x_ve,
+    sigma) at the step's start (``guidance.classifier_mean_shift``): Dhariwal & Nichol's
+    Alg. 1 (guided-diffusion's ``condition_mean``), mean_vp + Sigma_vp s grad_{x_vp} log p.
+    With x_vp = x / sqrt(1 + s^2), mean_vp = mean / sqrt(1 + s'^2) and Sigma_vp =
+    var / (1 + s'^2) that is, in VE units, mean + var sqrt((1 + s^2) / (1 + s'^2)) g, i.e.
+    var g / sqrt(alpha_t), with var of :func:`shift_variance`.
     """
 
     def step(carry, inp, k):
-        x, sigma, sigma_next = carry[0], inp["sigma"], inp["sigma_next"]
-        out = _call(denoise, x, sigma, cond)
-        x0, frac = out if variance == "learned" else (out, None)
-        mean, var = ddpm_transition(x, x0, sigma, sigma_next, variance, frac)
-        std = jnp.where(sigma_next > 0, jnp.sqrt(var), 0.0)
-        return (mean + std * _noise(k, x),)
+        x = carry[0]
+        return (ddpm_step(denoise, x, inp["sigma"], inp["sigma_next"], inp["sigma_prev"],
+                          _noise(k, x), cond=cond, variance=variance, mean_shift=mean_shift),)
 
     return _loop(step, (x_init,), x_init, sigmas, key, return_trajectory)
+
+
+def ddpm_step(denoise: Denoiser, x: Array, sigma: Array, sigma_next: Array,
+              sigma_prev: Array, noise: Array, *, cond: Any = None,
+              variance: str = "fixed_small",
+              mean_shift: Callable[[Array, Array, Any], Array] | None = None) -> Array:
+    """One step of :func:`ddpm` with explicit unit noise [B, ...] (e.g. to replay another
+    implementation's draws; zeros give the step's mean). sigma_prev: the previous step's
+    sigma (sigma itself at the first step), used only by ``mean_shift`` into sigma 0."""
+    out = _call(denoise, x, sigma, cond)
+    x0, frac = out if variance == "learned" else (out, None)
+    mean, var = ddpm_transition(x, x0, sigma, sigma_next, variance, frac)
+    if mean_shift is not None:
+        g = mean_shift(x, jnp.full((x.shape[0],), sigma, x.dtype), cond)
+        var_g = shift_variance(var, sigma, sigma_next, sigma_prev, variance, frac)
+        mean = mean + var_g * jnp.sqrt((1.0 + sigma**2) / (1.0 + sigma_next**2)) * g
+    std = jnp.where(sigma_next > 0, jnp.sqrt(var), 0.0)
+    return mean + std * noise
 
 
 def _finite_next(sigma: Array, sigma_next: Array) -> Array:
