@@ -40,6 +40,12 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "Multi-process: ho
                                    "process 0 (not needed on Cloud TPU pods).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Multi-process: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-process: this process's index.")
+_COORDINATION_TIMEOUT = flags.DEFINE_integer(
+    "coordination_timeout_s", 300, "Multi-process: seconds a process waits for the others to "
+    "connect, at the start-up and shutdown barriers.")
+_COLLECTIVE_TIMEOUT = flags.DEFINE_integer(
+    "collective_timeout_s", 0, "Multi-process on CPU: seconds one collective waits for the "
+    "other processes (0 = XLA's default).")
 
 
 def _fail(message: str) -> None:
@@ -58,8 +64,11 @@ def main(argv: list[str]) -> None:
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:
+        wait = _COORDINATION_TIMEOUT.value
         parallel.maybe_initialize_distributed(
-            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+            initialization_timeout_s=wait, shutdown_timeout_s=wait,
+            barrier_timeout_s=wait, collective_timeout_s=_COLLECTIVE_TIMEOUT.value or None)
         mesh = parallel.make_mesh()
         exp = experiment.build(_CONFIG.value, num_devices=parallel.num_data_shards(mesh),
                                mode=mode)

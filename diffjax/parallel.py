@@ -8,11 +8,13 @@ functions know nothing of devices; callers place arrays with the shardings made 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -23,6 +25,12 @@ def maybe_initialize_distributed(
     coordinator_address: str = "",
     num_processes: int = 0,
     process_id: int = -1,
+    *,
+    initialization_timeout_s: int = 300,
+    heartbeat_timeout_s: int = 100,
+    shutdown_timeout_s: int = 300,
+    barrier_timeout_s: int = 300,
+    collective_timeout_s: int | None = None,
 ) -> bool:
     """Starts ``jax.distributed`` when this run spans several processes.
 
@@ -30,9 +38,28 @@ def maybe_initialize_distributed(
     Cloud TPU pod slice (detected by several worker hostnames in ``TPU_WORKER_HOSTNAMES``),
     JAX finds the coordinator itself. Otherwise nothing is done (single process).
 
+    Must run before anything starts a JAX backend; with several processes on CPU it starts the
+    backend itself (to connect the collectives, below).
+
+    Timeouts, in seconds (raise them on a loaded machine, where processes drift apart):
+      initialization_timeout_s: how long a process waits for all processes to connect to the
+        coordinator (``jax.distributed.initialize(initialization_timeout=...)``).
+      heartbeat_timeout_s: silence after which the coordinator declares a process dead.
+      shutdown_timeout_s: how long an exiting process waits for the others at the shutdown
+        barrier.
+      barrier_timeout_s: how long a process waits for the others at start-up: at the CPU
+        backend's topology exchange (rounded up to minutes) and at the barrier before the CPU
+        collectives connect (see ``_connect_cpu_collectives``).
+      collective_timeout_s: CPU (gloo) only: how long one collective (a gradient all-reduce,
+        orbax's save barrier) waits for the other processes to join it, set as XLA's
+        ``--xla_cpu_collective_timeout_seconds``; None keeps XLA_FLAGS' or XLA's (30 min).
+
     Returns:
       True if ``jax.distributed.initialize`` was called.
     """
+    timeouts = {"initialization_timeout": initialization_timeout_s,
+                "heartbeat_timeout_seconds": heartbeat_timeout_s,
+                "shutdown_timeout_seconds": shutdown_timeout_s}
     if coordinator_address:
         if num_processes <= 0 or process_id < 0:
             raise ValueError(
@@ -42,13 +69,66 @@ def maybe_initialize_distributed(
             coordinator_address=coordinator_address,
             num_processes=num_processes,
             process_id=process_id,
+            **timeouts,
         )
-        return True
-    workers = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-    if len(workers) > 1:
-        jax.distributed.initialize()
-        return True
-    return False
+    elif len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
+        jax.distributed.initialize(**timeouts)
+    else:
+        return False
+    # The backend reads these when it starts, which jax.distributed.initialize has not done.
+    minutes = max(1, math.ceil(barrier_timeout_s / 60))
+    jax.config.update("jax_cpu_get_local_topology_timeout_minutes", minutes)
+    jax.config.update("jax_cpu_get_global_topology_timeout_minutes", minutes + 1)
+    if collective_timeout_s is not None:
+        flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+                 if not f.startswith("--xla_cpu_collective_timeout_seconds")]
+        flags.append(f"--xla_cpu_collective_timeout_seconds={int(collective_timeout_s)}")
+        os.environ["XLA_FLAGS"] = " ".join(flags)
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        _connect_cpu_collectives(barrier_timeout_s)
+    return True
+
+
+def _connect_cpu_collectives(timeout_s: int) -> None:
+    """Connects, on all processes at one moment, the gloo groups that data-parallel work uses.
+
+    gloo connects the processes of a device group when the group's first collective runs, and
+    waits a fixed 30 s for the others (jaxlib 0.10 exposes no setting for it: not
+    jax.distributed's timeouts, not ``--xla_cpu_collective_timeout_seconds``); a process more
+    than 30 s late fails the run with "Gloo context initialization failed: ... GetKeyValue()
+    timed out ... 30s". Left to itself, the first collective is wherever a process first needs
+    one (a train step, orbax's first save barrier), and compiling up to it can put one process
+    minutes behind another on a busy machine. So each process compiles one collective per group
+    first, then all wait at a coordination-service barrier (``timeout_s``), then run them:
+    connecting takes milliseconds, and XLA keeps the connections for the process's lifetime,
+    shared by every later program over the same devices (after which a collective waits up to
+    ``--xla_cpu_collective_timeout_seconds``). The groups: every device (a gradient all-reduce
+    over ``make_mesh()``, an all-gather of a sharded array) and each local device index across
+    processes (jax.experimental.multihost_utils' process_allgather, broadcast_one_to_all and
+    sync_global_devices, which orbax's save/restore barriers use).
+    """
+    # orbax holds the public handle on the coordination service's barrier (jax's is private).
+    import orbax.checkpoint as ocp  # heavy, adds a log handler: only multi-process runs need it
+
+    mesh = make_mesh()
+    whole = jax.make_array_from_process_local_data(
+        data_sharding(mesh), np.ones(jax.local_device_count(), np.int32))
+    grid = Mesh(np.asarray(jax.devices()).reshape(jax.process_count(), -1),
+                ("processes", "local_devices"))  # as multihost_utils lays out the devices
+    columns = jax.make_array_from_process_local_data(
+        NamedSharding(grid, PartitionSpec("processes")), np.ones(1, np.int32))
+    programs = [
+        (jax.jit(jnp.sum, out_shardings=replicated(mesh)).lower(whole).compile(), whole),
+        (jax.jit(lambda x: x, out_shardings=NamedSharding(grid, PartitionSpec()))
+         .lower(columns).compile(), columns),
+    ]
+    ocp.multihost.get_barrier_sync_fn()(key="diffjax_connect_collectives",
+                                        timeout_ms=1000 * timeout_s)
+    outs = [compiled(x) for compiled, x in programs]
+    n = jax.process_count()
+    got = [int(outs[0].addressable_data(0)), np.asarray(outs[1].addressable_data(0)).tolist()]
+    if got != [jax.device_count(), [1] * n]:
+        raise RuntimeError(f"the first collectives between processes returned {got}")
 
 
 def make_mesh(devices: Sequence[Any] | None = None) -> Mesh:

@@ -41,8 +41,8 @@ if args.num_processes > 1:
 jax.config.update("jax_compilation_cache_dir", cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-from diffjax import checkpoint, configlib, parallel  # noqa: E402
-from diffjax.train import loop  # noqa: E402
+from diffjax import checkpoint, experiment, parallel  # noqa: E402
+from diffjax.app import train as app_train  # noqa: E402
 
 spec = importlib.util.spec_from_file_location("tiny", os.path.join(os.path.dirname(__file__),
                                                                    "tiny.py"))
@@ -78,18 +78,24 @@ class Tap:
         self.it.set_state(state)
 
 
-parallel.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+# Generous timeouts: the tests share 2 cores between these processes, pytest's workers and
+# whatever else runs, so one process can reach a synchronisation point minutes after another
+# (compiling with a cold cache); the defaults are set for dedicated hosts.
+parallel.maybe_initialize_distributed(
+    args.coordinator, args.num_processes, args.process_id, initialization_timeout_s=600,
+    heartbeat_timeout_s=600, shutdown_timeout_s=600, barrier_timeout_s=600,
+    collective_timeout_s=600)
 mesh = parallel.make_mesh()
-c = tiny.config(args.data_dir, **{"train.num_steps": args.steps})
-configlib.validate(c, parallel.num_data_shards(mesh))
-it = configlib.build_train_iterator(c, jax.process_index(), jax.process_count())
+exp = experiment.build(tiny.config(args.data_dir, **{"train.num_steps": args.steps}),
+                       num_devices=parallel.num_data_shards(mesh))
+it = app_train.train_iterator(exp.data, exp.train.seed, jax.process_index(), jax.process_count())
 ckpts = checkpoint.checkpoint_dir(args.workdir)
 start = max([int(d) for d in os.listdir(ckpts) if d.isdigit()], default=0) \
     if os.path.isdir(ckpts) else 0
 it = Tap(it, args.kill_at_batch,
          os.path.join(args.workdir, f"first_batch_p{jax.process_index()}_s{start}.json"))
 print(f"process {jax.process_index()} starts at step {start}", flush=True)
-state = loop.train(c, args.workdir, mesh, data_iterator=it)
+state = app_train.run(exp, args.workdir, mesh, data_iterator=it)
 params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
 if jax.process_index() == 0:
     flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}

@@ -68,6 +68,7 @@ def test_kill_9_and_resume_follows_the_uninterrupted_trajectory(data_dir, straig
 
 
 def _two_processes(data_dir, workdir, steps):
+    """Runs the driver as processes 0 and 1 of a 2-process run."""
     port = portpicker.pick_unused_port()
     cmd = lambda i: [sys.executable, DRIVER, data_dir, workdir, steps, 2,  # noqa: E731
                      "--process-id", i, "--num-processes", 2, "--coordinator", f"localhost:{port}"]
@@ -84,6 +85,9 @@ def test_two_processes_match_one_process_with_as_many_devices(data_dir, tmp_path
     one = str(tmp_path / "one")
     _run([data_dir, one, 4, 4])
     two = str(tmp_path / "two")
+    # On a busy machine one process can reach its first collective more than the fixed 30 s
+    # gloo waits after the other; parallel.maybe_initialize_distributed connects the groups at
+    # start-up, together (the driver passes timeouts sized for shared cores).
     first = _two_processes(data_dir, two, 2)
     assert ["process 0 starts at step 0" in first[0], "process 1 starts at step 0" in first[1]] \
         == [True, True]
