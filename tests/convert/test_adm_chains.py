@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
+import os
 from unittest import mock
 
 import jax
@@ -72,19 +74,14 @@ def _config(sampler: str, spacing: str, classifier: bool = False):
 
 
 def _randomize(model, seed: int):
-    """N(0, 1/fan_in) weights, N(0, 0.1) biases, GroupNorm scales 1 + N(0, 0.1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            for name, p in module.named_parameters(recurse=False):
-                noise = torch.randn(p.shape, generator=g)
-                if isinstance(module, torch.nn.GroupNorm) and name == "weight":
-                    p.copy_(1.0 + 0.1 * noise)
-                elif p.ndim >= 2:
-                    p.copy_(noise / np.sqrt(p[0].numel()))
-                else:
-                    p.copy_(0.1 * noise)
-    return model.eval()
+    """tests/convert/test_guided_diffusion.py's re-initialisation (no zero-initialised layer
+    left), in eval mode."""
+    spec = importlib.util.spec_from_file_location(
+        "diffjax_tests_convert_gd", os.path.join(os.path.dirname(__file__),
+                                                 "test_guided_diffusion.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module._randomize(torch, model, seed).eval()
 
 
 @pytest.fixture(scope="module")
