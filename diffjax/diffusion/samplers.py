@@ -16,7 +16,8 @@ ending with 0 (see ``diffjax.diffusion.sigmas``), a NumPy array or a traced jnp 
 PRNG key, step i draws its noise from ``jax.random.fold_in(key, i)`` (deterministic samplers
 ignore it). xs[i] is the state after step i. Float options (eta, s_noise, s_churn, s_tmin,
 s_tmax) may be traced scalars, so one compiled program serves every value (a Python 0 for eta
-or s_churn skips drawing the noise it would scale); string options are fixed at trace time.
+or s_churn skips drawing the noise it would scale); string and integer options (e.g.
+``unipc``'s variant and order) are fixed at trace time.
 The caller jits and shards, e.g. ``jax.jit(lambda p, x, k: euler(partial(D, p), x, s, k))``
 with x sharded over the batch axis; samplers contain no device logic.
 
@@ -183,6 +184,38 @@ def heun(
     return _loop(step, (x_init,), x_init, sigmas, key, return_trajectory)
 
 
+def dpm_2(
+    denoise: Denoiser, x_init: Array, sigmas: ArrayLike, key: Array, *, cond: Any = None,
+    return_trajectory: bool = False, s_churn: float = 0.0, s_tmin: float = 0.0,
+    s_tmax: float = math.inf, s_noise: float = 1.0,
+) -> Sampled:
+    """DPM-Solver-2 (Lu et al. 2022, Alg. 1 with r = 1/2) in Karras's Alg. 2; k-diffusion's DPM2.
+
+    With alpha = 1 the eps-form DPM-Solver-2 step is a midpoint step in log sigma: with
+    d = (x - D(x, s_hat)) / s_hat and s_mid = sqrt(s_hat s') (lambda's midpoint),
+    x_mid = x + (s_mid - s_hat) d, then x' = x + (s' - s_hat) d(x_mid, s_mid). Churn as in
+    ``heun``. The step into sigma 0 is an Euler step (x' = D), so N steps ending at 0 cost
+    2N - 1 evaluations.
+    """
+    num_steps = jnp.shape(sigmas)[0] - 1
+
+    def step(carry, inp, k):
+        x, sigma_hat = _churn(carry[0], inp["sigma"], k, num_steps, s_churn, s_tmin, s_tmax,
+                              s_noise)
+        sigma_next = inp["sigma_next"]
+        d = (x - _call(denoise, x, sigma_hat, cond)) / sigma_hat
+
+        def midpoint():
+            sigma_mid = jnp.sqrt(sigma_hat * sigma_next)
+            x_mid = x + (sigma_mid - sigma_hat) * d
+            d_mid = (x_mid - _call(denoise, x_mid, sigma_mid, cond)) / sigma_mid
+            return x + (sigma_next - sigma_hat) * d_mid
+
+        return (lax.cond(sigma_next > 0, midpoint, lambda: x + (sigma_next - sigma_hat) * d),)
+
+    return _loop(step, (x_init,), x_init, sigmas, key, return_trajectory)
+
+
 def ancestral_step(sigma: Array, sigma_next: Array, eta: float = 1.0) -> tuple[Array, Array]:
     """Split a step sigma -> sigma_next into a deterministic part and fresh noise.
 
@@ -208,6 +241,36 @@ def euler_ancestral(
         d = (x - _call(denoise, x, sigma, cond)) / sigma
         x = x + (sigma_down - sigma) * d
         return (x + s_noise * sigma_up * _noise(k, x),)
+
+    return _loop(step, (x_init,), x_init, sigmas, key, return_trajectory)
+
+
+def dpmpp_2s_ancestral(
+    denoise: Denoiser, x_init: Array, sigmas: ArrayLike, key: Array, *, cond: Any = None,
+    return_trajectory: bool = False, eta: float = 1.0, s_noise: float = 1.0,
+) -> Sampled:
+    """DPM-Solver++(2S) (Lu et al. 2022, Alg. 1, r = 1/2) down to sigma_down, then fresh noise
+    of std sigma_up (``ancestral_step``); k-diffusion's DPM++ 2S a.
+
+    With h = log(s / s_down) and s_mid = sqrt(s s_down): u = (s_mid / s) x - expm1(-h/2) x0_i,
+    x' = (s_down / s) x - expm1(-h) D(u, s_mid) + s_noise s_up z. Where sigma_down = 0 (the
+    step into sigma 0) the step is Euler's, x' = x0_i, with one evaluation: N steps ending at
+    0 cost 2N - 1 evaluations (for eta <= 1; eta > 1 can zero sigma_down earlier).
+    """
+
+    def step(carry, inp, k):
+        x, sigma = carry[0], inp["sigma"]
+        sigma_down, sigma_up = ancestral_step(sigma, inp["sigma_next"], eta)
+        x0 = _call(denoise, x, sigma, cond)
+
+        def second_order():
+            h = _log_ratio(sigma, sigma_down)
+            sigma_mid = jnp.sqrt(sigma * sigma_down)
+            u = (sigma_mid / sigma) * x - jnp.expm1(-0.5 * h) * x0
+            return (sigma_down / sigma) * x - jnp.expm1(-h) * _call(denoise, u, sigma_mid, cond)
+
+        x = lax.cond(sigma_down > 0, second_order, lambda: x0)
+        return (x if _static_zero(eta) else x + s_noise * sigma_up * _noise(k, x),)
 
     return _loop(step, (x_init,), x_init, sigmas, key, return_trajectory)
 
@@ -462,6 +525,81 @@ def dpmpp_3m_sde(
     return _loop(step, (x_init, zeros, zeros), x_init, sigmas, key, return_trajectory)
 
 
+UNIPC_VARIANTS = ("bh1", "bh2")
+
+
+def _unipc_rhos(nodes: list[Array], b: Array, n: Array) -> Array:
+    """UniPC's coefficients: sum_k rho_k nodes_k^j = b_j for j < n, solved for rho_0..rho_{n-1}
+    (rho_k = 0 for k >= n); (1/2, 0, ...) when n = 1, the official code's 1 x 1 case."""
+    size = len(nodes)
+    if size == 0:
+        return b[:0]
+    j = jnp.arange(size)
+    vander = jnp.stack([jnp.stack(nodes) ** p for p in range(size)])  # [j, k] = nodes_k^j
+    used = (j[:, None] < n) & (j[None, :] < n)
+    rho = jnp.linalg.solve(jnp.where(used, vander, jnp.eye(size, dtype=b.dtype)),
+                           jnp.where(j < n, b, 0.0))
+    return jnp.where(n == 1, jnp.where(j == 0, 0.5, 0.0), rho)
+
+
+def unipc(
+    denoise: Denoiser, x_init: Array, sigmas: ArrayLike, key: Array, *, cond: Any = None,
+    return_trajectory: bool = False, variant: str = "bh2", order: int = 2,
+) -> Sampled:
+    """UniPC (Zhao et al. 2023), multistep UniP-p predictor + UniC corrector, x0 prediction.
+
+    With h = log(s / s'), m_k = x0 estimates at sigma_{i-k}, r_k = (lambda_{i-k} - lambda_i) / h
+    and D_k = (m_k - m_0) / r_k: x_pred = (s'/s) x - expm1(-h) m_0 - B(h) sum_k rho^p_k D_k;
+    the corrector evaluates m' = D(x_pred, s') and sets x' = (s'/s) x - expm1(-h) m_0
+    - B(h) (sum_k rho^c_k D_k + rho^c_t (m' - m_0)); m' (at x_pred) joins the history. B(h)
+    is -h ("bh1") or expm1(-h) ("bh2"); the rho solve the paper's order conditions
+    R rho = b with b_k = k! phi_{k+1}(-h) (-h) / B(h) (rho = 1/2 in the 1 x 1 case). As in the
+    official code (lower_order_final), step i has order min(order, i + 1, N - i) and the last
+    step no corrector; into sigma 0 that first-order step is x' = m_0. N evaluations for N
+    steps (m_0 at sigma_0 before the loop, one corrector evaluation per step but the last).
+    variant and order (1 to 3) are fixed at trace time.
+    """
+    if variant not in UNIPC_VARIANTS:
+        raise ValueError(f"unipc variant must be one of {UNIPC_VARIANTS}, got {variant!r}.")
+    if order not in (1, 2, 3):
+        raise ValueError(f"unipc order must be 1, 2 or 3, got {order!r}.")
+    num_steps = jnp.shape(sigmas)[0] - 1
+
+    def step(carry, inp, k):
+        x, ms = carry[0], carry[1:]  # ms[k]: the x0 estimate at sigma_{i-k}
+        i, sigma, sigma_next = inp["i"], inp["sigma"], inp["sigma_next"]
+        p = jnp.minimum(jnp.minimum(i + 1, num_steps - i), order)
+        safe_next = _finite_next(sigma, sigma_next)
+        h = _log_ratio(sigma, safe_next)
+        past = (inp["sigma_prev"], inp["sigma_prev2"])[: order - 1]
+        # r_k = -k where sigma_{i-k} does not exist yet: unused, keeps D_k finite.
+        rks = [jnp.where(i >= n, _log_ratio(sigma, s) / h, -n) for n, s in enumerate(past, 1)]
+        d1s = [(m - ms[0]) / r for m, r in zip(ms[1:], rks)]
+        b_h = -h if variant == "bh1" else jnp.expm1(-h)
+        phi, fact, b = jnp.expm1(-h) / -h - 1.0, 1.0, []
+        for n in range(1, order + 1):
+            b.append(phi * fact / b_h)
+            fact *= n + 1
+            phi = phi / -h - 1.0 / fact
+        b = jnp.stack(b)
+        x_lin = (safe_next / sigma) * x - jnp.expm1(-h) * ms[0]
+        rho_p = _unipc_rhos(rks, b[:-1], p - 1)
+        x_pred = x_lin - b_h * sum((r * d for r, d in zip(rho_p, d1s)), jnp.zeros_like(x))
+
+        def correct():
+            m_next = _call(denoise, x_pred, sigma_next, cond)
+            rho_c = _unipc_rhos([jnp.ones_like(h)] + rks, b, p)
+            res = rho_c[0] * (m_next - ms[0]) + sum(r * d for r, d in zip(rho_c[1:], d1s))
+            return x_lin - b_h * res, m_next
+
+        x_next, m_next = lax.cond(i < num_steps - 1, correct, lambda: (x_pred, ms[0]))
+        return (jnp.where(sigma_next > 0, x_next, ms[0]), m_next) + ms[:-1]
+
+    sigma_0 = jnp.asarray(sigmas, x_init.dtype)[0]
+    ms = (_call(denoise, x_init, sigma_0, cond),) + (jnp.zeros_like(x_init),) * (order - 1)
+    return _loop(step, (x_init,) + ms, x_init, sigmas, key, return_trajectory)
+
+
 SAMPLERS: dict[str, Callable[..., Any]] = {
     "ddpm": ddpm,
     "ddim": ddim,
@@ -471,9 +609,14 @@ SAMPLERS: dict[str, Callable[..., Any]] = {
     "dpmpp_2m": dpmpp_2m,
     "dpmpp_2m_sde": dpmpp_2m_sde,
     "dpmpp_3m_sde": dpmpp_3m_sde,
+    "dpm_2": dpm_2,
+    "dpmpp_2s_ancestral": dpmpp_2s_ancestral,
+    "unipc": unipc,
 }
 
 _EVALS_PER_STEP = {name: 1 for name in SAMPLERS}
+# Two evaluations per step but one in the step into sigma 0 (dpmpp_2s_ancestral: for eta <= 1).
+_TWO_STAGE = ("heun", "dpm_2", "dpmpp_2s_ancestral")
 
 
 def num_evals(name: str, num_steps: int) -> int:
@@ -482,4 +625,4 @@ def num_evals(name: str, num_steps: int) -> int:
         raise ValueError(f"unknown sampler {name!r}; valid: {sorted(SAMPLERS)}.")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
-    return 2 * num_steps - 1 if name == "heun" else _EVALS_PER_STEP[name] * num_steps
+    return 2 * num_steps - 1 if name in _TWO_STAGE else _EVALS_PER_STEP[name] * num_steps
