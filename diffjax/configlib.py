@@ -14,7 +14,8 @@ Glossary of config sections:
   optim      AdamW, schedule, clipping, EMA
   train      steps, logging, checkpointing, seeds
   eval       sample counts, metrics, sweeps
-  condition  conditional generation: img2img (SDEdit), inpaint (RePaint), superres
+  condition  conditional generation: img2img (SDEdit), inpaint (RePaint), superres,
+             invert (DDIM inversion)
 """
 
 from __future__ import annotations
@@ -34,13 +35,14 @@ GUIDANCE_TYPES = ("none", "classifier", "classifier_free")
 # How classifier guidance enters: "auto" is ADM's choice (mean shift, Alg. 1, under the
 # ancestral ddpm sampler; score shift, Alg. 2, under ddim and the ODE/other samplers).
 CLASSIFIER_MODES = ("auto", "mean", "score")
-MODEL_NAMES = ("unet", "classifier")
+MODEL_NAMES = ("unet", "classifier", "dit")
+DIT_SIZES = ("S", "B", "L", "XL")  # the DiT paper's Table 1
 DTYPES = ("float32", "bfloat16")
 SIGMA_SPACINGS = ("model", "karras", "loglinear")
 LR_DECAYS = ("constant", "cosine")
 TIMESTEP_SAMPLERS = ("uniform", "loss_second_moment")
 THRESHOLDINGS = ("none", "static", "dynamic")
-CONDITION_TYPES = ("none", "img2img", "inpaint", "superres")
+CONDITION_TYPES = ("none", "img2img", "inpaint", "superres", "invert")
 
 
 def _option() -> ml_collections.FieldReference:
@@ -86,6 +88,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.cpu_fast_conv = "auto"
     c.model.pool = "attention"  # classifier only
     c.model.classifier_noised = True  # classifier only: train on x_t at random t (guidance)
+    # model.name="dit" (Peebles & Xie 2023; option names of its code). input_size, in_channels,
+    # num_classes, learn_sigma and the null-label row come from data / diffusion / guidance;
+    # dtype, param_dtype and remat are the model's above. None = the size's value.
+    c.model.dit = ml_collections.ConfigDict()
+    c.model.dit.size = "S"  # S / B / L / XL: depth, hidden_size, num_heads of the paper
+    c.model.dit.patch_size = 2
+    c.model.dit.depth = ml_collections.FieldReference(None, int)
+    c.model.dit.hidden_size = ml_collections.FieldReference(None, int)
+    c.model.dit.num_heads = ml_collections.FieldReference(None, int)
+    c.model.dit.mlp_ratio = 4.0
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "linear"
@@ -99,6 +111,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion.p2_k = 1.0
     c.diffusion.vlb_weight = 0.001  # lambda of the hybrid loss (iDDPM)
     c.diffusion.timestep_sampler = "uniform"
+    # improved-diffusion's --rescale_timesteps: the network's time input is t * 1000 / T
+    # (its released T = 4000 models use it); eps / x0 / v predictions only
+    c.diffusion.rescale_timesteps = False
 
     c.guidance = ml_collections.ConfigDict()
     c.guidance.type = "none"
@@ -110,20 +125,26 @@ def base_config() -> ml_collections.ConfigDict:
     c.guidance.interval_sigma_max = float("inf")
     c.guidance.rescale = 0.0  # CFG rescale phi (Lin et al. 2023); 0 = off
     c.guidance.classifier_mode = "auto"  # classifier: mean (ADM Alg. 1, ddpm) / score (Alg. 2)
+    # classifier_free: guide only the first `channels` channels (0 = all); the released DiT
+    # guides 3 of its 4 latent channels (a reproduction switch)
+    c.guidance.channels = 0
 
     c.sampler = ml_collections.ConfigDict()
     c.sampler.name = "ddim"
     c.sampler.num_steps = 50
     # Sampler options: None = the sampler's own default; one the sampler does not take is an
     # error (diffjax.experiment checks them against the sampler's signature).
-    c.sampler.eta = _option()  # ddim (default 0), euler_ancestral / dpmpp_*_sde (default 1)
+    c.sampler.eta = _option()  # ddim (default 0), euler_ancestral / dpmpp_2s_ancestral /
+    # dpmpp_*_sde (default 1)
     c.sampler.sigma_spacing = "model"
     c.sampler.timestep_spacing = ""  # "" = uniform; "ddimN" or "10,10,5" as in iDDPM
     c.sampler.rho = 7.0
-    c.sampler.s_churn = _option()  # euler, heun: Karras churn (default 0)
-    c.sampler.s_tmin = _option()  # euler, heun (default 0)
-    c.sampler.s_tmax = _option()  # euler, heun (default inf)
-    c.sampler.s_noise = _option()  # euler, heun, euler_ancestral, dpmpp_*_sde (default 1)
+    c.sampler.s_churn = _option()  # euler, heun, dpm_2: Karras churn (default 0)
+    c.sampler.s_tmin = _option()  # euler, heun, dpm_2 (default 0)
+    c.sampler.s_tmax = _option()  # euler, heun, dpm_2 (default inf)
+    c.sampler.s_noise = _option()  # euler, heun, dpm_2, the ancestral and SDE ones (default 1)
+    c.sampler.order = ml_collections.FieldReference(None, field_type=int)  # unipc (default 2)
+    c.sampler.variant = ml_collections.FieldReference(None, field_type=str)  # unipc: bh1 / bh2
     c.sampler.thresholding = "static"
     c.sampler.dynamic_percentile = 0.995
     c.sampler.num_samples = 64
@@ -166,11 +187,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.reference_stats = ""  # Inception reference .npz (ADM layout); "" = data's eval split
     c.eval.inception_size = 299  # Inception input resolution; 299 for the standard metrics
     c.eval.nll_num_examples = 0  # cap on test images for "nll"; 0 = the whole eval split
+    # "nll": clip x0_hat to [-1, 1] in the VLB terms, as ADM's image_nll.py (its default)
+    c.eval.nll_clip_denoised = True
 
     c.condition = ml_collections.ConfigDict()
-    c.condition.type = "none"  # none / img2img / inpaint / superres
+    c.condition.type = "none"  # none / img2img / inpaint / superres / invert
     c.condition.strength = 0.5  # img2img (SDEdit): fraction of the sampling steps that run
-    c.condition.input = ""  # image file (PNG...) or .npz of images used by --mode sample
+    # image file (PNG...) or .npz of images (key "images"; "labels" optional) that
+    # --mode sample conditions on / inverts
+    c.condition.input = ""
     c.condition.mask = "center"  # inpaint: center / left_half / a PNG path (white = known)
     c.condition.repaint_resample = 1  # inpaint: RePaint resamplings (1 = off; > 1 uses the
     # ancestral ddpm step whatever sampler.name, on sampler.num_steps steps)
@@ -188,8 +213,9 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     resblock up/down, attention) and shrinks widths, depths, batch and step counts.
     """
     n_levels = min(len(c.model.channel_mult), 3)
-    c.model.model_channels = 32
     c.model.channel_mult = tuple(c.model.channel_mult[:n_levels])
+    # 32 channels at the narrowest level (ADM-512's channel_mult starts at 0.5)
+    c.model.model_channels = int(round(32 / min(1.0, *c.model.channel_mult)))
     c.model.num_res_blocks = 1
     if c.data.image_size > 32:
         if c.condition.low_res_size:  # a super-resolution model keeps its upscaling factor
@@ -200,6 +226,8 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.attention_resolutions = (lowest,) if c.model.attention_resolutions else ()
     if c.model.num_head_channels > 0:
         c.model.num_head_channels = 32
+    if c.model.name == "dit":  # the paper's patch size, a CPU-sized transformer
+        c.model.dit.depth, c.model.dit.hidden_size, c.model.dit.num_heads = 2, 64, 2
     c.data.batch_size = 8
     c.diffusion.num_timesteps = min(c.diffusion.num_timesteps, 100)
     c.sampler.num_steps = 4
@@ -233,6 +261,7 @@ def _tables() -> dict[str, Sequence[str]]:
     """Every named choice of the config and the names that are valid for it."""
     return {
         "model.name": MODEL_NAMES,
+        "model.dit.size": DIT_SIZES,
         "model.dtype": DTYPES,
         "model.param_dtype": DTYPES,
         "diffusion.schedule": tuple(schedules.SCHEDULES),
@@ -276,8 +305,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     data pipelines, whose imports configure logging; this module stays free of them)."""
     for field, valid in _tables().items():
         check_name(field, _get(c, field), valid)
+    if c.model.name == "dit":
+        _validate_dit(c)
     levels = len(c.model.channel_mult)
-    if c.data.image_size % 2 ** (levels - 1):
+    if c.model.name != "dit" and c.data.image_size % 2 ** (levels - 1):
         raise ConfigError(
             f"data.image_size={c.data.image_size} is not divisible by 2**(len(model.channel_mult)-1)"
             f"={2 ** (levels - 1)}; change model.channel_mult or data.image_size"
@@ -289,8 +320,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                 f"{name}={batch} is not a positive multiple of the {num_devices} devices; "
                 f"set --config.{name} to a multiple of {num_devices}"
             )
-    for mult in c.model.channel_mult:
-        if (mult * c.model.model_channels) % c.model.norm_groups:
+    if c.diffusion.rescale_timesteps and c.diffusion.prediction == "edm":
+        raise ConfigError("diffusion.rescale_timesteps=True scales the timestep index the "
+                          "network sees; an 'edm' network sees ln(sigma)/4: set it False")
+    for mult in c.model.channel_mult if c.model.name != "dit" else ():
+        if mult * c.model.model_channels != int(mult * c.model.model_channels) or (
+                int(mult * c.model.model_channels) % c.model.norm_groups):
             raise ConfigError(
                 f"model.model_channels={c.model.model_channels} x channel_mult {mult} is not "
                 f"divisible by model.norm_groups={c.model.norm_groups}; use a multiple of it")
@@ -311,6 +346,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     if c.guidance.type == "classifier_free" and c.guidance.label_dropout <= 0:
         raise ConfigError("guidance.type='classifier_free' needs guidance.label_dropout > 0 so "
                           "the model also learns the unconditional (null-label) denoiser")
+    if c.guidance.channels and (c.guidance.type != "classifier_free"
+                                or not 0 < c.guidance.channels <= c.data.channels):
+        raise ConfigError(f"guidance.channels={c.guidance.channels} needs guidance.type="
+                          f"'classifier_free' and a value in [1, data.channels="
+                          f"{c.data.channels}] (0 = guide every channel)")
     if not 0.0 <= c.guidance.label_dropout < 1.0:
         raise ConfigError(f"guidance.label_dropout={c.guidance.label_dropout} must be in [0, 1)")
     if c.sampler.num_steps < 1 or c.train.num_steps < 0:
@@ -318,6 +358,22 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     if not c.optim.ema_decays or not all(0.0 <= d < 1.0 for d in c.optim.ema_decays):
         raise ConfigError(f"optim.ema_decays={tuple(c.optim.ema_decays)} must be values in [0, 1)")
     _validate_condition(c)
+
+
+def _validate_dit(c: ml_collections.ConfigDict) -> None:
+    d = c.model.dit
+    if d.patch_size < 1 or c.data.image_size % d.patch_size:
+        raise ConfigError(f"model.dit.patch_size={d.patch_size} must divide data.image_size="
+                          f"{c.data.image_size}; choose a divisor (the paper uses 2, 4, 8)")
+    for name in ("depth", "hidden_size", "num_heads"):
+        if d[name] is not None and d[name] < 1:
+            raise ConfigError(f"model.dit.{name}={d[name]} must be >= 1 (or None for the "
+                              f"DiT-{d.size} value)")
+    if d.mlp_ratio <= 0:
+        raise ConfigError(f"model.dit.mlp_ratio={d.mlp_ratio} must be > 0")
+    if c.condition.type == "superres":
+        raise ConfigError("condition.type='superres' needs model.name='unet' (the DiT takes "
+                          "no low-resolution input)")
 
 
 def _validate_condition(c: ml_collections.ConfigDict) -> None:

@@ -5,7 +5,7 @@ one name -> factory table per concept, into an :class:`diffjax.specs.Experiment`
 frozen specs and a :class:`diffjax.tasks.Task`:
 
   TASKS        what is trained          (diffusion / superres / classifier)
-  MODELS       the network              (``model.name``: unet / classifier)
+  MODELS       the network              (``model.name``: unet / classifier / dit)
   SCHEDULES    the noise schedule       (``diffusion.schedule``)
   SIGMA_SPACINGS  the sampling sigmas   (``sampler.sigma_spacing``)
   SAMPLERS     the sampling algorithm   (``sampler.name``), its options checked against it
@@ -39,12 +39,15 @@ from diffjax.diffusion import conditional, guidance, samplers, schedules
 from diffjax.diffusion import sigmas as sigma_lib
 from diffjax.diffusion import superres
 from diffjax.evaluation import sample_metrics
-from diffjax.models import classifier, unet
+from diffjax.models import classifier, dit, unet
 from diffjax.train.step import LossSpec
 
 # Options of ``config.sampler`` that are a sampler's keyword arguments; None = the sampler's
 # own default. Each is checked against the chosen sampler's signature.
 SAMPLER_OPTIONS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
+# Non-float options (None = the sampler's default), static arguments of the program.
+STATIC_SAMPLER_OPTIONS = ("order", "variant")
+_STATIC_CHOICES = {"order": (1, 2, 3), "variant": samplers.UNIPC_VARIANTS}
 # Keyword arguments of samplers that are not options (see diffusion.samplers); ddpm's
 # mean_shift is classifier guidance in mean mode (generate.sampler_guidance).
 _SAMPLER_ARGS = ("cond", "return_trajectory", "mean_shift")
@@ -136,9 +139,29 @@ def _classifier(c: ml_collections.ConfigDict) -> classifier.EncoderClassifier:
                                         **_shared_model_options(c.model))
 
 
+def _dit(c: ml_collections.ConfigDict) -> dit.DiT:
+    d = c.model.dit
+    depth, hidden, heads = dit.DIT_SIZES[d.size]
+    hidden = d.hidden_size or hidden
+    heads = d.num_heads or heads
+    if hidden % heads:
+        raise ConfigError(f"model.dit.hidden_size={hidden} is not divisible by num_heads="
+                          f"{heads}; set --config.model.dit.num_heads to a divisor")
+    return dit.DiT(
+        input_size=c.data.image_size, patch_size=d.patch_size, in_channels=c.data.channels,
+        hidden_size=hidden, depth=d.depth or depth, num_heads=heads,
+        mlp_ratio=float(d.mlp_ratio),
+        # only decides whether the null-label row exists (label dropout is the trainer's)
+        class_dropout_prob=float(c.guidance.label_dropout) if c.model.class_cond else 0.0,
+        num_classes=c.data.num_classes if c.model.class_cond else None,
+        learn_sigma=learns_variance(c), dtype=jnp.dtype(c.model.dtype),
+        param_dtype=jnp.dtype(c.model.param_dtype), remat=c.model.remat)
+
+
 MODELS: dict[str, Callable[[ml_collections.ConfigDict], Any]] = {
     "unet": _unet,
     "classifier": _classifier,
+    "dit": _dit,
 }
 
 
@@ -164,10 +187,15 @@ def _loss(c: ml_collections.ConfigDict) -> LossSpec:
     )
 
 
+def _time_scale(c: ml_collections.ConfigDict) -> float:
+    """The factor on the network's timestep input: 1000 / T under rescale_timesteps."""
+    return 1000.0 / c.diffusion.num_timesteps if c.diffusion.rescale_timesteps else 1.0
+
+
 def _diffusion_task(c, data: specs.DataSpec, ds) -> tasks.DiffusionTask:
     return tasks.DiffusionTask(
         model=build_model(c), image_shape=data.image_shape, num_classes=data.num_classes,
-        schedule=ds, class_cond=c.model.class_cond, loss=_loss(c),
+        schedule=ds, time_scale=_time_scale(c), class_cond=c.model.class_cond, loss=_loss(c),
         learned_variance=learns_variance(c))
 
 
@@ -175,7 +203,7 @@ def _superres_task(c, data: specs.DataSpec, ds) -> tasks.SuperResTask:
     k = c.condition
     return tasks.SuperResTask(
         model=build_model(c), image_shape=data.image_shape, num_classes=data.num_classes,
-        schedule=ds, class_cond=c.model.class_cond, loss=_loss(c),
+        schedule=ds, time_scale=_time_scale(c), class_cond=c.model.class_cond, loss=_loss(c),
         learned_variance=learns_variance(c),
         superres=superres.SuperRes(low_res_size=k.low_res_size, aug_max=k.aug_max,
                                    aug_sample=k.aug_sample))
@@ -184,7 +212,7 @@ def _superres_task(c, data: specs.DataSpec, ds) -> tasks.SuperResTask:
 def _classifier_task(c, data: specs.DataSpec, ds) -> tasks.ClassifierTask:
     return tasks.ClassifierTask(
         model=build_model(c), image_shape=data.image_shape, num_classes=data.num_classes,
-        schedule=ds, noised=c.model.classifier_noised)
+        schedule=ds, time_scale=_time_scale(c), noised=c.model.classifier_noised)
 
 
 TASKS: dict[str, Callable[..., tasks.Task]] = {
@@ -252,6 +280,17 @@ def _sampler(c: ml_collections.ConfigDict, ds) -> specs.SamplerSpec:
     if s.name == "ddim" and not 0.0 <= knobs["eta"] <= 1.0:
         raise ConfigError(f"sampler.eta={knobs['eta']} must be in [0, 1] for ddim")
     options = {}
+    for name in STATIC_SAMPLER_OPTIONS:  # compiled into the program, not traced
+        if s[name] is None:
+            continue
+        if name not in other:
+            raise ConfigError(
+                f"sampler.{name}={s[name]!r} is not an option of sampler {s.name!r}; remove "
+                f"--config.sampler.{name} or choose a sampler that takes it (unipc)")
+        if s[name] not in _STATIC_CHOICES[name]:
+            raise ConfigError(f"sampler.{name}={s[name]!r} is not valid for {s.name}; valid: "
+                              f"{', '.join(map(str, _STATIC_CHOICES[name]))}")
+        options[name] = s[name]
     if "variance" in other:  # ddpm: the variance the model was trained for
         options["variance"] = "learned" if learns_variance(c) else c.diffusion.variance_type
     sigmas = SIGMA_SPACINGS[s.sigma_spacing](c, ds)
@@ -265,8 +304,11 @@ def _no_guidance(c: ml_collections.ConfigDict) -> generate.GuidanceSpec:
 
 def _classifier_free(c: ml_collections.ConfigDict) -> generate.GuidanceSpec:
     g = c.guidance
+    static = {"null_cond": c.data.num_classes}
+    if g.channels:
+        static["channels"] = int(g.channels)
     return generate.GuidanceSpec(
-        name=g.type, fn=GUIDANCE[g.type], static={"null_cond": c.data.num_classes},
+        name=g.type, fn=GUIDANCE[g.type], static=static,
         knobs={"scale": float(g.scale), "rescale": float(g.rescale),
                "interval": (float(g.interval_sigma_min), float(g.interval_sigma_max))})
 
@@ -335,6 +377,25 @@ def load_mask(spec: str, size: int) -> np.ndarray:
     return (m > 127).astype(np.float32)[..., None]
 
 
+# The samplers whose deterministic setting inverts: name -> the options that must stay at
+# their defaults (None) or 0.
+_INVERTIBLE = {"ddim": ("eta",), "euler": ("s_churn",)}
+
+
+def _invert(c: ml_collections.ConfigDict) -> generate.Invert:
+    s = c.sampler
+    if s.name not in _INVERTIBLE or any(s[o] for o in _INVERTIBLE[s.name]):
+        raise ConfigError(
+            f"condition.type='invert' runs a deterministic ODE sampler backwards: use "
+            f"--config.sampler.name=ddim (eta 0) or euler (s_churn 0), got sampler.name="
+            f"{s.name!r}" + "".join(f", sampler.{o}={s[o]}" for o in _INVERTIBLE.get(s.name, ())
+                                     if s[o]))
+    if c.condition.low_res_size:
+        raise ConfigError("condition.type='invert' is for a diffusion model on images; "
+                          "a super-resolution model (condition.low_res_size) cannot invert")
+    return generate.Invert()
+
+
 CONDITIONS: dict[str, Callable[[ml_collections.ConfigDict], Any]] = {
     "none": lambda c: generate.FromNoise(),
     # the low-resolution inputs reach the network through the SuperResTask
@@ -343,6 +404,7 @@ CONDITIONS: dict[str, Callable[[ml_collections.ConfigDict], Any]] = {
     "inpaint": lambda c: generate.Inpaint(
         mask=load_mask(c.condition.mask, c.data.image_size),
         resample=int(c.condition.repaint_resample), jump=int(c.condition.repaint_jump)),
+    "invert": _invert,
 }
 
 
@@ -411,7 +473,8 @@ def _eval(c: ml_collections.ConfigDict, mode: str, ds) -> specs.EvalSpec:
         sweep_num_steps=steps, samplers=samplers_, name=e.name, features=features,
         features_config=e.features_config, features_workdir=e.features_workdir,
         inception_weights=e.inception_weights, reference_stats=e.reference_stats,
-        inception_size=e.inception_size, nll_num_examples=e.nll_num_examples, domain=domain,
+        inception_size=e.inception_size, nll_num_examples=e.nll_num_examples,
+        nll_clip_denoised=e.nll_clip_denoised, domain=domain,
         seed=c.sampler.seed)
 
 

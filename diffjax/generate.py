@@ -123,10 +123,34 @@ class Inpaint:
 
 
 @dataclasses.dataclass(frozen=True)
+class Invert:
+    """DDIM inversion (``condition.type`` invert): :meth:`encode` carries each input x0 up the
+    sampler's deterministic ODE (``ddim`` with eta 0 or ``euler`` without churn) over the
+    reversed sampling sequence to x_T at sigmas[0]; :meth:`sample` decodes that x_T back down
+    the same sequence, so it returns the round trip. x_T is in the samplers' frame
+    (x_vp * sqrt(1 + sigma^2), sigma = sigmas[0]); the VP latent of the DDIM paper is
+    x_T / sqrt(1 + sigmas[0]^2). The network sees the same sigmas both ways (N evaluations
+    each, none at sigma 0)."""
+
+    takes_inputs = True
+    writes_latents = True
+
+    def encode(self, sampler: SamplerSpec, denoise, key, cond, inputs, knobs):
+        up = jnp.flip(jnp.asarray(sampler.sigmas, jnp.float32))
+        return sampler.fn(denoise, inputs, up, key, cond=cond, **sampler.options, **knobs)
+
+    def sample(self, sampler: SamplerSpec, denoise, key, cond, inputs, shape, knobs, place):
+        x_t = self.encode(sampler, denoise, key, cond, inputs, knobs)
+        sig = jnp.asarray(sampler.sigmas, jnp.float32)
+        return sampler.fn(denoise, x_t, sig, key, cond=cond, **sampler.options, **knobs)
+
+
+@dataclasses.dataclass(frozen=True)
 class Sampling:
     """How a task's samples are drawn: everything resolved, nothing read from a config.
 
-    condition: how samples start (:class:`FromNoise`, :class:`Img2Img`, :class:`Inpaint`);
+    condition: how samples start (:class:`FromNoise`, :class:`Img2Img`, :class:`Inpaint`,
+    :class:`Invert`);
     condition_type: ``condition.type``; condition_input: the file of input images
     (``condition.input``) of ``--mode sample``;
     with_variance: the sampler consumes a learned variance (ddpm on an iDDPM network);
@@ -194,6 +218,13 @@ def sampler_guidance(sampling: Sampling, knobs, classifier_params=None) -> dict[
     return {"mean_shift": shift}
 
 
+def _cond(task, sampling: Sampling, labels):
+    """What the denoiser and guidance see as cond: the labels when the network is
+    class-conditional or a classifier guides (an unconditional network ignores them, the
+    classifier's log p(y | x) needs them: ADM's guided unconditional 256x256 model)."""
+    return labels if task.class_cond or sampling.guidance.classifier is not None else None
+
+
 def make_sample_program(task, sampling: Sampling, mesh, batch: int, with_inputs: bool):
     """A jitted ``(params, classifier_params, key, labels [batch], inputs, knobs) -> images
     [batch, H, W, C]`` in [-1, 1]; inputs: [batch, ...] images to condition on (None when
@@ -203,7 +234,7 @@ def make_sample_program(task, sampling: Sampling, mesh, batch: int, with_inputs:
     data, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
 
     def run(params, classifier_params, key, labels, inputs, knobs):
-        cond = labels if task.class_cond else None
+        cond = _cond(task, sampling, labels)
         model_inputs = {}
         if with_inputs and task.needs_inputs:
             k_inputs, key = jax.random.split(jax.random.fold_in(key, 1))
@@ -219,6 +250,22 @@ def make_sample_program(task, sampling: Sampling, mesh, batch: int, with_inputs:
 
     return jax.jit(run, in_shardings=(rep, rep, rep, data, data if with_inputs else None, rep),
                    out_shardings=data)
+
+
+def make_invert_program(task, sampling: Sampling, mesh, batch: int):
+    """A jitted ``(params, classifier_params, key, labels [batch], inputs [batch, H, W, C],
+    knobs) -> x_T [batch, H, W, C]``: :meth:`Invert.encode` of ``sampling.condition`` with the
+    guided denoiser (classifier-free guidance inverts the guided ODE)."""
+    data, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
+
+    def run(params, classifier_params, key, labels, inputs, knobs):
+        cond = _cond(task, sampling, labels)
+        denoise = task.denoiser(params, sampling.with_variance)
+        denoise = guided_denoiser(sampling, denoise, knobs, classifier_params)
+        return sampling.condition.encode(sampling.sampler, denoise, key, cond, inputs,
+                                         knobs["sampler"])
+
+    return jax.jit(run, in_shardings=(rep, rep, rep, data, data, rep), out_shardings=data)
 
 
 # Fields that never change the compiled program: knob values are its arguments, the others
@@ -252,11 +299,12 @@ class _ProgramKey:
     mesh: Any
     batch: int
     with_inputs: bool
+    invert: bool = False  # make_invert_program rather than make_sample_program
 
     @functools.cached_property
     def structure(self) -> tuple:
         return (_structure(self.task), _structure(self.sampling), self.mesh, self.batch,
-                self.with_inputs)
+                self.with_inputs, self.invert)
 
     def __hash__(self) -> int:
         return hash(self.structure)
@@ -269,6 +317,8 @@ class _ProgramKey:
 def _program(key: _ProgramKey):
     """The jitted program of ``key``, shared by every Generator of the same structure (so a
     second ``--mode sample`` or eval point with another guidance scale compiles nothing)."""
+    if key.invert:
+        return make_invert_program(key.task, key.sampling, key.mesh, key.batch)
     return make_sample_program(key.task, key.sampling, key.mesh, key.batch, key.with_inputs)
 
 
@@ -282,10 +332,10 @@ def balanced_labels(n: int, num_classes: int, grouped: bool = False) -> np.ndarr
 class Generator:
     """Draws samples from parameters in batches sharded over the mesh.
 
-    Its programs (from noise, from inputs) compile on first use and are shared by every
-    Generator of the same structure, whatever the knob values. Batch i uses ``fold_in(key, i)``, so a seed gives the same
-    images however many devices there are. ``classifier_params``: the guiding classifier's
-    parameters (classifier guidance only).
+    Its programs (from noise, from inputs, inversion) compile on first use and are shared by
+    every Generator of the same structure, whatever the knob values. Batch i uses
+    ``fold_in(key, i)``, so a seed gives the same images however many devices there are.
+    ``classifier_params``: the guiding classifier's parameters (classifier guidance only).
     """
 
     def __init__(self, task, sampling: Sampling, mesh, classifier_params=None,
@@ -295,20 +345,20 @@ class Generator:
         self.batch = _round_up(batch_size or sampling.batch_size, n)
         self.classifier_params = classifier_params
 
-    def program(self, with_inputs: bool):
+    def program(self, with_inputs: bool, invert: bool = False):
         return _program(_ProgramKey(self.task, self.sampling, self.mesh, self.batch,
-                                    with_inputs))
+                                    with_inputs, invert))
 
     def __call__(self, params, num_samples: int, key, labels: np.ndarray | None = None,
                  grouped: bool = False, inputs: np.ndarray | None = None,
                  knobs: Mapping[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``num_samples`` images [N, H, W, C] in [-1, 1] (NumPy) and their labels [N].
 
-        inputs ([N, ...] in [-1, 1]): the images to condition on (img2img, inpaint: [N, H, W,
-        C]; superres: the low-resolution images). Without them a config with
-        ``condition.type`` img2img / inpaint samples from noise (the trainer's grids); a
-        super-resolution task needs them. knobs: overrides of the traced knobs, e.g.
-        ``{"guidance_scale": 3.0, "eta": 0.5}``.
+        inputs ([N, ...] in [-1, 1]): the images to condition on (img2img, inpaint, invert:
+        [N, H, W, C]; superres: the low-resolution images). Without them a config with
+        ``condition.type`` img2img / inpaint / invert samples from noise (the trainer's
+        grids); a super-resolution task needs them. knobs: overrides of the traced knobs,
+        e.g. ``{"guidance_scale": 3.0, "eta": 0.5}``.
         """
         if labels is None:
             labels = balanced_labels(num_samples, self.task.num_classes, grouped)
@@ -317,9 +367,27 @@ class Generator:
                              "pass inputs (--config.condition.input=PATH)")
         if inputs is not None and not self.sampling.uses_inputs(self.task):
             raise ValueError("inputs given but condition.type is 'none'")
-        fn = self.program(inputs is not None)
+        images = self._run(self.program(inputs is not None), params, num_samples, key,
+                           labels, inputs, knobs)
+        return images, np.asarray(labels)
+
+    def latents(self, params, inputs: np.ndarray, key, labels: np.ndarray | None = None,
+                knobs: Mapping[str, float] | None = None) -> np.ndarray:
+        """x_T [N, H, W, C] of the inputs [N, H, W, C] in [-1, 1] (``condition.type``
+        invert: :meth:`Invert.encode`); labels [N] for a class-conditional model (default:
+        :func:`balanced_labels`)."""
+        if not getattr(self.sampling.condition, "writes_latents", False):
+            raise ValueError(f"latents need condition.type='invert', not "
+                             f"{self.sampling.condition_type!r}")
+        if labels is None:
+            labels = balanced_labels(len(inputs), self.task.num_classes)
+        return self._run(self.program(True, invert=True), params, len(inputs), key, labels,
+                         inputs, knobs)
+
+    def _run(self, fn, params, num_samples: int, key, labels, inputs, knobs) -> np.ndarray:
+        """``fn`` over batches of ``self.batch`` (the last one padded), concatenated."""
         values = self.sampling.knobs(**(knobs or {}))
-        images = []
+        out = []
         for i in range(math.ceil(num_samples / self.batch)):
             chunk = labels[i * self.batch:(i + 1) * self.batch]
             padded = np.pad(chunk, (0, self.batch - len(chunk)))
@@ -327,10 +395,10 @@ class Generator:
             if inputs is not None:
                 part = inputs[i * self.batch:(i + 1) * self.batch]
                 part = np.pad(part, ((0, self.batch - len(part)),) + ((0, 0),) * (part.ndim - 1))
-            out = fn(params, self.classifier_params, jax.random.fold_in(key, i), padded, part,
+            got = fn(params, self.classifier_params, jax.random.fold_in(key, i), padded, part,
                      values)
-            images.append(np.asarray(jax.device_get(out))[:len(chunk)])
-        return np.concatenate(images), np.asarray(labels)
+            out.append(np.asarray(jax.device_get(got))[:len(chunk)])
+        return np.concatenate(out)
 
 
 def _round_up(n: int, k: int) -> int:

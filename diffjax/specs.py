@@ -107,6 +107,7 @@ class EvalSpec:
     reference_stats: str
     inception_size: int
     nll_num_examples: int
+    nll_clip_denoised: bool  # x0_hat clipped to [-1, 1] in the VLB terms
     domain: str  # short data name in metric and file names, e.g. "fashion_mnist"
     seed: int  # sampler.seed: the samples' (or a noise-aware classifier's noise) seed
 

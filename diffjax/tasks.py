@@ -50,6 +50,12 @@ class Task(abc.ABC):
     image_shape: tuple[int, int, int]
     num_classes: int  # labels of the data (0 = unlabelled)
     schedule: DiscreteSchedule
+    # The network sees time input t * time_scale (improved-diffusion's rescale_timesteps:
+    # 1000 / T); 1 = the timestep index itself.
+    time_scale: float = 1.0
+
+    def _time(self, t: Array) -> Array:
+        return t if self.time_scale == 1.0 else t * self.time_scale
 
     draws_samples = False
     needs_inputs = False
@@ -115,8 +121,8 @@ class DiffusionTask(Task):
         return {}
 
     def apply(self, params, x, t, y, train, rngs=None, **inputs):
-        return self.model.apply({"params": params}, x, t, y if self.class_cond else None,
-                                train=train, rngs=rngs, **inputs)
+        return self.model.apply({"params": params}, x, self._time(t),
+                                y if self.class_cond else None, train=train, rngs=rngs, **inputs)
 
     def train_inputs(self) -> Callable[[Array, Array], dict[str, Array]] | None:
         """``(x0, key) -> extra network inputs`` of a training batch, or None."""
@@ -186,7 +192,7 @@ class ClassifierTask(Task):
         return (jnp.zeros((batch, *self.image_shape)), jnp.zeros((batch,))), {}
 
     def apply(self, params, x, t, y, train, rngs=None):
-        return self.model.apply({"params": params}, x, t, train=train, rngs=rngs)
+        return self.model.apply({"params": params}, x, self._time(t), train=train, rngs=rngs)
 
     def loss_fn(self):
         return step_lib.make_classifier_loss(self.apply, self.schedule, self.noised)
@@ -202,5 +208,5 @@ class ClassifierTask(Task):
         sigma = jnp.broadcast_to(sigma, (x_ve.shape[0],))
         x_vp = x_ve * jax.lax.rsqrt(1.0 + sigma**2)[:, None, None, None]
         t = ds.c_noise(ds.t_from_logsnr(-2.0 * jnp.log(sigma)))
-        logits = self.model.apply({"params": params}, x_vp, t, train=False)
+        logits = self.model.apply({"params": params}, x_vp, self._time(t), train=False)
         return jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1)[:, 0]

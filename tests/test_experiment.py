@@ -35,6 +35,12 @@ def test_sampler_options_are_those_the_sampler_takes():
     ea = experiment.build(_config(**{"sampler.name": "euler_ancestral", "sampler.eta": 0.25}))
     assert ea.sampling.sampler.knobs["eta"] == 0.25
     assert dict(experiment.build(_config()).sampling.sampler.knobs) == {"eta": 0.0}  # ddim
+    # unipc's variant and order are static options of the program (None = its defaults).
+    u = experiment.build(_config(**{"sampler.name": "unipc"})).sampling.sampler
+    assert (u.options, u.knobs) == ({}, {})
+    u = experiment.build(_config(**{"sampler.name": "unipc", "sampler.order": 3,
+                                    "sampler.variant": "bh1"})).sampling.sampler
+    assert u.options == {"order": 3, "variant": "bh1"}
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -48,6 +54,9 @@ def test_sampler_options_are_those_the_sampler_takes():
      "dynamic_percentile"),
     ({"guidance.type": "classifier"}, "guidance.classifier_config="),
     ({"data.source": "imagenet"}, "config.data.source='imagenet' is not a valid choice"),
+    ({"sampler.order": 2}, "sampler.order=2 is not an option of sampler 'ddim'"),
+    ({"sampler.name": "unipc", "sampler.order": 4}, "sampler.order=4 is not valid for unipc"),
+    ({"sampler.name": "unipc", "sampler.variant": "bh3"}, "valid: bh1, bh2"),
 ])
 def test_bad_options_are_one_line_errors(overrides, message):
     with pytest.raises(configlib.ConfigError) as info:

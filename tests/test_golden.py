@@ -46,6 +46,7 @@ import hashlib  # noqa: E402
 import importlib.metadata  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import platform  # noqa: E402
 
 import jax  # noqa: E402
@@ -84,17 +85,37 @@ _RECORDED_SAMPLER_OPTIONS = {"eta": 0.0, "s_churn": 0.0, "s_noise": 1.0,
 _YAML = {"eta": "0.0", "s_churn": "0.0", "s_noise": "1.0", "s_tmax": ".inf", "s_tmin": "0.0"}
 
 
-# Fields added to the config after the recording, at their defaults (which keep the
-# recorded behaviour): removed before comparing. guidance.classifier_mode (issue 11): "auto"
-# = ADM's choice, the score shift of the recorded code for every sampler but ddpm.
-_ADDED = {("guidance", "classifier_mode"): "auto"}
+# Fields added to the config after the recording, at values that keep the recorded
+# behaviour: removed before comparing. guidance.classifier_mode (issue 11): "auto" = ADM's
+# choice, the score shift of the recorded code for every sampler but ddpm.
+# eval.nll_clip_denoised (issue 11) defaults to ADM's True, but only the eval case computes
+# an NLL, and it pins the recorded False; the records' ``settings`` (where the choice is
+# stated) are left out of the comparison. diffusion.rescale_timesteps (issue 11): False is
+# the recorded time input.
+_ADDED = {("guidance", "classifier_mode"): ("auto",),
+          ("eval", "nll_clip_denoised"): (True, False),
+          ("diffusion", "rescale_timesteps"): (False,),
+          ("guidance", "channels"): (0,),
+          ("sampler", "order"): (None,), ("sampler", "variant"): (None,)}
+# Sections added after the recording (model.dit, issue 14: options of model.name="dit",
+# which no recorded case uses): removed whole before comparing.
+_ADDED_SECTIONS = (("model", "dit"),)
+
+
+def _yaml(value) -> str:
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _as_recorded_text(text: str) -> str:
     for name, value in _YAML.items():
         text = text.replace(f"\n  {name}: null\n", f"\n  {name}: {value}\n")
-    for (_, name), value in _ADDED.items():
-        text = text.replace(f"\n  {name}: {value}\n", "\n")
+    for (_, name), values in _ADDED.items():
+        for value in values:
+            text = text.replace(f"\n  {name}: {_yaml(value)}\n", "\n")
+    for _, name in _ADDED_SECTIONS:  # "  name:" and its deeper-indented lines
+        text = re.sub(rf"\n  {name}:\n(    [^\n]*\n)+", "\n", text)
     return text
 
 
@@ -104,9 +125,11 @@ def _as_recorded_config_json(path: str) -> None:
     for name, value in _RECORDED_SAMPLER_OPTIONS.items():
         if config["sampler"][name] is None:
             config["sampler"][name] = value
-    for (section, name), value in _ADDED.items():
-        if config[section].get(name) == value:
+    for (section, name), values in _ADDED.items():
+        if name in config[section] and config[section][name] in values:
             del config[section][name]
+    for section, name in _ADDED_SECTIONS:
+        config[section].pop(name, None)
     with open(path, "w") as f:
         f.write(json.dumps(config, indent=2, default=str))
 
@@ -257,7 +280,8 @@ CONDITION_CASES = {
     "superres": (SUPERRES, {}),
 }
 EVAL_SWEEP = {"eval.metrics": ("fd_idx", "class_accuracy", "nll"), "eval.num_samples": 16,
-              "eval.batch_size": 8, "eval.nll_num_examples": 6, "sampler.num_steps": 2,
+              "eval.batch_size": 8, "eval.nll_num_examples": 6,
+              "eval.nll_clip_denoised": False, "sampler.num_steps": 2,
               "sampler.name": "ddim", "eval.sweep_guidance_scales": (1.0, 3.0)}
 # tiny.py's config (class-conditional, CFG label dropout, dropout, scale-shift norm, hybrid
 # loss, learned-range variance, loss-second-moment timesteps, 2 EMA decays, 8 fake devices),
@@ -559,7 +583,8 @@ def _eval_outputs(records: list[dict], workdir: str) -> dict:
     for r in records:  # what the mode wrote is what it returned
         with open(os.path.join(out, f"{r['name']}.json")) as f:
             assert json.load(f) == r
-    kept = [{k: v for k, v in r.items() if k != "wall_time_s"} for r in records]
+    kept = [{k: v for k, v in r.items() if k not in ("wall_time_s", "settings")}
+            for r in records]
     return {"records": digest_json(kept), "names": digest_json([r["name"] for r in records]),
             "files": digest_json(sorted(os.listdir(out)))}
 

@@ -11,8 +11,9 @@ by all points (reference statistics, NLL) is not in it. The sampling program is 
 per step count: the guidance scale is one of its traced arguments.
 
 ``nll`` alone draws no samples: one ``WORKDIR/eval/nll.json`` (``eval.name`` when set) holds
-it with the split and image count. A classifier run gets its top-1 accuracy on
-``eval.split`` instead (:func:`evaluate_accuracy`): ``WORKDIR/eval/accuracy.json``.
+it with the split and image count. Records with ``nll`` state
+``settings.nll_clip_denoised`` (``eval.nll_clip_denoised``, default True as ADM's
+``image_nll.py``). A classifier run gets its top-1 accuracy on ``eval.split`` instead (:func:`evaluate_accuracy`): ``WORKDIR/eval/accuracy.json``.
 
 Everything that can be wrong is checked before the checkpoint is read: the config by
 :func:`diffjax.experiment.build` (mode ``eval``), the files by :func:`check_files`.
@@ -117,6 +118,7 @@ def evaluate_samples(experiment: Experiment, workdir: str, mesh, params, checkpo
         inc_ref = references.inception_reference(experiment, mesh, inc_params, out)
     key = jax.random.PRNGKey(seed)
     shared: dict[str, float] = {}
+    settings = {"nll_clip_denoised": e.nll_clip_denoised} if "nll" in names else {}
     if "nll" in names:
         start = time.perf_counter()
         result = references.nll(experiment, mesh, params, jax.random.fold_in(key, 1))
@@ -126,7 +128,7 @@ def evaluate_samples(experiment: Experiment, workdir: str, mesh, params, checkpo
         if names == ("nll",):  # nothing depends on samples: draw none
             return [records.write_split_record(
                 out, e.name or "nll", shared, e.split, result.num_examples, checkpoint_step,
-                time.perf_counter() - start)]
+                time.perf_counter() - start, settings)]
     cls_params = common.classifier_params(sampling, mesh)
     scales = e.sweep_guidance_scales or (sampling.guidance.scale,)
     per_row = task.num_classes if task.class_cond else 0
@@ -144,7 +146,7 @@ def evaluate_samples(experiment: Experiment, workdir: str, mesh, params, checkpo
                 batch_size=e.batch_size, inception_size=e.inception_size)
             record = records.make_record(sampler.name, sampler.num_steps, sampling.guidance.name,
                                          scale, e.name, {**values, **shared}, checkpoint_step,
-                                         time.perf_counter() - start)
+                                         time.perf_counter() - start, settings)
             records.write_point(out, record, images, per_row)
             written.append(record)
     if len(written) > 1 and jax.process_index() == 0:

@@ -37,8 +37,11 @@ def point_name(sampler: str, num_steps: int, guidance: str, scale: float,
 
 def make_record(sampler: str, num_steps: int, guidance: str, scale: float, prefix: str,
                 values: dict[str, float], checkpoint_step: int,
-                wall_time_s: float) -> dict[str, Any]:
+                wall_time_s: float, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON record of one point (the format ``launch.collect`` reads).
+
+    ``settings``: how metrics were computed where a choice changes their values (e.g.
+    ``nll_clip_denoised``), stored as the record's ``settings`` when given.
 
     ``nfe`` is :func:`diffjax.diffusion.samplers.num_evals`: denoiser calls, where the batched
     conditional + unconditional pair of classifier-free guidance counts as one call."""
@@ -47,7 +50,8 @@ def make_record(sampler: str, num_steps: int, guidance: str, scale: float, prefi
             "sampler": sampler, "num_steps": int(num_steps),
             "nfe": samplers.num_evals(sampler, num_steps),
             "guidance": {"type": guidance, "scale": float(scale)},
-            "checkpoint_step": int(checkpoint_step), "wall_time_s": float(wall_time_s)}
+            "checkpoint_step": int(checkpoint_step), "wall_time_s": float(wall_time_s),
+            **({"settings": dict(settings)} if settings else {})}
 
 
 def write_json(out: epath.Path, record: dict[str, Any]) -> None:
@@ -59,12 +63,14 @@ def write_json(out: epath.Path, record: dict[str, Any]) -> None:
 
 def write_split_record(out: epath.Path, name: str, metrics: dict[str, float], split: str,
                        num_examples: int, checkpoint_step: int,
-                       wall_time_s: float) -> dict[str, Any]:
+                       wall_time_s: float,
+                       settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """The record of a sample-free evaluation on a data split (nll alone, a classifier's
-    accuracy), written to ``out/<name>.json``."""
+    accuracy), written to ``out/<name>.json``; ``settings`` as in :func:`make_record`."""
     record = {"name": name, "metrics": metrics, "split": split,
               "num_examples": int(num_examples), "checkpoint_step": int(checkpoint_step),
-              "wall_time_s": float(wall_time_s)}
+              "wall_time_s": float(wall_time_s),
+              **({"settings": dict(settings)} if settings else {})}
     write_json(out, record)
     say(f"wrote {out}/{record['name']}.json")
     return record

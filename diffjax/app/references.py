@@ -108,7 +108,8 @@ def inception_reference(experiment: Experiment, mesh, params,
 
 
 def nll(experiment: Experiment, mesh, params, key) -> likelihood.NLLResult:
-    """bits/dim of the model on eval.split (see :mod:`diffjax.evaluation.likelihood`)."""
+    """bits/dim of the model on eval.split (see :mod:`diffjax.evaluation.likelihood`), with
+    x0_hat clipped to [-1, 1] in the VLB terms iff ``eval.nll_clip_denoised``."""
     task, e = experiment.task, experiment.eval
 
     def model_fn(p, x_in, c_noise, cond):
@@ -116,7 +117,8 @@ def nll(experiment: Experiment, mesh, params, key) -> likelihood.NLLResult:
 
     fn = likelihood.make_nll_fn(model_fn, task.schedule, mesh, prediction=task.loss.prediction,
                                 variance_type=task.loss.variance_type,
-                                conditional=task.class_cond)
+                                conditional=task.class_cond,
+                                clip_denoised=e.nll_clip_denoised)
     cap = e.nll_num_examples
     batch = e.batch_size
     if cap > 0:  # at least ~10 batches, so the progress bar moves (T passes per batch)

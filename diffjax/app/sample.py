@@ -1,7 +1,10 @@
 """``--mode sample``: samples from a checkpoint to ``WORKDIR/samples.npz`` and a PNG grid.
 
 With ``condition.type`` set each sample starts from an input image of ``condition.input``
-(img2img, inpaint) or is conditioned on it (superres: the low-resolution image).
+(img2img, inpaint) or is conditioned on it (superres: the low-resolution image); an .npz
+input may carry the class ``labels`` of its images. ``invert`` (DDIM inversion) writes
+each input's x_T (``latents``, at ``sigma_max``) and its reconstruction decoded from it,
+with the round trip's PSNR per image (``psnr``, dB, data range [-1, 1]).
 """
 
 from __future__ import annotations
@@ -50,6 +53,31 @@ def load_inputs(path: str, size: int, channels: int) -> np.ndarray:
     return to_model_range(arr, size, channels)
 
 
+def load_input_labels(path: str, count: int, num_classes: int) -> np.ndarray | None:
+    """The ``labels`` array of an .npz ``condition.input`` ([count] ints in [0, num_classes)),
+    or None (no such array, or the model is unconditional)."""
+    if not num_classes or not path.endswith(".npz"):
+        return None
+    with np.load(path) as f:
+        if "labels" not in f.files:
+            return None
+        labels = np.asarray(f["labels"])
+    if labels.shape != (count,) or labels.dtype.kind not in "iu" or (
+            count and not 0 <= labels.min() <= labels.max() < num_classes):
+        raise ConfigError(
+            f"condition.input={path!r}: 'labels' must be {count} integers in [0, "
+            f"{num_classes}) (one per image), got shape {labels.shape} dtype {labels.dtype}; "
+            "fix or drop the array")
+    return labels.astype(np.int32)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """PSNR in dB per image of [N, ...] arrays in [-1, 1] (peak-to-peak range 2)."""
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2,
+                  axis=tuple(range(1, np.ndim(a))))
+    return 10.0 * np.log10(4.0 / np.maximum(mse, 1e-20))
+
+
 def side_by_side(inputs: np.ndarray, outputs: np.ndarray, ncol: int = 8) -> np.ndarray:
     """Interleaves rows of ``ncol`` inputs and their outputs ([N, H, W, C] each; smaller
     inputs are enlarged by pixel repetition) for one grid: input row, result row, ..."""
@@ -75,16 +103,20 @@ def run(experiment: Experiment, workdir: str, mesh, *, checkpoint: str = "",
     returns (images [N, H, W, C], labels [N])."""
     _check_can_sample(experiment)
     task, sampling = experiment.task, experiment.sampling
-    inputs = None
+    inputs = labels = None
     if sampling.uses_inputs(task):  # read (and checked) before the checkpoint
         size, _, channels = task.input_shape
         inputs = load_inputs(sampling.condition_input, size, channels)
+        labels = load_input_labels(sampling.condition_input, len(inputs), task.num_classes)
     params, got = common.restore_params(task, mesh, checkpoint or workdir, step)
     seed = sampling.seed if seed is None else seed
     generator = generate.Generator(task, sampling, mesh,
                                    common.classifier_params(sampling, mesh))
+    if inputs is not None and getattr(sampling.condition, "writes_latents", False):
+        return invert_inputs(sampling, workdir, generator, params, inputs, labels, got, seed)
     if inputs is not None:
-        return sample_with_inputs(sampling, workdir, generator, params, inputs, got, seed)
+        return sample_with_inputs(sampling, workdir, generator, params, inputs, got, seed,
+                                  labels)
     start = time.perf_counter()
     images, labels = generator(params, sampling.num_samples, jax.random.PRNGKey(seed),
                                grouped=True)
@@ -100,10 +132,12 @@ def run(experiment: Experiment, workdir: str, mesh, *, checkpoint: str = "",
 
 
 def sample_with_inputs(sampling, workdir: str, generator, params, inputs: np.ndarray,
-                        step: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+                       step: int, seed: int, labels: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
     """One result per input image, written to ``WORKDIR/samples.npz`` (images, inputs,
     labels) and ``samples.png`` (input | result rows)."""
-    images, labels = generator(params, len(inputs), jax.random.PRNGKey(seed), inputs=inputs)
+    images, labels = generator(params, len(inputs), jax.random.PRNGKey(seed), labels=labels,
+                               inputs=inputs)
     out = common.write_samples(workdir, images=images, inputs=inputs, labels=labels, step=step,
                                seed=seed)
     if jax.process_index() == 0:
@@ -111,4 +145,33 @@ def sample_with_inputs(sampling, workdir: str, generator, params, inputs: np.nda
     common.say(f"wrote {len(images)} {sampling.condition_type} results from checkpoint step "
                f"{step} with {sampling.sampler.name} to {out}/samples.npz and samples.png "
                "(input | result rows)")
+    return images, labels
+
+
+def invert_inputs(sampling, workdir: str, generator, params, inputs: np.ndarray,
+                  labels: np.ndarray | None, step: int, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """DDIM inversion of each input: ``WORKDIR/samples.npz`` with ``latents`` (x_T at
+    ``sigma_max``, the samplers' frame), ``images`` (decoded back from them), ``inputs``,
+    ``labels`` and ``psnr`` (dB per image); ``samples.png`` (input | reconstruction rows).
+    Returns (reconstructions, labels)."""
+    key = jax.random.PRNGKey(seed)
+    if labels is None:
+        labels = generate.balanced_labels(len(inputs), generator.task.num_classes)
+    start = time.perf_counter()
+    latents = generator.latents(params, inputs, key, labels)
+    images, labels = generator(params, len(inputs), key, labels=labels, inputs=inputs)
+    wall = time.perf_counter() - start
+    scores = psnr(inputs, images)
+    sigma_max = float(sampling.sampler.sigmas[0])
+    out = common.write_samples(workdir, images=images, inputs=inputs, labels=labels,
+                               latents=latents, sigma_max=sigma_max, psnr=scores, step=step,
+                               seed=seed)
+    if jax.process_index() == 0:
+        grid.save_grid(side_by_side(inputs, images), str(out / "samples.png"), ncol=8, scale=2)
+    common.say(f"inverted {len(inputs)} images to x_T at sigma {sigma_max:.4g} with "
+               f"{sampling.sampler.name} ({sampling.sampler.num_steps} steps each way, "
+               f"checkpoint step {step}) in {wall:.1f}s; round trip PSNR {scores.mean():.2f} dB "
+               f"(min {scores.min():.2f}, max {scores.max():.2f}); wrote {out}/samples.npz "
+               "(latents, images, psnr) and samples.png (input | reconstruction rows)")
     return images, labels

@@ -1,12 +1,42 @@
-"""Released checkpoints into diffjax: safe readers of PyTorch weight files (``torch_file``)
-and converters of their state dicts (``guided_diffusion``: OpenAI's ADM / improved-diffusion).
+"""Released checkpoints into diffjax: a safe reader of PyTorch weight files (``torch_file``)
+and converters of their state dicts, one module per family:
+
+* ``guided_diffusion``: OpenAI's ADM / improved-diffusion UNets, upsamplers, classifiers;
+* ``dit``: facebookresearch/DiT's ``.pt`` files and diffusers' ``DiTTransformer2DModel``;
+* ``autoencoder_kl``: Stable Diffusion's VAE (diffusers or CompVis/LDM key names).
 
     params = diffjax.convert.load_checkpoint("64x64_diffusion.pt", experiment)
 
-Nothing here imports torch (nor flax: the converters are NumPy). Importing this package has
-no side effects. The command line is ``python -m diffjax.convert`` (``__main__``).
+:func:`load_checkpoint` picks the converter from the experiment's network. Nothing here
+imports torch; importing this package has no side effects. The command line is
+``python -m diffjax.convert`` (``__main__``).
 """
 
-from diffjax.convert.guided_diffusion import load_checkpoint
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from diffjax.convert import dit as dit_convert
+from diffjax.convert import guided_diffusion
+from diffjax.models import dit as dit_model
+
+
+def load_checkpoint(path: str | os.PathLike, config: Any, key: str | None = None) -> dict:
+    """The diffjax parameters of a released weight file for ``config``'s network.
+
+    path: ``.pt`` / ``.pth`` / ``.ckpt`` (read without torch, nothing in it executed) or
+    ``.safetensors``; config: the resolved experiment (``diffjax.experiment.load(...)``) or
+    its task; key: the entry of the file holding the state dict, if it holds several (e.g.
+    ``"ema"``). A DiT experiment reads DiT's or diffusers' names
+    (:mod:`diffjax.convert.dit`), any other guided-diffusion's
+    (:mod:`diffjax.convert.guided_diffusion`). Returns NumPy arrays in the config's
+    parameter dtypes. Raises WeightFileError (or its subclass ConversionError): one line.
+    """
+    task = getattr(config, "task", config)
+    if isinstance(getattr(task, "model", None), dit_model.DiT):
+        return dit_convert.load_checkpoint(path, task.model, key)
+    return guided_diffusion.load_checkpoint(path, task, key)
+
 
 __all__ = ["load_checkpoint"]

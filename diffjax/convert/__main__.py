@@ -1,11 +1,12 @@
-r"""Converts a released guided-diffusion / improved-diffusion checkpoint into a diffjax run.
+r"""Converts a released checkpoint (guided-diffusion, improved-diffusion, DiT) into a diffjax run.
 
     python -m diffjax.convert --config experiments/imagenet64.py \
         --checkpoint 64x64_diffusion.pt --workdir runs/adm64
     python -m diffjax.main --config experiments/imagenet64.py --workdir runs/adm64 --mode sample
 
 Builds the config's Experiment, reads the file without torch (nothing in it is executed),
-converts every tensor (:mod:`diffjax.convert.guided_diffusion`) and writes a step-0
+converts every tensor (:func:`diffjax.convert.load_checkpoint`: the converter of the
+config's network) and writes a step-0
 checkpoint into ``WORKDIR/checkpoints`` (the trainer's fresh state with params and every EMA
 copy equal to the converted weights, so ``--mode sample`` / ``--mode eval`` read them as is,
 and ``--mode train`` fine-tunes from them) and ``WORKDIR/config.json``. Any error is one
@@ -25,14 +26,14 @@ from etils import epath
 from ml_collections import config_flags
 
 from diffjax import checkpoint, experiment, parallel
-from diffjax.convert import guided_diffusion, torch_file
+from diffjax.convert import load_checkpoint, torch_file
 from diffjax.errors import ConfigError
 from diffjax.train.loop import Trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file (path.py[:variant]) of the checkpoint's architecture.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "guided-diffusion weight file (.pt, "
-                                  ".pth or .safetensors).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Released weight file (.pt, .pth or "
+                                  ".safetensors) of the config's architecture.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to create (must hold no "
                                "checkpoints yet).")
 _KEY = flags.DEFINE_string("key", None, "Entry of the file holding the state dict, when it "
@@ -59,7 +60,7 @@ def convert(config, checkpoint_path: str, workdir: str, key: str | None = None) 
     mesh = parallel.make_mesh()
     exp = experiment.build(config, num_devices=parallel.num_data_shards(mesh), mode="sample")
     _check_workdir(workdir)
-    params = guided_diffusion.load_checkpoint(checkpoint_path, exp, key)
+    params = load_checkpoint(checkpoint_path, exp, key)
     params = jax.device_put(params, parallel.replicated(mesh))
     state = Trainer(exp.task, exp.optim, exp.train, mesh).new_state()
     state = state.replace(params=params, ema_params=tuple(params for _ in state.ema_params))

@@ -47,7 +47,7 @@ def ho_scale_from_glide(glide_scale: float) -> float:
 
 def classifier_free(denoise: Denoiser, scale: float, null_cond: Any, *,
                     interval: tuple[float, float] | None = None,
-                    rescale: float = 0.0) -> Denoiser:
+                    rescale: float = 0.0, channels: int = 0) -> Denoiser:
     """Classifier-free guidance (Ho & Salimans 2022), one batched call for both passes.
 
     D = (1 + w) D(x, sigma, c) - w D(x, sigma, null): ``scale`` is Ho & Salimans' w, so w = 0
@@ -59,6 +59,8 @@ def classifier_free(denoise: Denoiser, scale: float, null_cond: Any, *,
       (Kynkaanniemi et al. 2024); elsewhere the conditional denoiser alone.
     rescale: phi of Lin et al. (2024) Alg. 2 applied to x0_hat: the guided x0_hat is scaled
       by phi * std(D_c) / std(D) + (1 - phi), std over each example's non-batch dims.
+    channels: guide only the first ``channels`` channels (last axis), the others are the
+      conditional D_c (0 = all). The released DiT guides 3 of its 4 latent channels this way.
     The conditional and unconditional passes run as one call on a batch of 2B (always both:
     the interval only changes the mix). ``scale``, the interval's bounds and ``rescale`` may
     be traced (e.g. swept under one jit); a Python 0 for ``rescale`` skips its statistics.
@@ -81,6 +83,8 @@ def classifier_free(denoise: Denoiser, scale: float, null_cond: Any, *,
             w = jnp.where((sigma_b > lo) & (sigma_b <= hi), w, 0.0)
         w = _per_example(w, x)
         d = d_c + w * (d_c - d_u)
+        if channels:
+            d = jnp.concatenate([d[..., :channels], d_c[..., channels:]], axis=-1)
         if not (isinstance(rescale, (int, float)) and rescale == 0):
             axes = tuple(range(1, x.ndim))
             ratio = jnp.std(d_c, axis=axes, keepdims=True) / jnp.std(d, axis=axes, keepdims=True)

@@ -29,7 +29,13 @@ def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2) -> np.n
 
 
 def save_grid(images: np.ndarray, path: str, ncol: int | None = None, scale: int = 1) -> str:
-    """Writes images in [-1, 1] as one PNG grid, local or ``gs://`` (``scale`` enlarges)."""
+    """Writes images in [-1, 1] as one PNG grid, local or ``gs://`` (``scale`` enlarges).
+
+    Images of 1 channel are grey, of 3 RGB; others (e.g. 4-channel latents) show their
+    first three channels as RGB (one channel: grey)."""
+    images = np.asarray(images)
+    if images.shape[-1] not in (1, 3):
+        images = images[..., :3] if images.shape[-1] > 3 else images[..., :1]
     grid = make_grid(to_uint8(images), ncol)
     mode = "L" if grid.shape[-1] == 1 else "RGB"
     img = Image.fromarray(grid[..., 0] if mode == "L" else grid, mode)

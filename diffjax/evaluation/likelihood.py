@@ -55,8 +55,13 @@ class NLLResult:
 
 
 def make_nll_fn(model_fn: Callable, ds, mesh, *, prediction: str, variance_type: str,
-                conditional: bool, timestep_map: np.ndarray | None = None) -> Callable:
+                conditional: bool, clip_denoised: bool = False,
+                timestep_map: np.ndarray | None = None) -> Callable:
     """A jitted ``(params, x0 [B,H,W,C], labels [B], key) -> total bits/dim [B]`` (replicated).
+
+    clip_denoised: x0_hat clipped to [-1, 1] before the posterior mean of every VLB term
+    (guided-diffusion's ``image_nll.py`` defaults to True; ``--mode eval`` follows
+    ``eval.nll_clip_denoised``).
 
     model_fn(params, x_in, c_noise, cond) -> model output ([B,H,W,C], or [B,H,W,2C] for a
     learned variance); ``cond`` is the labels when ``conditional`` else None. x0 and labels
@@ -67,6 +72,7 @@ def make_nll_fn(model_fn: Callable, ds, mesh, *, prediction: str, variance_type:
     def run(params, x0, labels, key):
         out = losses.nll_bpd(functools.partial(model_fn, params), ds, x0, key,
                              prediction=prediction, variance_type=variance_type,
+                             clip_denoised=clip_denoised,
                              cond=labels if conditional else None, timestep_map=timestep_map)
         return out["total_bpd"]
 

@@ -410,13 +410,14 @@ def encoder_half(m: ADMOptions, x: Array, emb: Array, *, train: bool) -> tuple[A
     skips are the outputs of every input block (what the UNet decoder concatenates).
     Parameter names: input_blocks_{i}_{conv,res,attn,down}, middle_{res_0,attn,res_1}.
     """
-    ch = m.channel_mult[0] * m.model_channels
+    ch = int(m.channel_mult[0] * m.model_channels)
     h = Conv(ch, 3, dtype=m.dtype, param_dtype=m.param_dtype, cpu_fast_conv=m.cpu_fast_conv,
              name="input_blocks_0_conv")(x)
     skips, k = [h], 1
     for level, mult in enumerate(m.channel_mult):
         for _ in range(m.num_res_blocks):
-            h = res_block(m, mult * m.model_channels, f"input_blocks_{k}_res")(h, emb, train)
+            h = res_block(m, int(mult * m.model_channels), f"input_blocks_{k}_res")(h, emb,
+                                                                                  train)
             if h.shape[1] in m.attention_resolutions:
                 h = attention_block(m, m.num_heads, f"input_blocks_{k}_attn")(h)
             skips.append(h)

@@ -144,7 +144,7 @@ class UNet(nn.Module):
         for level, mult in reversed(list(enumerate(self.channel_mult))):
             for i in range(self.num_res_blocks + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
-                h = layers.res_block(self, mult * self.model_channels,
+                h = layers.res_block(self, int(mult * self.model_channels),
                                      f"output_blocks_{k}_res")(h, emb, train)
                 if h.shape[1] in self.attention_resolutions:
                     h = layers.attention_block(self, heads_up, f"output_blocks_{k}_attn")(h)

@@ -16,7 +16,7 @@ from diffjax import checkpoint, configlib, experiment, generate, parallel
 from diffjax.app import common, references
 from diffjax.app import evaluate as app_evaluate
 from diffjax.data import DataError, idx
-from diffjax.evaluation import features, metrics, sample_metrics
+from diffjax.evaluation import features, likelihood, metrics, sample_metrics
 from launch import collect
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -119,6 +119,7 @@ def test_eval_sweep_writes_jsons_grids_and_plot(trained):
         assert (out / f"{r['name']}.png").stat().st_size > 0
         assert r["sampler"] == "ddim" and r["num_steps"] == 2 and r["nfe"] == 2
         assert r["checkpoint_step"] == 2 and r["wall_time_s"] > 0
+        assert r["settings"] == {"nll_clip_denoised": True}
         m = r["metrics"]
         assert set(m) == {"fd_fashion_mnist", "class_accuracy", "nll_bpd", "nll_bpd_stderr"}
         assert m["fd_fashion_mnist"] > 0 and math.isfinite(m["fd_fashion_mnist"])
@@ -148,6 +149,10 @@ def test_nll_alone_draws_no_samples_and_writes_one_json(trained, tmp_path, monke
         raise AssertionError("an nll-only eval drew samples")
 
     monkeypatch.setattr(generate, "Generator", no_sampling)
+    seen = []
+    make_nll_fn = likelihood.make_nll_fn
+    monkeypatch.setattr(likelihood, "make_nll_fn",
+                        lambda *a, **kw: seen.append(kw["clip_denoised"]) or make_nll_fn(*a, **kw))
     c = eval_config(root, data, **{"eval.metrics": ("nll",)})
     workdir = tmp_path / "nll_only"
     [record] = evaluate(c, str(workdir), mesh, checkpoint=str(root / "sweep" / "run0"), seed=0)
@@ -155,6 +160,7 @@ def test_nll_alone_draws_no_samples_and_writes_one_json(trained, tmp_path, monke
     assert sorted(p.name for p in (workdir / "eval").iterdir()) == ["nll.json"]
     assert record["name"] == "nll" and record["split"] == "test"
     assert record["num_examples"] == 6 and record["checkpoint_step"] == 2
+    assert record["settings"] == {"nll_clip_denoised": True} and seen == [True]  # as ADM
     exp = build(c, mesh)
     params, _ = common.restore_params(exp.task, mesh, str(root / "sweep" / "run0"))
     direct = references.nll(exp, mesh, params, jax.random.fold_in(jax.random.PRNGKey(0), 1))

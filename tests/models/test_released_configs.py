@@ -38,13 +38,13 @@ def encoder_count(size, mc, nrb, mult, attn_ds, num_classes=1000):
         return 2 * c + _lin(c, 3 * c) + _lin(c, c)
 
     total = _lin(mc, emb) + _lin(emb, emb)
-    ch = mult[0] * mc
+    ch = int(mult[0] * mc)
     total += 9 * 3 * ch + ch
     ds = 1
     for level, m in enumerate(mult):
         for _ in range(nrb):
-            total += res(ch, m * mc) + (attn(m * mc) if ds in attn_ds else 0)
-            ch = m * mc
+            total += res(ch, int(m * mc)) + (attn(int(m * mc)) if ds in attn_ds else 0)
+            ch = int(m * mc)
         if level != len(mult) - 1:
             total += res(ch, ch)
             ds *= 2
@@ -73,12 +73,26 @@ UNETS = {
                           (6, 192, 3, 2, (1, 1, 2, 2, 4, 4), (8, 16, 32), 1000)),
     "adm_upsampler128_512": ("128_512_upsampler.pt",
                              (6, 192, 3, 2, (1, 1, 2, 2, 4, 4), (16, 32), 1000)),
+    "adm_imagenet512": ("512x512_diffusion.pt",
+                        (3, 256, 3, 2, (0.5, 1, 1, 2, 2, 4, 4), (16, 32, 64), 1000)),
+}
+# improved-diffusion's releases: its UNetModel is guided-diffusion's without BigGAN
+# resampling (convolutional down/up), scale-shift norm on; attention at 16, 8 pixels.
+IDDPM = {
+    "iddpm_imagenet64_uncond": ("imagenet64_uncond_100M_1500K.pt",
+                                (3, 128, 3, 3, (1, 2, 3, 4), (4, 8), None)),
+    "iddpm_imagenet64_cond": ("imagenet64_cond_270M_250K.pt",
+                              (3, 192, 3, 3, (1, 2, 3, 4), (4, 8), 1000)),
+    "iddpm_cifar10_uncond": ("cifar10_uncond_50M_500K.pt",
+                             (3, 128, 3, 3, (1, 2, 2, 2), (2, 4), None)),
 }
 CLASSIFIERS = {
     "adm_classifier64": ("64x64_classifier.pt", (64, 128, 4, (1, 2, 3, 4), (2, 4, 8))),
     "adm_classifier128": ("128x128_classifier.pt", (128, 128, 2, (1, 1, 2, 3, 4), (4, 8, 16))),
     "adm_classifier256": ("256x256_classifier.pt",
                           (256, 128, 2, (1, 1, 2, 2, 4, 4), (8, 16, 32))),
+    "adm_classifier512": ("512x512_classifier.pt",
+                          (512, 128, 2, (0.5, 1, 1, 2, 2, 4, 4), (16, 32, 64))),
 }
 
 
@@ -87,6 +101,27 @@ def test_released_unet_configs_have_guided_diffusions_parameter_count(name):
     _, args = UNETS[name]
     want = _adm_count()(*args, True, True, True)  # learn_sigma, scale-shift, BigGAN up/down
     assert summary.param_count(_build(name)) == want
+
+
+@pytest.mark.parametrize("name", sorted(IDDPM))
+def test_improved_diffusion_configs_have_its_parameter_count(name):
+    _, args = IDDPM[name]
+    assert summary.param_count(_build(name)) == _adm_count()(*args, True, True, False)
+
+
+def test_improved_diffusion_time_input_and_loss_weight():
+    """rescale_timesteps / rescale_learned_sigmas as released: the uncond models see
+    t * 1000 / 4000 and weigh L_vlb by T / 1000 (vlb_weight 1e-3 in the T-scaled form); the
+    conditional one sees t and weighs L_vlb by 1 (vlb_weight 1 / T)."""
+    for name, (scale, weight) in {"iddpm_imagenet64_uncond": (0.25, 1e-3),
+                                  "iddpm_cifar10_uncond": (0.25, 1e-3),
+                                  "iddpm_imagenet64_cond": (1.0, 1 / 4000)}.items():
+        exp = _build(name)
+        assert exp.task.time_scale == scale and exp.task.schedule.num_timesteps == 4000, name
+        assert dict(exp.task.loss.loss_kwargs)["vlb_weight"] == pytest.approx(weight), name
+        m = exp.task.model
+        assert (m.num_heads, m.num_head_channels, m.use_new_attention_order,
+                m.resblock_updown, m.use_scale_shift_norm) == (4, -1, False, False, True)
 
 
 @pytest.mark.parametrize("name", sorted(CLASSIFIERS))
@@ -102,12 +137,16 @@ def test_published_counts_pinned():
     adm = _adm_count()
     counts = {name: adm(*args, True, True, True) for name, (_, args) in UNETS.items()}
     counts.update({name: encoder_count(*args) for name, (_, args) in CLASSIFIERS.items()})
+    counts.update({name: adm(*args, True, True, False) for name, (_, args) in IDDPM.items()})
     assert counts == {
         "imagenet64": 295_904_454, "adm_imagenet128": 421_529_606,
         "adm_imagenet256": 553_838_086, "adm_imagenet256_uncond": 552_814_086,
         "adm_lsun256": 552_814_086, "imagenet64_to_256": 311_795_910,
         "adm_upsampler128_512": 308_835_270, "adm_classifier64": 65_438_568,
-        "adm_classifier128": 42_568_040, "adm_classifier256": 54_096_360}
+        "adm_classifier128": 42_568_040, "adm_classifier256": 54_096_360,
+        "adm_imagenet512": 558_997_638, "adm_classifier512": 54_448_360,
+        "iddpm_imagenet64_uncond": 121_063_942, "iddpm_imagenet64_cond": 273_049_350,
+        "iddpm_cifar10_uncond": 52_546_438}
 
 
 def test_attention_options_transcribe_the_published_flags():
@@ -121,7 +160,7 @@ def test_attention_options_transcribe_the_published_flags():
     assert m.use_new_attention_order is False
     # 256x256 and the 128 -> 512 upsampler: --num_head_channels 64, legacy order
     for name in ("adm_imagenet256", "adm_imagenet256_uncond", "adm_lsun256",
-                 "adm_upsampler128_512"):
+                 "adm_upsampler128_512", "adm_imagenet512"):
         m = _build(name).task.model
         assert (m.num_head_channels, m.use_new_attention_order) == (64, False), name
     # 64 -> 256 upsampler: --num_heads 4, legacy order

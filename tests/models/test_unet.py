@@ -38,13 +38,13 @@ def adm_count(in_ch, mc, out_ch, nrb, mult, attn_ds, num_classes, learn_sigma, s
         return 2 * c + _lin(c, 3 * c) + _lin(c, c)
 
     total = _lin(mc, emb) + _lin(emb, emb) + (num_classes * emb if num_classes else 0)
-    ch = mult[0] * mc
+    ch = int(mult[0] * mc)
     total += _conv(in_ch, ch, 3)
     chans, ds = [ch], 1
     for level, m in enumerate(mult):
         for _ in range(nrb):
-            total += res(ch, m * mc) + (attn(m * mc) if ds in attn_ds else 0)
-            ch = m * mc
+            total += res(ch, int(m * mc)) + (attn(int(m * mc)) if ds in attn_ds else 0)
+            ch = int(m * mc)
             chans.append(ch)
         if level != len(mult) - 1:
             total += res(ch, ch) if updown else _conv(ch, ch, 3)
@@ -53,8 +53,8 @@ def adm_count(in_ch, mc, out_ch, nrb, mult, attn_ds, num_classes, learn_sigma, s
     total += 2 * res(ch, ch) + attn(ch)
     for level, m in reversed(list(enumerate(mult))):
         for i in range(nrb + 1):
-            total += res(ch + chans.pop(), m * mc)
-            ch = m * mc
+            total += res(ch + chans.pop(), int(m * mc))
+            ch = int(m * mc)
             total += attn(ch) if ds in attn_ds else 0
             if level and i == nrb:
                 total += res(ch, ch) if updown else _conv(ch, ch, 3)
