@@ -6,6 +6,13 @@ the runner) and every ``<run>/eval/*.json`` written by ``diffjax.main --mode eva
 "scale"}, "checkpoint_step", "wall_time_s"}``. One row per (run, eval file); a run with
 no eval file yet still gets a row with its status (done / failed / incomplete), so
 failures show up in the table.
+
+Per run it also reports, where the run wrote them (``--mode train``): ``params`` and
+``gflops`` (matmul FLOPs of one forward pass of one image / 1e9, a multiply-add counted as
+2; DiT only) of the model in ``<run>/config.json``, computed by diffjax without running
+anything (imported only then; launch itself needs no JAX), and ``train_images_per_s``,
+the median ``examples_per_sec`` of ``<run>/metrics.jsonl`` (the median, so that the first
+log interval, which includes compilation, does not count).
 """
 
 from __future__ import annotations
@@ -14,12 +21,15 @@ import collections
 import csv
 import json
 import math
+import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
 from launch.storage import DONE_MARKER, FAILED_MARKER, RUN_MARKER
 
 FIXED_COLUMNS = ("run", "status")
+RUN_COLUMNS = ("params", "gflops", "train_images_per_s")
 EVAL_COLUMNS = ("eval", "checkpoint_step", "sampler", "num_steps", "nfe", "guidance_type",
                 "guidance_scale", "wall_time_s")
 
@@ -37,12 +47,58 @@ def _status(run_dir: Path) -> str:
     return "failed" if (run_dir / FAILED_MARKER).exists() else "incomplete"
 
 
+def train_images_per_s(run_dir: Path) -> float | None:
+    """Median ``examples_per_sec`` over ``run_dir/metrics.jsonl``; None without a log."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return None
+    rates = []
+    for line in lines:
+        try:
+            rate = json.loads(line).get("examples_per_sec")
+        except json.JSONDecodeError:  # a line cut short by a preempted run
+            continue
+        if _is_number(rate):
+            rates.append(float(rate))
+    return statistics.median(rates) if rates else None
+
+
+def model_size(config: dict) -> dict[str, Any]:
+    """{"params": int, "gflops": float | None} of a resolved config (a run's config.json).
+
+    Builds the experiment's abstract parameters (``jax.eval_shape``; nothing is allocated);
+    gflops is ``dit.forward_flops`` / 1e9 for ``model.name="dit"``, None for other models.
+    """
+    import ml_collections
+
+    from diffjax import experiment
+    from diffjax.models import dit, layers
+
+    c = ml_collections.ConfigDict(config)
+    params = layers.num_params(experiment.build(c).task.abstract_params())
+    module = experiment.build_model(c)
+    gflops = dit.forward_flops(module) / 1e9 if isinstance(module, dit.DiT) else None
+    return {"params": params, "gflops": gflops}
+
+
+def _run_columns(run_dir: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {"train_images_per_s": train_images_per_s(run_dir)}
+    config = _read_json(run_dir / "config.json")
+    if config is not None:
+        try:
+            out.update(model_size(config))
+        except (ImportError, ValueError, KeyError, TypeError, AttributeError) as e:
+            print(f"# {run_dir.name}: no params/gflops from config.json ({e})", file=sys.stderr)
+    return out
+
+
 def gather(root: str | Path) -> tuple[list[dict[str, Any]], list[str], dict[str, str]]:
     """Reads all runs under root.
 
     Returns:
       rows: one dict per (run, eval file), keys from FIXED_COLUMNS, the axis keys,
-        EVAL_COLUMNS and ``metric/<name>`` per metric.
+        RUN_COLUMNS, EVAL_COLUMNS and ``metric/<name>`` per metric.
       axis_keys: swept config keys, in sweep order.
       labels: {axis key: short label}.
     """
@@ -59,7 +115,8 @@ def gather(root: str | Path) -> tuple[list[dict[str, Any]], list[str], dict[str,
             if k not in axis_keys:
                 axis_keys.append(k)
         labels.update(info.get("labels", {}))
-        base = {"run": info.get("name", run_dir.name), "status": _status(run_dir), **axes}
+        base = {"run": info.get("name", run_dir.name), "status": _status(run_dir), **axes,
+                **_run_columns(run_dir)}
         evals = [e for e in map(_read_json, sorted(run_dir.glob("eval/*.json"))) if e]
         for ev in evals:
             guidance = ev.get("guidance") or {}
@@ -76,7 +133,7 @@ def gather(root: str | Path) -> tuple[list[dict[str, Any]], list[str], dict[str,
 
 def columns(rows: list[dict], axis_keys: list[str]) -> list[str]:
     metrics = sorted({k for r in rows for k in r if k.startswith("metric/")})
-    return [*FIXED_COLUMNS, *axis_keys, *EVAL_COLUMNS, *metrics]
+    return [*FIXED_COLUMNS, *axis_keys, *RUN_COLUMNS, *EVAL_COLUMNS, *metrics]
 
 
 def _cell(value: Any) -> str:

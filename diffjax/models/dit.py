@@ -270,3 +270,50 @@ def abstract_params(module: DiT) -> Any:
 def count_params(module: DiT) -> int:
     """Trainable parameters of `module` (the fixed position table is not one)."""
     return layers.num_params(abstract_params(module))
+
+
+def forward_flops_by_part(module: DiT, batch: int = 1) -> dict[str, int]:
+    """Analytic FLOPs of one forward pass of `module` on `batch` images, per kind of matmul.
+
+    Counts every matrix product, a multiply-add as 2 FLOPs (XLA's cost analysis convention
+    for dot and convolution), with L = (input_size / p)^2 tokens, D = hidden_size,
+    M = int(D * mlp_ratio), P = p * p:
+
+        patch_embed   L * P*C * D          (the p x p, stride-p conv)
+        t_embed       256 * D + D * D      (TimestepEmbedder's two Dense)
+        adaLN         depth * 6D * D + 2D * D   (blocks' and final layer's modulations)
+        qkv, proj     depth * L * 3D * D, depth * L * D * D
+        attention     depth * 2 * L * L * D     (scores Q K^T and the weighted sum of V,
+                                                 summed over heads)
+        mlp           depth * 2 * L * D * M
+        final_linear  L * D * P*out
+
+    each times 2 * batch. Not counted: elementwise work (biases, SiLU/GELU, LayerNorm,
+    modulate, gates, residual adds, softmax, the position table add, the sinusoid) and the
+    label-table lookup. XLA costs those at about 15 FLOPs per element of each block's [L, D + M]
+    activations, against 2 * (12 D + 2 L) per element of [L, D] for the matmuls: about 8% more
+    at D = 32 (tests/models/test_dit_flops.py), under 1% at D >= 384.
+
+    The DiT paper's "Gflops" count a multiply-add as one (MACs, the representation-learning
+    convention; Peebles, facebookresearch/DiT issue 14): paper Gflops ~ forward_flops / 2e9
+    (DiT-XL/2 at 32x32x4: 237.24e9 here, 118.62 G MACs; the paper prints 118.64).
+    """
+    d, p, depth = module.hidden_size, module.patch_size, module.depth
+    tokens = (module.input_size // p) ** 2
+    mlp = int(d * module.mlp_ratio)
+    macs = {
+        "patch_embed": tokens * p * p * module.in_channels * d,
+        "t_embed": FREQUENCY_EMBEDDING_SIZE * d + d * d,
+        "adaLN": depth * 6 * d * d + 2 * d * d,
+        "qkv": depth * tokens * 3 * d * d,
+        "attention": depth * 2 * tokens * tokens * d,
+        "proj": depth * tokens * d * d,
+        "mlp": depth * 2 * tokens * d * mlp,
+        "final_linear": tokens * d * p * p * module.out_channels,
+    }
+    return {name: 2 * batch * n for name, n in macs.items()}
+
+
+def forward_flops(module: DiT, batch: int = 1) -> int:
+    """Matmul FLOPs of one forward pass on `batch` images (see `forward_flops_by_part`)."""
+    return sum(forward_flops_by_part(module, batch).values())
