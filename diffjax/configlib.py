@@ -35,7 +35,7 @@ GUIDANCE_TYPES = ("none", "classifier", "classifier_free")
 # How classifier guidance enters: "auto" is ADM's choice (mean shift, Alg. 1, under the
 # ancestral ddpm sampler; score shift, Alg. 2, under ddim and the ODE/other samplers).
 CLASSIFIER_MODES = ("auto", "mean", "score")
-MODEL_NAMES = ("unet", "classifier", "dit")
+MODEL_NAMES = ("unet", "classifier", "dit", "autoencoder_kl")
 DIT_SIZES = ("S", "B", "L", "XL")  # the DiT paper's Table 1
 DTYPES = ("float32", "bfloat16")
 SIGMA_SPACINGS = ("model", "karras", "loglinear")
@@ -98,6 +98,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dit.hidden_size = ml_collections.FieldReference(None, int)
     c.model.dit.num_heads = ml_collections.FieldReference(None, int)
     c.model.dit.mlp_ratio = 4.0
+    # model.name="autoencoder_kl" (Stable Diffusion's VAE; diffusers' option names) and its
+    # training loss: recon_loss + kl_weight * KL (KL per pixel; no perceptual/GAN term)
+    c.model.autoencoder = ml_collections.ConfigDict()
+    c.model.autoencoder.block_out_channels = (128, 256, 512, 512)
+    c.model.autoencoder.layers_per_block = 2
+    c.model.autoencoder.latent_channels = 4
+    c.model.autoencoder.norm_num_groups = 32
+    c.model.autoencoder.recon_loss = "l1"  # l1 / l2
+    c.model.autoencoder.kl_weight = 1e-6
+    c.model.autoencoder.sample_posterior = True  # train on z ~ q(z|x) (False: the mean)
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "linear"
@@ -262,6 +272,7 @@ def _tables() -> dict[str, Sequence[str]]:
     return {
         "model.name": MODEL_NAMES,
         "model.dit.size": DIT_SIZES,
+        "model.autoencoder.recon_loss": ("l1", "l2"),
         "model.dtype": DTYPES,
         "model.param_dtype": DTYPES,
         "diffusion.schedule": tuple(schedules.SCHEDULES),
@@ -307,8 +318,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         check_name(field, _get(c, field), valid)
     if c.model.name == "dit":
         _validate_dit(c)
+    if c.model.name == "autoencoder_kl":
+        _validate_autoencoder(c)
+    unet_like = c.model.name in ("unet", "classifier")
     levels = len(c.model.channel_mult)
-    if c.model.name != "dit" and c.data.image_size % 2 ** (levels - 1):
+    if unet_like and c.data.image_size % 2 ** (levels - 1):
         raise ConfigError(
             f"data.image_size={c.data.image_size} is not divisible by 2**(len(model.channel_mult)-1)"
             f"={2 ** (levels - 1)}; change model.channel_mult or data.image_size"
@@ -323,7 +337,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     if c.diffusion.rescale_timesteps and c.diffusion.prediction == "edm":
         raise ConfigError("diffusion.rescale_timesteps=True scales the timestep index the "
                           "network sees; an 'edm' network sees ln(sigma)/4: set it False")
-    for mult in c.model.channel_mult if c.model.name != "dit" else ():
+    for mult in c.model.channel_mult if unet_like else ():
         if mult * c.model.model_channels != int(mult * c.model.model_channels) or (
                 int(mult * c.model.model_channels) % c.model.norm_groups):
             raise ConfigError(
@@ -374,6 +388,28 @@ def _validate_dit(c: ml_collections.ConfigDict) -> None:
     if c.condition.type == "superres":
         raise ConfigError("condition.type='superres' needs model.name='unet' (the DiT takes "
                           "no low-resolution input)")
+
+
+def _validate_autoencoder(c: ml_collections.ConfigDict) -> None:
+    a = c.model.autoencoder
+    chans = tuple(a.block_out_channels)
+    if not chans or a.layers_per_block < 1 or a.latent_channels < 1:
+        raise ConfigError("model.autoencoder needs block_out_channels (one per level), "
+                          "layers_per_block >= 1 and latent_channels >= 1")
+    if any(ch % a.norm_num_groups for ch in chans):
+        raise ConfigError(f"model.autoencoder.block_out_channels={chans} must be multiples of "
+                          f"norm_num_groups={a.norm_num_groups}")
+    factor = 2 ** (len(chans) - 1)
+    if c.data.image_size % factor:
+        raise ConfigError(f"data.image_size={c.data.image_size} is not divisible by the "
+                          f"autoencoder's downsampling 2**(len(block_out_channels)-1)={factor};"
+                          " pad the images (--config.data.resize=pad with a larger image_size)")
+    if a.kl_weight < 0:
+        raise ConfigError(f"model.autoencoder.kl_weight={a.kl_weight} must be >= 0")
+    if c.guidance.type != "none" or c.condition.type != "none" or c.model.class_cond:
+        raise ConfigError("model.name='autoencoder_kl' takes no labels, guidance or "
+                          "condition: set guidance.type=none, condition.type=none and "
+                          "model.class_cond=False")
 
 
 def _validate_condition(c: ml_collections.ConfigDict) -> None:

@@ -4,8 +4,9 @@
 one name -> factory table per concept, into an :class:`diffjax.specs.Experiment` of small
 frozen specs and a :class:`diffjax.tasks.Task`:
 
-  TASKS        what is trained          (diffusion / superres / classifier)
-  MODELS       the network              (``model.name``: unet / classifier / dit)
+  TASKS        what is trained          (diffusion / superres / classifier / autoencoder)
+  MODELS       the network              (``model.name``: unet / classifier / dit /
+                                         autoencoder_kl)
   SCHEDULES    the noise schedule       (``diffusion.schedule``)
   SIGMA_SPACINGS  the sampling sigmas   (``sampler.sigma_spacing``)
   SAMPLERS     the sampling algorithm   (``sampler.name``), its options checked against it
@@ -39,7 +40,7 @@ from diffjax.diffusion import conditional, guidance, samplers, schedules
 from diffjax.diffusion import sigmas as sigma_lib
 from diffjax.diffusion import superres
 from diffjax.evaluation import sample_metrics
-from diffjax.models import classifier, dit, unet
+from diffjax.models import autoencoder, classifier, dit, unet
 from diffjax.train.step import LossSpec
 
 # Options of ``config.sampler`` that are a sampler's keyword arguments; None = the sampler's
@@ -158,10 +159,21 @@ def _dit(c: ml_collections.ConfigDict) -> dit.DiT:
         param_dtype=jnp.dtype(c.model.param_dtype), remat=c.model.remat)
 
 
+def _autoencoder(c: ml_collections.ConfigDict) -> autoencoder.AutoencoderKL:
+    a = c.model.autoencoder
+    return autoencoder.AutoencoderKL(
+        in_channels=c.data.channels, out_channels=c.data.channels,
+        latent_channels=a.latent_channels, block_out_channels=tuple(a.block_out_channels),
+        layers_per_block=a.layers_per_block, norm_num_groups=a.norm_num_groups,
+        dtype=jnp.dtype(c.model.dtype), param_dtype=jnp.dtype(c.model.param_dtype),
+        remat=c.model.remat, cpu_fast_conv=c.model.cpu_fast_conv)
+
+
 MODELS: dict[str, Callable[[ml_collections.ConfigDict], Any]] = {
     "unet": _unet,
     "classifier": _classifier,
     "dit": _dit,
+    "autoencoder_kl": _autoencoder,
 }
 
 
@@ -215,17 +227,26 @@ def _classifier_task(c, data: specs.DataSpec, ds) -> tasks.ClassifierTask:
         schedule=ds, time_scale=_time_scale(c), noised=c.model.classifier_noised)
 
 
+def _autoencoder_task(c, data: specs.DataSpec, ds) -> tasks.AutoencoderTask:
+    a = c.model.autoencoder
+    return tasks.AutoencoderTask(
+        model=build_model(c), image_shape=data.image_shape, num_classes=data.num_classes,
+        schedule=ds, recon_loss=a.recon_loss, kl_weight=float(a.kl_weight),
+        sample_posterior=bool(a.sample_posterior))
+
+
 TASKS: dict[str, Callable[..., tasks.Task]] = {
     "diffusion": _diffusion_task,
     "superres": _superres_task,
     "classifier": _classifier_task,
+    "autoencoder": _autoencoder_task,
 }
 
 
 def _task_kind(c: ml_collections.ConfigDict) -> str:
     """The TASKS key: a classifier model, else a (super-resolution) diffusion model."""
-    if c.model.name == "classifier":
-        return "classifier"
+    if c.model.name in ("classifier", "autoencoder_kl"):
+        return {"classifier": "classifier", "autoencoder_kl": "autoencoder"}[c.model.name]
     return "superres" if c.condition.type == "superres" else "diffusion"
 
 
@@ -460,7 +481,7 @@ def _eval(c: ml_collections.ConfigDict, mode: str, ds) -> specs.EvalSpec:
     if mode == "eval":
         features = _check_eval(c, domain)
     samplers_ = ()
-    if mode == "eval" and c.model.name != "classifier":
+    if mode == "eval" and c.model.name not in ("classifier", "autoencoder_kl"):
         point = copy.deepcopy(c)
         points = []
         for n in steps:
@@ -487,6 +508,12 @@ def _check_eval(c: ml_collections.ConfigDict, domain: str) -> specs.Experiment |
     if c.model.name == "classifier":
         if e.batch_size < 1:
             raise ConfigError("eval.batch_size must be >= 1")
+        return None
+    if c.model.name == "autoencoder_kl":
+        if tuple(names) != ("psnr",) or e.batch_size < 1:
+            raise ConfigError(f"eval.metrics={tuple(names)}: an autoencoder is evaluated by "
+                              "the PSNR of its reconstructions, --config.eval.metrics="
+                              "'(\"psnr\",)' (and eval.batch_size >= 1)")
         return None
     if c.condition.type == "superres":
         raise ConfigError(

@@ -11,6 +11,8 @@ and the app tier call the interface and never ask which task they hold.
   (ADM's upsampler, cascaded diffusion's noise-conditioning augmentation).
 - :class:`ClassifierTask`: a classifier of x_t (noise-aware, for classifier guidance) or of
   clean images (a domain feature network); evaluated by its accuracy.
+- :class:`AutoencoderTask`: a KL autoencoder (latent diffusion's first stage); evaluated by
+  its reconstructions.
 
 Shapes: x [B, H, W, C] float32 in [-1, 1]; t [B] float (the network's time input); y [B]
 int32 labels (num_classes = the null label of classifier-free guidance).
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 from diffjax.diffusion import process
 from diffjax.diffusion import superres as superres_lib
 from diffjax.diffusion.schedules import DiscreteSchedule
+from diffjax.models.autoencoder import kl_divergence as autoencoder_kl_divergence
 from diffjax.train import step as step_lib
 from diffjax.train.step import LossSpec
 
@@ -59,6 +62,7 @@ class Task(abc.ABC):
 
     draws_samples = False
     needs_inputs = False
+    reconstructs = False  # an autoencoder: its grids show inputs and reconstructions
     timestep_sampler = "uniform"
 
     @property
@@ -210,3 +214,67 @@ class ClassifierTask(Task):
         t = ds.c_noise(ds.t_from_logsnr(-2.0 * jnp.log(sigma)))
         logits = self.model.apply({"params": params}, x_vp, self._time(t), train=False)
         return jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1)[:, 0]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AutoencoderTask(Task):
+    """A KL autoencoder (Stable Diffusion's first stage): x -> posterior (mean, logvar) ->
+    z -> reconstruction, trained on
+
+        recon(x, D(z)) + kl_weight * KL(q(z | x) || N(0, I)),  z ~ q(z | x) when sampling,
+
+    ``recon`` the per-pixel mean of |x - x_hat| ("l1") or (x - x_hat)^2 ("l2"); the KL is
+    summed over the latent and divided by the pixels per image, so ``kl_weight`` is
+    relative to the per-pixel reconstruction loss (SD trains with 1e-6 on its summed NLL).
+    No perceptual or adversarial term. ``schedule`` is unused.
+    """
+
+    recon_loss: str = "l1"
+    kl_weight: float = 1e-6
+    sample_posterior: bool = True
+
+    reconstructs = True
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        f = self.model.downsampling_factor
+        h, w, _ = self.image_shape
+        return (h // f, w // f, self.model.latent_channels)
+
+    def init_inputs(self, batch: int = 1):
+        return (jnp.zeros((batch, *self.image_shape)),), {}
+
+    def init_params(self, key: Array) -> Any:
+        (x,), _ = self.init_inputs()
+        return self.model.init(key, x)["params"]
+
+    def apply(self, params, x, t=None, y=None, train=False, rngs=None):
+        """The reconstruction [B, H, W, C] of x through the posterior mean (t, y, train and
+        rngs, the other tasks' inputs, are ignored)."""
+        return self.forward(params, x)[0]
+
+    def forward(self, params, x, key=None):
+        """(reconstruction, mean, logvar) of x [B, H, W, C]; z sampled iff ``key`` is given."""
+        return self.model.apply({"params": params}, x, key, sample_posterior=key is not None)
+
+    def encode(self, params, x: Array) -> tuple[Array, Array]:
+        return self.model.apply({"params": params}, x, method="encode")
+
+    def decode(self, params, z: Array) -> Array:
+        return self.model.apply({"params": params}, z, method="decode")
+
+    def loss_fn(self):
+        recon_fn = {"l1": jnp.abs, "l2": jnp.square}[self.recon_loss]
+        pixels = float(jnp.prod(jnp.asarray(self.image_shape)))
+        kl_weight, sample = self.kl_weight, self.sample_posterior
+
+        def loss_fn(params, state, batch, key):
+            x = batch["image"]
+            recon, mean, logvar = self.forward(params, x, key if sample else None)
+            rec = jnp.mean(recon_fn(recon - x), axis=(1, 2, 3))
+            kl = autoencoder_kl_divergence(mean, logvar) / pixels
+            loss = rec + kl_weight * kl
+            t = jnp.zeros((x.shape[0],), jnp.int32)  # no timesteps
+            return jnp.mean(loss), ({"loss": loss, "recon": rec, "kl": kl}, t)
+
+        return loss_fn

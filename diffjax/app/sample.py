@@ -93,8 +93,9 @@ def side_by_side(inputs: np.ndarray, outputs: np.ndarray, ncol: int = 8) -> np.n
 
 def _check_can_sample(experiment: Experiment) -> None:
     if not experiment.task.draws_samples:
-        raise ConfigError(f"--mode sample needs a generative model; {experiment.model_name!r} "
-                          "is a classifier (use --mode eval for its accuracy)")
+        raise ConfigError(f"--mode sample needs a diffusion model; {experiment.model_name!r} "
+                          "draws no samples (use --mode eval: a classifier's accuracy, an "
+                          "autoencoder's reconstructions)")
 
 
 def run(experiment: Experiment, workdir: str, mesh, *, checkpoint: str = "",

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-from diffjax import data, generate
-from diffjax.app import common
+from diffjax import data, generate, parallel
+from diffjax.app import common, references
+from diffjax.app import sample as sample_lib
 from diffjax.specs import DataSpec, Experiment
 from diffjax.train import loop
 from diffjax.train.state import TrainState
@@ -31,10 +34,33 @@ def train_iterator(d: DataSpec, seed: int, process_index: int, process_count: in
         process_index=process_index, process_count=process_count, num_workers=d.num_workers)
 
 
+def reconstruction_drawer(experiment: Experiment, mesh):
+    """``ema_params -> (input | reconstruction rows, 0)`` on the first
+    ``train.num_sample_images`` images of the eval split (an autoencoder's grids)."""
+    task, n = experiment.task, experiment.train.num_sample_images
+    it, _, _ = references.eval_batches(experiment, mesh, max(n, 8))
+    images = np.asarray(next(iter(it))["image"], np.float32)[:n]
+    rep = parallel.replicated(mesh)
+
+    def reconstruct(p, x):
+        return jnp.clip(task.decode(p, task.encode(p, x)[0]), -1.0, 1.0)
+
+    fn = jax.jit(reconstruct, out_shardings=rep)
+
+    def draw(ema_params):
+        recon = np.asarray(jax.device_get(fn(ema_params, images)))
+        rows = sample_lib.side_by_side(images, recon, ncol=8)
+        return rows, len(rows) // 8  # that many rows of 8
+
+    return draw
+
+
 def grid_drawer(experiment: Experiment, mesh):
     """``ema_params -> (images, classes per row)`` of the training grids, or None for a task
     that draws no samples without inputs (a classifier, a super-resolution model)."""
     task, t = experiment.task, experiment.train
+    if t.sample_every > 0 and task.reconstructs:
+        return reconstruction_drawer(experiment, mesh)
     if not task.draws_samples or task.needs_inputs or t.sample_every <= 0:
         return None
     generator = generate.Generator(task, experiment.sampling, mesh,

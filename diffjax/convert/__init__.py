@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from diffjax.convert import autoencoder_kl, guided_diffusion
 from diffjax.convert import dit as dit_convert
-from diffjax.convert import guided_diffusion
+from diffjax.models import autoencoder as autoencoder_model
 from diffjax.models import dit as dit_model
 
 
@@ -29,13 +30,18 @@ def load_checkpoint(path: str | os.PathLike, config: Any, key: str | None = None
     ``.safetensors``; config: the resolved experiment (``diffjax.experiment.load(...)``) or
     its task; key: the entry of the file holding the state dict, if it holds several (e.g.
     ``"ema"``). A DiT experiment reads DiT's or diffusers' names
-    (:mod:`diffjax.convert.dit`), any other guided-diffusion's
+    (:mod:`diffjax.convert.dit`), an autoencoder's diffusers' or CompVis/LDM names
+    (:mod:`diffjax.convert.autoencoder_kl`; a whole SD ``.ckpt`` gives its
+    ``first_stage_model``), any other guided-diffusion's
     (:mod:`diffjax.convert.guided_diffusion`). Returns NumPy arrays in the config's
     parameter dtypes. Raises WeightFileError (or its subclass ConversionError): one line.
     """
     task = getattr(config, "task", config)
-    if isinstance(getattr(task, "model", None), dit_model.DiT):
-        return dit_convert.load_checkpoint(path, task.model, key)
+    model = getattr(task, "model", None)
+    if isinstance(model, dit_model.DiT):
+        return dit_convert.load_checkpoint(path, model, key)
+    if isinstance(model, autoencoder_model.AutoencoderKL):
+        return autoencoder_kl.load_checkpoint(path, model, key)
     return guided_diffusion.load_checkpoint(path, task, key)
 
 
