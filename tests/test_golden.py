@@ -97,9 +97,9 @@ _ADDED = {("guidance", "classifier_mode"): ("auto",),
           ("diffusion", "rescale_timesteps"): (False,),
           ("guidance", "channels"): (0,),
           ("sampler", "order"): (None,), ("sampler", "variant"): (None,)}
-# Sections added after the recording (model.dit, issue 14: options of model.name="dit",
-# which no recorded case uses): removed whole before comparing.
-_ADDED_SECTIONS = (("model", "dit"),)
+# Sections added after the recording (options of model.name="dit", issue 14, and
+# "autoencoder_kl", issue 12, which no recorded case uses): removed whole before comparing.
+_ADDED_SECTIONS = (("model", "dit"), ("model", "autoencoder"))
 
 
 def _yaml(value) -> str:
