@@ -43,6 +43,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from flax import traverse_util
 
 from diffjax.convert import torch_file
 from diffjax.convert.guided_diffusion import ConversionError
@@ -213,26 +214,6 @@ def _check_pos_embed(array: np.ndarray, module: Any, depth: int, source) -> None
                               f"table by {error:.3g}; it is not a DiT position table")
 
 
-def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, prefix + (key,)))
-        else:
-            out[prefix + (key,)] = value
-    return out
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return out
-
-
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], module: dit_model.DiT,
                        param_dtype: Any = None) -> dict:
     """A DiT or diffusers DiTTransformer2DModel state dict -> diffjax params of ``module``.
@@ -252,7 +233,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], module: dit_model.D
     abstract = dit_model.abstract_params(module)
     dtype = np.dtype(param_dtype if param_dtype is not None else module.param_dtype)
     names = torch_names(abstract)
-    flat = _flatten(abstract)
+    flat = traverse_util.flatten_dict(abstract)
     depth = len({m.group(1) for m in map(_BLOCK_NAME.match, state_dict) if m})
     out = {}
     for name, array in state_dict.items():
@@ -273,7 +254,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], module: dit_model.D
         if path not in out:
             raise _mismatch(name, None, _torch_shape(tuple(flat[path].shape), path), module,
                             depth, source)
-    return _unflatten(out)
+    return traverse_util.unflatten_dict(out)
 
 
 def load_checkpoint(path: str | os.PathLike, module: dit_model.DiT, key: str | None = None

@@ -64,12 +64,8 @@ def group_norm(x: Array, groups: int, name: str, param_dtype: Dtype) -> Array:
 
     Must be called inside a compact method; creates a submodule called `name`.
     """
-    if x.shape[-1] % groups:
-        raise ValueError(f"GroupNorm: {x.shape[-1]} channels are not divisible by "
-                         f"norm_num_groups={groups}; choose channel counts divisible by it")
-    norm = nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=jnp.float32,
-                        param_dtype=param_dtype, use_fast_variance=False, name=name)
-    return norm(x.astype(jnp.float32)).astype(x.dtype)
+    return layers.group_norm(x, groups, name, param_dtype, eps=1e-6, fast_variance=False,
+                             option="norm_num_groups")
 
 
 class ResnetBlock(nn.Module):

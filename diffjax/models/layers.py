@@ -175,16 +175,19 @@ def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array
     return emb
 
 
-def group_norm(x: Array, groups: int, name: str, param_dtype: Dtype) -> Array:
-    """GroupNorm(groups, eps=1e-5) computed in float32 and cast back to x.dtype (ADM's GroupNorm32).
+def group_norm(x: Array, groups: int, name: str, param_dtype: Dtype, *, eps: float = 1e-5,
+               fast_variance: bool = True, option: str = "norm_groups") -> Array:
+    """GroupNorm(groups, eps) computed in float32 and cast back to x.dtype (ADM's GroupNorm32
+    by default; SD's VAE: eps 1e-6, two-pass variance). ``option``: the config name of
+    ``groups`` in the error.
 
     Must be called inside a compact method; creates a submodule called `name`.
     """
     if x.shape[-1] % groups:
         raise ValueError(f"GroupNorm: {x.shape[-1]} channels are not divisible by "
-                         f"norm_groups={groups}; choose channel counts divisible by it")
-    norm = nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=jnp.float32,
-                        param_dtype=param_dtype, name=name)
+                         f"{option}={groups}; choose channel counts divisible by it")
+    norm = nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=jnp.float32,
+                        param_dtype=param_dtype, use_fast_variance=fast_variance, name=name)
     return norm(x.astype(jnp.float32)).astype(x.dtype)
 
 
