@@ -320,6 +320,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         _validate_dit(c)
     if c.model.name == "autoencoder_kl":
         _validate_autoencoder(c)
+    _validate_counts(c)
     unet_like = c.model.name in ("unet", "classifier")
     levels = len(c.model.channel_mult)
     if unet_like and c.data.image_size % 2 ** (levels - 1):
@@ -369,9 +370,33 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         raise ConfigError(f"guidance.label_dropout={c.guidance.label_dropout} must be in [0, 1)")
     if c.sampler.num_steps < 1 or c.train.num_steps < 0:
         raise ConfigError("sampler.num_steps must be >= 1 and train.num_steps >= 0")
+    g = c.guidance
+    if g.interval_sigma_min < 0 or g.interval_sigma_min > g.interval_sigma_max:
+        raise ConfigError(f"guidance.interval_sigma_min={g.interval_sigma_min} must be in [0, "
+                          f"guidance.interval_sigma_max={g.interval_sigma_max}] (0 and inf: "
+                          "guide at every sigma)")
+    for name in ("b1", "b2"):
+        if not 0.0 <= c.optim[name] < 1.0:
+            raise ConfigError(f"optim.{name}={c.optim[name]} must be in [0, 1) (Adam's decay "
+                              "of its moment estimates)")
     if not c.optim.ema_decays or not all(0.0 <= d < 1.0 for d in c.optim.ema_decays):
         raise ConfigError(f"optim.ema_decays={tuple(c.optim.ema_decays)} must be values in [0, 1)")
     _validate_condition(c)
+
+
+def _validate_counts(c: ml_collections.ConfigDict) -> None:
+    """Sizes and counts that must be >= 1, and the discrete schedule's step budget."""
+    counts = ["data.image_size", "data.channels", "diffusion.num_timesteps"]
+    if c.model.name in ("unet", "classifier"):
+        counts += ["model.model_channels", "model.norm_groups"]
+    for field in counts:
+        if _get(c, field) < 1:
+            raise ConfigError(f"{field}={_get(c, field)} must be >= 1; set --config.{field}")
+    s, steps = c.sampler, c.diffusion.num_timesteps
+    if s.sigma_spacing == "model" and not s.timestep_spacing and s.num_steps > steps:
+        raise ConfigError(f"sampler.num_steps={s.num_steps} is more than the model's "
+                          f"diffusion.num_timesteps={steps}; use at most {steps} steps (or "
+                          "sampler.sigma_spacing=karras / loglinear)")
 
 
 def _validate_dit(c: ml_collections.ConfigDict) -> None:
@@ -396,6 +421,8 @@ def _validate_autoencoder(c: ml_collections.ConfigDict) -> None:
     if not chans or a.layers_per_block < 1 or a.latent_channels < 1:
         raise ConfigError("model.autoencoder needs block_out_channels (one per level), "
                           "layers_per_block >= 1 and latent_channels >= 1")
+    if a.norm_num_groups < 1:
+        raise ConfigError(f"model.autoencoder.norm_num_groups={a.norm_num_groups} must be >= 1")
     if any(ch % a.norm_num_groups for ch in chans):
         raise ConfigError(f"model.autoencoder.block_out_channels={chans} must be multiples of "
                           f"norm_num_groups={a.norm_num_groups}")

@@ -40,7 +40,7 @@ from diffjax.diffusion import conditional, guidance, samplers, schedules
 from diffjax.diffusion import sigmas as sigma_lib
 from diffjax.diffusion import superres
 from diffjax.evaluation import sample_metrics
-from diffjax.models import autoencoder, classifier, dit, unet
+from diffjax.models import autoencoder, classifier, dit, layers, unet
 from diffjax.train.step import LossSpec
 
 # Options of ``config.sampler`` that are a sampler's keyword arguments; None = the sampler's
@@ -69,6 +69,7 @@ def build(c: ml_collections.ConfigDict, *, num_devices: int = 1,
     """
     configlib.check_name("data.source", c.data.source, data_lib.SOURCES)
     configlib.validate(c, num_devices=num_devices)
+    _check_model(c)
     data = _data(c)
     ds = SCHEDULES[c.diffusion.schedule]().discretize(c.diffusion.num_timesteps)
     task = TASKS[_task_kind(c)](c, data, ds)
@@ -92,6 +93,41 @@ def _data(c: ml_collections.ConfigDict) -> specs.DataSpec:
         source=d.source, path=d.path, split=d.split, image_size=d.image_size,
         channels=d.channels, num_classes=d.num_classes, batch_size=d.batch_size,
         random_flip=d.random_flip, resize=d.resize, num_workers=d.num_workers)
+
+
+def _check_model(c: ml_collections.ConfigDict) -> None:
+    """ConfigError for model options the network would only reject at init: the UNet's and
+    the classifier's choices and attention heads, the DiT's position table."""
+    m = c.model
+    if m.name == "dit":
+        hidden = m.dit.hidden_size or dit.DIT_SIZES[m.dit.size][1]
+        if hidden % 4:
+            raise ConfigError(f"model.dit.hidden_size={hidden} must be a multiple of 4 (the "
+                              "2-D sin-cos position table)")
+    if m.name not in ("unet", "classifier"):
+        return
+    configlib.check_name("model.cpu_fast_conv", m.cpu_fast_conv, layers.CPU_FAST_CONV_CHOICES)
+    if m.name == "classifier":
+        configlib.check_name("model.pool", m.pool, classifier.POOLS)
+        if m.pool == "attention" and m.num_head_channels < 1:
+            raise ConfigError(f"model.pool='attention' needs model.num_head_channels > 0 (got "
+                              f"{m.num_head_channels}; ADM uses 64), or model.pool='adaptive'")
+    # channels of every attention block: the levels in attention_resolutions and the middle
+    # block (the UNet's; the classifier's encoder has one too)
+    size, widths = c.data.image_size, {int(m.model_channels * m.channel_mult[-1])}
+    for level, mult in enumerate(m.channel_mult):
+        if size // 2 ** level in tuple(m.attention_resolutions):
+            widths.add(int(m.model_channels * mult))
+    heads = [("model.num_head_channels", m.num_head_channels)] if m.num_head_channels != -1 \
+        else [("model.num_heads", m.num_heads)]
+    if m.num_head_channels == -1 and m.name == "unet" and m.num_heads_upsample != -1:
+        heads.append(("model.num_heads_upsample", m.num_heads_upsample))
+    for field, value in heads:
+        bad = sorted(w for w in widths if value < 1 or w % value)
+        if bad:
+            raise ConfigError(f"{field}={value} does not divide the {bad} channels of the "
+                              "attention blocks; choose a divisor of "
+                              f"{sorted(widths)} (or -1 for num_head_channels)")
 
 
 def _shared_model_options(m: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -393,8 +429,12 @@ def load_mask(spec: str, size: int) -> np.ndarray:
     if not os.path.isfile(spec):
         raise ConfigError(f"condition.mask={spec!r} is neither center, left_half nor "
                           "an existing PNG file")
-    with Image.open(spec) as img:
-        m = np.asarray(img.convert("L").resize((size, size), Image.NEAREST))
+    try:
+        with Image.open(spec) as img:
+            m = np.asarray(img.convert("L").resize((size, size), Image.NEAREST))
+    except OSError as e:  # PIL.UnidentifiedImageError, a truncated file
+        raise ConfigError(f"condition.mask={spec!r} cannot be read as an image ({e}); pass a "
+                          "PNG (white = known pixels), center or left_half") from e
     return (m > 127).astype(np.float32)[..., None]
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -53,6 +54,51 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _one_line(error: BaseException) -> str:
+    """The user's part of a flag-parsing error, on one line."""
+    while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError)
+        error = error.args[0]
+    text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Traceback (most recent call last):" in lines:  # a config file's get_config raised
+        return f"{lines[0]} {lines[-1]}"
+    return "; ".join(lines)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, each error one line: a bad flag value, an unknown
+    ``--config.field`` (with ml_collections' nearest name) or a config file that fails to load."""
+    try:
+        rest = flags.FLAGS(argv)
+        config = _CONFIG.value
+        if config is not None and not isinstance(config, ml_collections.ConfigDict):
+            getattr(config, "data")  # ml_collections defers a load failure to first use
+    except (AttributeError, KeyError) as e:  # from a --config.a.b=v override
+        _fail(f"unknown config field in a --config.* override: {_one_line(e)}")
+    except OSError as e:  # its last line names the file and why
+        _fail(f"--config cannot be loaded: {_one_line(e).split('; ')[-1]}; pass --config "
+              "experiments/NAME.py[:variant]")
+    except flags.Error as e:
+        _fail(_one_line(e))
+    return rest
+
+
+def run(config, mode: str, workdir: str | None, *, checkpoint: str = "",
+        step: int | None = None, seed: int | None = None,
+        allow_config_change: bool = False) -> None:
+    """One ``--mode`` of the ConfigDict ``config`` (what :func:`main` runs once the flags are
+    read and the processes connected); raises the USER_ERRORS."""
+    mesh = parallel.make_mesh()
+    exp = experiment.build(config, num_devices=parallel.num_data_shards(mesh), mode=mode)
+    if mode == "summary":
+        print(app_summary.run(exp, mesh))
+    elif mode == "train":
+        app_train.run(exp, workdir, mesh, allow_config_change=allow_config_change)
+    else:
+        fn = app_sample.run if mode == "sample" else app_evaluate.run
+        fn(exp, workdir, mesh, checkpoint=checkpoint, step=step, seed=seed)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; flags are --config, --workdir, --mode, ...")
@@ -69,20 +115,12 @@ def main(argv: list[str]) -> None:
             _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
             initialization_timeout_s=wait, shutdown_timeout_s=wait,
             barrier_timeout_s=wait, collective_timeout_s=_COLLECTIVE_TIMEOUT.value or None)
-        mesh = parallel.make_mesh()
-        exp = experiment.build(_CONFIG.value, num_devices=parallel.num_data_shards(mesh),
-                               mode=mode)
-        if mode == "summary":
-            print(app_summary.run(exp, mesh))
-        elif mode == "train":
-            app_train.run(exp, _WORKDIR.value, mesh, allow_config_change=_ALLOW_CHANGE.value)
-        else:
-            run = app_sample.run if mode == "sample" else app_evaluate.run
-            run(exp, _WORKDIR.value, mesh, checkpoint=_CHECKPOINT.value,
-                step=_CHECKPOINT_STEP.value, seed=_SEED.value)
+        run(_CONFIG.value, mode, _WORKDIR.value, checkpoint=_CHECKPOINT.value,
+            step=_CHECKPOINT_STEP.value, seed=_SEED.value,
+            allow_config_change=_ALLOW_CHANGE.value)
     except common.USER_ERRORS as e:
         _fail(str(e))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -68,5 +68,5 @@ def test_the_task_follows_the_model_and_the_condition():
     assert type(experiment.build(_config()).task) is tasks.DiffusionTask
     sr = experiment.build(_config(**{"condition.type": "superres", "condition.low_res_size": 14}))
     assert type(sr.task) is tasks.SuperResTask and sr.task.input_shape == (14, 14, 1)
-    cls = experiment.build(_config(**{"model.name": "classifier"}))
+    cls = experiment.build(_config(**{"model.name": "classifier", "model.num_head_channels": 32}))
     assert type(cls.task) is tasks.ClassifierTask and cls.sampling is None

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import zipfile
 from typing import Any
 
 import jax
 import numpy as np
+import PIL
 from etils import epath
 
 from diffjax import checkpoint, parallel
@@ -16,9 +18,10 @@ from diffjax.evaluation.metrics import MetricError
 from diffjax.train.loop import NonFiniteLossError
 
 # Errors whose message is the whole story: main prints one line and exits with status 2.
+# The last two: a condition.input that is not an image / not an .npz.
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError, checkpoint.CheckpointError, DataError, MetricError, WeightFileError,
-    FileNotFoundError, NonFiniteLossError)
+    FileNotFoundError, NonFiniteLossError, PIL.UnidentifiedImageError, zipfile.BadZipFile)
 
 
 def abstract_params(task, mesh) -> Any:
