@@ -12,7 +12,7 @@ training::
 
 The training grids (``WORKDIR/samples/``) show test images above their reconstructions;
 ``--mode eval`` writes the test-set PSNR to ``WORKDIR/eval/reconstruction.json``.
-Measured: 25.38 +- 0.03 dB over the 10,000 test images after the 1000 steps (about 28
+Measured: 25.38 +- 0.03 dB over the 10,000 test images after the 1000 steps (about 35
 minutes on 2 CPU cores shared with other work). ``:smoke`` is a seconds-long CPU check.
 """
 
