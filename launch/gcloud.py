@@ -152,6 +152,7 @@ def storage_cp(src: str, dst: str) -> list[str]:
 
 
 def storage_rsync_json(src: str, dst: str) -> list[str]:
-    """Copies only the small *.json files of a sweep root (never checkpoints) to dst."""
-    exclude = r"(^|.*/)checkpoints/.*|^(?!.*\.json$).*"
+    """Copies only the small *.json / *.jsonl files of a sweep root (records, configs and the
+    trainer's metrics.jsonl, whose steps/s collect reports; never checkpoints) to dst."""
+    exclude = r"(^|.*/)checkpoints/.*|^(?!.*\.jsonl?$).*"
     return ["gcloud", "storage", "rsync", src, dst, "--recursive", f"--exclude={exclude}"]

@@ -129,8 +129,8 @@ def test_run_then_collect_end_to_end(tmp_path, fake_main, capsys):
     assert (root / "fd_fashion_mnist_vs_num_steps.png").exists()
 
 
-def test_collect_gcs_root_copies_only_json_files(root, tmp_path, fake_gcloud, monkeypatch,
-                                                capsys):
+def test_collect_gcs_root_copies_only_json_and_jsonl_files(root, tmp_path, fake_gcloud,
+                                                          monkeypatch, capsys):
     # The bucket 'bkt' is the local directory tmp_path/gcs/bkt for the fake gcloud.
     bucket = tmp_path / "gcs" / "bkt"
     bucket.mkdir(parents=True)
@@ -139,6 +139,7 @@ def test_collect_gcs_root_copies_only_json_files(root, tmp_path, fake_gcloud, mo
     ckpt.mkdir(parents=True)
     (ckpt / "_METADATA.json").write_text("{}")
     (bucket / "sweep" / "sampler-ddim_scale-0" / "samples.npz").write_text("big")
+    (bucket / "sweep" / "sampler-ddim_scale-0" / "metrics.jsonl").write_text("{}\n")
     monkeypatch.setenv("FAKE_GCS", str(tmp_path / "gcs"))
     fake = fake_gcloud()
     out = tmp_path / "local"
@@ -147,6 +148,7 @@ def test_collect_gcs_root_copies_only_json_files(root, tmp_path, fake_gcloud, mo
     copied = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert "sampler-ddim_scale-0/eval/fd.json" in copied
     assert "sampler-ddim_scale-0/sweep_run.json" in copied
+    assert "sampler-ddim_scale-0/metrics.jsonl" in copied  # training images/s for collect
     assert not any("checkpoints" in c or c.endswith(".npz") for c in copied)
     assert (out / "results.csv").exists() and (out / "results.md").exists()
     assert "| sampler-heun_scale-3 | done |" in capsys.readouterr().out
