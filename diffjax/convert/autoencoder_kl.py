@@ -52,7 +52,7 @@ import numpy as np
 from flax import traverse_util
 
 from diffjax.convert import torch_file
-from diffjax.convert.guided_diffusion import ConversionError
+from diffjax.convert.guided_diffusion import ConversionError, mismatch_error
 from diffjax.models.autoencoder import AutoencoderKL
 
 PREFIXES = ("first_stage_model.", "vae.")
@@ -210,14 +210,8 @@ def _hint(name: str, got: tuple | None, want: tuple | None, model_names, ckpt_na
 
 
 def _mismatch(name: str, original: str, got, want, model_names, ckpt_names) -> ConversionError:
-    if got is None:
-        what = f"checkpoint lacks tensor {original} {want} that the model needs"
-    elif want is None:
-        what = f"checkpoint tensor {original} {got} has no place in the model"
-    else:
-        what = f"checkpoint tensor {original} has shape {got} but the model needs {want}"
-    hint = _hint(name, got, want, model_names, ckpt_names)
-    return ConversionError(f"{what}; check {hint}")
+    return mismatch_error(original, got, want, _hint(name, got, want, model_names, ckpt_names),
+                          model="the model")
 
 
 # ----------------------------------------------------------------------------- conversion

@@ -46,7 +46,7 @@ import numpy as np
 from flax import traverse_util
 
 from diffjax.convert import torch_file
-from diffjax.convert.guided_diffusion import ConversionError
+from diffjax.convert.guided_diffusion import ConversionError, mismatch_error
 from diffjax.models import dit as dit_model
 
 _TOP = {"x_embedder.proj": ("x_embedder",), "t_embedder.mlp.0": ("t_embedder_0",),
@@ -193,14 +193,8 @@ def _hint(name: str, got: tuple | None, want: tuple | None, module: Any, depth: 
 
 def _mismatch(name: str, got: tuple | None, want: tuple | None, module: Any, depth: int,
               source: Mapping[str, str]) -> ConversionError:
-    shown = source.get(name, name)
-    if got is None:
-        what = f"checkpoint lacks tensor {shown} {want} that the config's model needs"
-    elif want is None:
-        what = f"checkpoint tensor {shown} {got} has no place in the config's model"
-    else:
-        what = f"checkpoint tensor {shown} has shape {got} but the config's model needs {want}"
-    return ConversionError(f"{what}; check {_hint(name, got, want, module, depth)}")
+    return mismatch_error(source.get(name, name), got, want,
+                          _hint(name, got, want, module, depth))
 
 
 def _check_pos_embed(array: np.ndarray, module: Any, depth: int, source) -> None:

@@ -227,16 +227,22 @@ def _hint(name: str, got: tuple | None, want: tuple | None, config_names, ckpt_n
     return "model.model_channels, channel_mult or num_res_blocks"
 
 
+def mismatch_error(shown: str, got: tuple | None, want: tuple | None, hint: str,
+                   model: str = "the config's model") -> ConversionError:
+    """The one-line error of every converter: tensor ``shown`` is missing (got None), has no
+    place (want None) or has another shape; ``hint``: the option(s) to check."""
+    if got is None:
+        what = f"checkpoint lacks tensor {shown} {want} that {model} needs"
+    elif want is None:
+        what = f"checkpoint tensor {shown} {got} has no place in {model}"
+    else:
+        what = f"checkpoint tensor {shown} has shape {got} but {model} needs {want}"
+    return ConversionError(f"{what}; check {hint}")
+
+
 def _mismatch(name: str, got: tuple | None, want: tuple | None, config_names,
               ckpt_names) -> ConversionError:
-    if got is None:
-        what = f"checkpoint lacks tensor {name} {want} that the config's model needs"
-    elif want is None:
-        what = f"checkpoint tensor {name} {got} has no place in the config's model"
-    else:
-        what = f"checkpoint tensor {name} has shape {got} but the config's model needs {want}"
-    hint = _hint(name, got, want, config_names, ckpt_names)
-    return ConversionError(f"{what}; check {hint}")
+    return mismatch_error(name, got, want, _hint(name, got, want, config_names, ckpt_names))
 
 
 # ----------------------------------------------------------------------------- conversion
