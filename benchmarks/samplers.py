@@ -115,7 +115,7 @@ def main() -> None:
         fn = generate.make_sample_program(dataclasses.replace(task, model=recorder), sampling,
                                           mesh, args.batch, with_inputs=False)
         knobs = sampling.knobs()
-        compiled, compile_s = common.compile_jitted(fn, params, None, key, labels, None, knobs)
+        compiled, compile_s = common.compile_jitted(fn, params, None, None, key, labels, None, knobs)
         if len(set(recorder.calls)) != 1:
             raise RuntimeError(f"{name}: network called with several shapes {recorder.calls}")
         call, nfe = recorder.calls[0], samplers.num_evals(name, args.steps)
@@ -125,7 +125,7 @@ def main() -> None:
             net_c, _ = common.compile_jitted(network_only(model, call, nfe), params, x, y)
             net_cache[(call, nfe)] = functools.partial(net_c, params, x, y)
         t = common.time_interleaved(
-            {"sampler": lambda: compiled(params, None, key, labels, None, knobs),
+            {"sampler": lambda: compiled(params, None, None, key, labels, None, knobs),
              "network": net_cache[(call, nfe)]},
             warmup=args.warmup, repeats=args.repeats)
         sampler_t, net_t = t["sampler"], t["network"]

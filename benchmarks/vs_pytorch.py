@@ -182,10 +182,10 @@ def jax_side(c, batch: int, steps: int, sample_steps: int, warmup: int, repeats:
     knobs = sampling.knobs()
     with common.PeakRSS() as mem:
         fn = generate.make_sample_program(task, sampling, mesh, batch, with_inputs=False)
-        fn_c, out["sample_compile_s"] = common.compile_jitted(fn, params, None, key, labels,
-                                                              None, knobs)
+        fn_c, out["sample_compile_s"] = common.compile_jitted(fn, params, None, None, key,
+                                                              labels, None, knobs)
         out["sample_compile_mb"] = mem.restart()
-        out["sample"] = common.time_calls(lambda: fn_c(params, None, key, labels, None, knobs),
+        out["sample"] = common.time_calls(lambda: fn_c(params, None, None, key, labels, None, knobs),
                                           warmup=warmup, repeats=repeats)
     out["sample_mb"] = mem.increase_mb
     return out

@@ -65,6 +65,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.random_flip = False
     c.data.resize = "none"  # none (size must match) / pad / resize (then centre-crop)
     c.data.num_workers = 0
+    # Latent diffusion: the diffusion model works on the latents of an autoencoder run
+    # (trained with model.name="autoencoder_kl", or SD's VAE converted by diffjax.convert);
+    # "" = on pixels. Its network's input geometry is the latent's; sampling decodes.
+    c.data.latent = ml_collections.ConfigDict()
+    c.data.latent.config = ""  # the autoencoder's experiment file ("" = workdir's config.json)
+    c.data.latent.workdir = ""  # the autoencoder's run directory (its weights)
+    c.data.latent.checkpoint_step = -1  # its checkpoint (-1 = the latest)
+    c.data.latent.cache = ""  # latents written by --mode encode ("" = encode each batch)
+    c.data.latent.shard_size = 4096  # rows per cache shard (--mode encode)
+    c.data.latent.scale_factor = 0.0  # z = latent * this; 0 = the cache's measured 1/std
+    c.data.latent.sample_posterior = True  # train on z ~ q(z | x) (False: its mean)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "unet"
@@ -99,7 +110,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dit.num_heads = ml_collections.FieldReference(None, int)
     c.model.dit.mlp_ratio = 4.0
     # model.name="autoencoder_kl" (Stable Diffusion's VAE; diffusers' option names) and its
-    # training loss: recon_loss + kl_weight * KL (KL per pixel; no perceptual/GAN term)
+    # training loss: recon_loss + kl_weight * KL (KL per pixel; no perceptual term), plus
+    # SD's PatchGAN hinge term from step disc_start on (tasks.AutoencoderTask)
     c.model.autoencoder = ml_collections.ConfigDict()
     c.model.autoencoder.block_out_channels = (128, 256, 512, 512)
     c.model.autoencoder.layers_per_block = 2
@@ -108,6 +120,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.autoencoder.recon_loss = "l1"  # l1 / l2
     c.model.autoencoder.kl_weight = 1e-6
     c.model.autoencoder.sample_posterior = True  # train on z ~ q(z|x) (False: the mean)
+    c.model.autoencoder.disc_start = -1  # first step of the GAN term; -1: no discriminator
+    c.model.autoencoder.disc_weight = 0.5  # times SD's adaptive weight of the GAN term
+    c.model.autoencoder.disc_layers = 3  # PatchGAN: stride-2 4x4 convs (pix2pix n_layers)
+    c.model.autoencoder.disc_channels = 64  # PatchGAN: width of its first conv (ndf)
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "linear"
@@ -321,6 +337,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     if c.model.name == "autoencoder_kl":
         _validate_autoencoder(c)
     _validate_counts(c)
+    _validate_latent(c)
     unet_like = c.model.name in ("unet", "classifier")
     levels = len(c.model.channel_mult)
     if unet_like and c.data.image_size % 2 ** (levels - 1):
@@ -399,6 +416,29 @@ def _validate_counts(c: ml_collections.ConfigDict) -> None:
                           "sampler.sigma_spacing=karras / loglinear)")
 
 
+def _validate_latent(c: ml_collections.ConfigDict) -> None:
+    lat = c.data.latent
+    if not lat.workdir and not lat.config:
+        if lat.cache:
+            raise ConfigError("data.latent.cache is set but data.latent.workdir (the "
+                              "autoencoder run whose latents it holds) is empty; set both")
+        return
+    if c.model.name in ("classifier", "autoencoder_kl"):
+        raise ConfigError(f"data.latent is for diffusion models; model.name={c.model.name!r} "
+                          "works on images: set --config.data.latent.workdir='' and "
+                          "--config.data.latent.config=''")
+    if c.sampler.thresholding != "none":
+        raise ConfigError(f"sampler.thresholding={c.sampler.thresholding!r} clips x0 to the "
+                          "pixel range [-1, 1], but a latent model's x0 is a latent: set "
+                          "--config.sampler.thresholding=none")
+    if c.condition.type == "superres":
+        raise ConfigError("condition.type='superres' on latents is not supported; a "
+                          "latent model samples from noise, img2img, inpaint or invert")
+    if lat.shard_size < 1 or lat.scale_factor < 0:
+        raise ConfigError(f"data.latent.shard_size={lat.shard_size} must be >= 1 and "
+                          f"data.latent.scale_factor={lat.scale_factor} >= 0 (0 = measured)")
+
+
 def _validate_dit(c: ml_collections.ConfigDict) -> None:
     d = c.model.dit
     if d.patch_size < 1 or c.data.image_size % d.patch_size:
@@ -433,10 +473,29 @@ def _validate_autoencoder(c: ml_collections.ConfigDict) -> None:
                           " pad the images (--config.data.resize=pad with a larger image_size)")
     if a.kl_weight < 0:
         raise ConfigError(f"model.autoencoder.kl_weight={a.kl_weight} must be >= 0")
+    _validate_discriminator(c)
     if c.guidance.type != "none" or c.condition.type != "none" or c.model.class_cond:
         raise ConfigError("model.name='autoencoder_kl' takes no labels, guidance or "
                           "condition: set guidance.type=none, condition.type=none and "
                           "model.class_cond=False")
+
+
+def _validate_discriminator(c: ml_collections.ConfigDict) -> None:
+    a = c.model.autoencoder
+    if a.disc_start < -1:
+        raise ConfigError(f"model.autoencoder.disc_start={a.disc_start} must be a step >= 0, "
+                          "or -1 for no discriminator")
+    if a.disc_start == -1:
+        return
+    if a.disc_weight < 0:
+        raise ConfigError(f"model.autoencoder.disc_weight={a.disc_weight} must be >= 0")
+    if a.disc_layers < 1 or a.disc_channels < 1:
+        raise ConfigError(f"model.autoencoder.disc_layers={a.disc_layers} and disc_channels="
+                          f"{a.disc_channels} must both be >= 1")
+    if c.data.image_size // 2**a.disc_layers - 2 < 1:  # the PatchGAN's logit grid
+        raise ConfigError(f"model.autoencoder.disc_layers={a.disc_layers} leaves no patch of "
+                          f"data.image_size={c.data.image_size}: use at most "
+                          f"log2(image_size / 3) layers")
 
 
 def _validate_condition(c: ml_collections.ConfigDict) -> None:

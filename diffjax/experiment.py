@@ -22,7 +22,9 @@ nothing imports ``ml_collections``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
+import json
 import os
 import re
 from collections.abc import Callable
@@ -31,11 +33,13 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from diffjax import configlib, generate, specs, tasks
 from diffjax import data as data_lib
 from diffjax.configlib import ConfigError
+from diffjax.data import latent_cache
 from diffjax.diffusion import conditional, guidance, samplers, schedules
 from diffjax.diffusion import sigmas as sigma_lib
 from diffjax.diffusion import superres
@@ -68,15 +72,31 @@ def build(c: ml_collections.ConfigDict, *, num_devices: int = 1,
     ConfigError (one line) for anything wrong in the config.
     """
     configlib.check_name("data.source", c.data.source, data_lib.SOURCES)
-    configlib.validate(c, num_devices=num_devices)
-    _check_model(c)
     data = _data(c)
+    # The network's view: a latent model's data geometry is the latent's (what the shape
+    # checks of validate see); the pixels' are the autoencoder's to check.
+    latent = _latent(c, mode) if c.data.latent.workdir or c.data.latent.config else None
+    net_c = c
+    if latent is not None:
+        h, _, channels = latent.autoencoder.task.latent_shape
+        net_c = copy.deepcopy(c)
+        net_c.data.image_size, net_c.data.channels = h, channels
+    configlib.validate(net_c, num_devices=num_devices)
+    if latent is None:
+        _latent(c, mode)  # --mode encode without data.latent: its one-line error
+    _check_model(net_c)
     ds = SCHEDULES[c.diffusion.schedule]().discretize(c.diffusion.num_timesteps)
-    task = TASKS[_task_kind(c)](c, data, ds)
+    task = TASKS[_task_kind(c)](net_c, _data(net_c), ds)
+    if latent is not None:
+        task = tasks.LatentDiffusionTask(
+            **{f.name: getattr(task, f.name) for f in dataclasses.fields(task)},
+            first_stage=latent.autoencoder.task, scale_factor=latent.scale_factor,
+            sample_posterior=bool(c.data.latent.sample_posterior),
+            frame_offset=latent.frame_offset, pixel_size=latent.pixel_size)
     return specs.Experiment(
         model_name=c.model.name, data=data, task=task, schedule=ds,
-        sampling=_sampling(c, task, ds), optim=_optim(c), train=_train(c),
-        eval=_eval(c, mode, ds), resolved=c.to_dict(), config_text=str(c))
+        sampling=_sampling(net_c, task, ds), optim=_optim(c), train=_train(c),
+        eval=_eval(c, mode, ds), resolved=c.to_dict(), config_text=str(c), latent=latent)
 
 
 def load(path: str, *, num_devices: int = 1, mode: str = "train") -> specs.Experiment:
@@ -93,6 +113,98 @@ def _data(c: ml_collections.ConfigDict) -> specs.DataSpec:
         source=d.source, path=d.path, split=d.split, image_size=d.image_size,
         channels=d.channels, num_classes=d.num_classes, batch_size=d.batch_size,
         random_flip=d.random_flip, resize=d.resize, num_workers=d.num_workers)
+
+
+def autoencoder_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config of an autoencoder run (``WORKDIR/config.json``, written by training and by
+    ``diffjax.convert``) over today's defaults (fields added since keep their defaults)."""
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        raise ConfigError(
+            f"data.latent.workdir={workdir!r} has no config.json: train an autoencoder there "
+            "(--config experiments/fashion_mnist_autoencoder.py --workdir DIR) or convert "
+            "SD's VAE into it (python -m diffjax.convert --config "
+            "experiments/autoencoder_sd_vae.py --checkpoint FILE --workdir DIR)")
+    try:
+        stored = json.loads(path.read_text())
+        c = configlib.base_config()
+        c.update_from_flattened_dict(_flatten(stored))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{path} cannot be read as a diffjax config ({type(e).__name__}: "
+                          f"{e}); point data.latent.workdir at an autoencoder run") from e
+    return c
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def _latent(c: ml_collections.ConfigDict, mode: str) -> specs.LatentSpec | None:
+    """The autoencoder of ``data.latent`` and its scale factor; None for a pixel model."""
+    lat = c.data.latent
+    if not lat.workdir and not lat.config:
+        if mode == "encode":
+            raise ConfigError("--mode encode writes the latents of data.latent.workdir's "
+                              "autoencoder; set --config.data.latent.workdir=DIR (and "
+                              "data.latent.cache=DIR to write to)")
+        return None
+    where = f"data.latent.config={lat.config!r}" if lat.config else \
+        f"data.latent.workdir={lat.workdir!r}"
+    ae_c = (configlib.load_config_file(lat.config) if lat.config
+            else autoencoder_config(lat.workdir))
+    if ae_c.model.name != "autoencoder_kl":
+        raise ConfigError(f"{where} is a {ae_c.model.name!r} model, not an autoencoder "
+                          "(model.name='autoencoder_kl')")
+    want = (c.data.image_size, c.data.channels)
+    got = (ae_c.data.image_size, ae_c.data.channels)
+    if got[1] != want[1]:
+        raise ConfigError(f"{where} encodes {got[1]}-channel images, this config's data have "
+                          f"{want[1]}; set data.channels (or choose another autoencoder)")
+    # An autoencoder trained on images padded to a larger canvas keeps that frame; otherwise
+    # it is convolutional and encodes images of this config's size.
+    padded = ae_c.data.resize == "pad" and got[0] > want[0]
+    if not padded:
+        ae_c.data.image_size = want[0]
+        got = want
+    try:
+        ae = build(ae_c)
+    except ConfigError as e:
+        raise ConfigError(f"{where} at data.image_size={want[0]}: {e}") from e
+    if mode == "eval" and "nll" in tuple(c.eval.metrics):
+        raise ConfigError("eval.metrics 'nll' is the likelihood of pixels; a latent model's "
+                          "would be of its latents, which diffjax does not report: remove nll")
+    if mode == "encode" and not lat.cache:
+        raise ConfigError("--mode encode writes data.latent.cache; set "
+                          "--config.data.latent.cache=DIR")
+    scale = float(lat.scale_factor)
+    if scale == 0.0 and mode not in ("encode", "summary"):
+        if not lat.cache:
+            raise ConfigError(
+                "data.latent.scale_factor=0 means the cache's measured 1/std, but "
+                "data.latent.cache is empty; give the factor (0.18215 for SD's VAE) or make a "
+                "cache with --mode encode")
+        try:
+            meta = latent_cache.read_meta(lat.cache)
+        except data_lib.DataError as e:
+            raise ConfigError(f"{e} (data.latent.scale_factor=0 reads the measured factor "
+                              "from it; or give --config.data.latent.scale_factor)") from e
+        scale = float(meta.get("measured_scale_factor") or 0.0)
+        if scale <= 0.0:
+            raise ConfigError(f"latent cache {lat.cache} has no measured scale factor (status "
+                              f"{meta.get('status')!r}); finish it with --mode encode or give "
+                              "--config.data.latent.scale_factor")
+    step = int(lat.checkpoint_step)
+    offset = (got[0] - want[0]) // 2  # sizing.pad_center's placement
+    return specs.LatentSpec(frame_offset=(offset, offset), pixel_size=want[0],
+                            autoencoder=ae, workdir=lat.workdir,
+                            checkpoint_step=None if step < 0 else step, cache=lat.cache,
+                            shard_size=int(lat.shard_size), scale_factor=scale)
 
 
 def _check_model(c: ml_collections.ConfigDict) -> None:
@@ -202,7 +314,9 @@ def _autoencoder(c: ml_collections.ConfigDict) -> autoencoder.AutoencoderKL:
         latent_channels=a.latent_channels, block_out_channels=tuple(a.block_out_channels),
         layers_per_block=a.layers_per_block, norm_num_groups=a.norm_num_groups,
         dtype=jnp.dtype(c.model.dtype), param_dtype=jnp.dtype(c.model.param_dtype),
-        remat=c.model.remat, cpu_fast_conv=c.model.cpu_fast_conv)
+        remat=c.model.remat, cpu_fast_conv=c.model.cpu_fast_conv,
+        use_discriminator=a.disc_start >= 0, disc_layers=a.disc_layers,
+        disc_channels=a.disc_channels)
 
 
 MODELS: dict[str, Callable[[ml_collections.ConfigDict], Any]] = {
@@ -268,7 +382,8 @@ def _autoencoder_task(c, data: specs.DataSpec, ds) -> tasks.AutoencoderTask:
     return tasks.AutoencoderTask(
         model=build_model(c), image_shape=data.image_shape, num_classes=data.num_classes,
         schedule=ds, recon_loss=a.recon_loss, kl_weight=float(a.kl_weight),
-        sample_posterior=bool(a.sample_posterior))
+        sample_posterior=bool(a.sample_posterior), disc_start=int(a.disc_start),
+        disc_weight=float(a.disc_weight))
 
 
 TASKS: dict[str, Callable[..., tasks.Task]] = {
@@ -550,11 +665,13 @@ def _check_eval(c: ml_collections.ConfigDict, domain: str) -> specs.Experiment |
             raise ConfigError("eval.batch_size must be >= 1")
         return None
     if c.model.name == "autoencoder_kl":
-        if tuple(names) != ("psnr",) or e.batch_size < 1:
-            raise ConfigError(f"eval.metrics={tuple(names)}: an autoencoder is evaluated by "
-                              "the PSNR of its reconstructions, --config.eval.metrics="
-                              "'(\"psnr\",)' (and eval.batch_size >= 1)")
-        return None
+        allowed = ("psnr", f"fd_{domain}")
+        if not names or any(m not in allowed for m in names) or e.batch_size < 1:
+            raise ConfigError(f"eval.metrics={names}: an autoencoder is evaluated by the PSNR "
+                              f"and the {allowed[1]} of its reconstructions, "
+                              f"--config.eval.metrics='(\"psnr\", \"{allowed[1]}\")' or "
+                              "one of them (and eval.batch_size >= 1)")
+        return _features_experiment(c, names)
     if c.condition.type == "superres":
         raise ConfigError(
             "--mode eval draws samples without inputs, and a superres model needs a "
@@ -575,6 +692,14 @@ def _check_eval(c: ml_collections.ConfigDict, domain: str) -> specs.Experiment |
     if any(int(n) < 1 for n in e.sweep_num_steps):
         raise ConfigError(f"eval.sweep_num_steps={tuple(e.sweep_num_steps)} must be step "
                           "counts >= 1")
+    return _features_experiment(c, names)
+
+
+def _features_experiment(c: ml_collections.ConfigDict, names: tuple[str, ...]
+                         ) -> specs.Experiment | None:
+    """The feature classifier's experiment when ``names`` need it (fd_*, class_accuracy),
+    checked against this model's data (one-line ConfigError); None otherwise."""
+    e = c.eval
     if not sample_metrics.needs_features(names):
         return None
     if not e.features_config or not e.features_workdir:

@@ -226,19 +226,22 @@ def _cond(task, sampling: Sampling, labels):
 
 
 def make_sample_program(task, sampling: Sampling, mesh, batch: int, with_inputs: bool):
-    """A jitted ``(params, classifier_params, key, labels [batch], inputs, knobs) -> images
-    [batch, H, W, C]`` in [-1, 1]; inputs: [batch, ...] images to condition on (None when
-    ``with_inputs`` is False: plain sampling from noise)."""
+    """A jitted ``(params, classifier_params, first_stage_params, key, labels [batch], inputs,
+    knobs) -> images [batch, H, W, C]`` in [-1, 1]; inputs: [batch, ...] images to condition
+    on (None when ``with_inputs`` is False: plain sampling from noise); first_stage_params:
+    the autoencoder's of a latent model (inputs encoded, samples decoded; else None)."""
     shape = (batch, *task.image_shape)
     condition = sampling.condition if with_inputs else FromNoise()
     data, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
 
-    def run(params, classifier_params, key, labels, inputs, knobs):
+    def run(params, classifier_params, first_stage_params, key, labels, inputs, knobs):
         cond = _cond(task, sampling, labels)
         model_inputs = {}
         if with_inputs and task.needs_inputs:
             k_inputs, key = jax.random.split(jax.random.fold_in(key, 1))
             model_inputs = task.sampling_inputs(inputs, k_inputs)
+        if with_inputs:
+            inputs = task.encode_inputs(first_stage_params, inputs)
         denoise = task.denoiser(params, sampling.with_variance, **model_inputs)
         denoise = guided_denoiser(sampling, denoise, knobs, classifier_params)
         place = functools.partial(jax.lax.with_sharding_constraint, shardings=data)
@@ -246,26 +249,28 @@ def make_sample_program(task, sampling: Sampling, mesh, batch: int, with_inputs:
                          **sampler_guidance(sampling, knobs, classifier_params)}
         out = condition.sample(sampling.sampler, denoise, key, cond, inputs, shape,
                                sampler_knobs, place)
-        return jnp.clip(out, -1.0, 1.0)
+        return jnp.clip(task.decode_outputs(first_stage_params, out), -1.0, 1.0)
 
-    return jax.jit(run, in_shardings=(rep, rep, rep, data, data if with_inputs else None, rep),
-                   out_shardings=data)
+    return jax.jit(run, in_shardings=(rep, rep, rep, rep, data, data if with_inputs else None,
+                                      rep), out_shardings=data)
 
 
 def make_invert_program(task, sampling: Sampling, mesh, batch: int):
-    """A jitted ``(params, classifier_params, key, labels [batch], inputs [batch, H, W, C],
-    knobs) -> x_T [batch, H, W, C]``: :meth:`Invert.encode` of ``sampling.condition`` with the
-    guided denoiser (classifier-free guidance inverts the guided ODE)."""
+    """A jitted ``(params, classifier_params, first_stage_params, key, labels [batch], inputs
+    [batch, H, W, C], knobs) -> x_T [batch, ...]``: :meth:`Invert.encode` of
+    ``sampling.condition`` with the guided denoiser (classifier-free guidance inverts the
+    guided ODE); a latent model inverts the inputs' latents."""
     data, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
 
-    def run(params, classifier_params, key, labels, inputs, knobs):
+    def run(params, classifier_params, first_stage_params, key, labels, inputs, knobs):
         cond = _cond(task, sampling, labels)
+        inputs = task.encode_inputs(first_stage_params, inputs)
         denoise = task.denoiser(params, sampling.with_variance)
         denoise = guided_denoiser(sampling, denoise, knobs, classifier_params)
         return sampling.condition.encode(sampling.sampler, denoise, key, cond, inputs,
                                          knobs["sampler"])
 
-    return jax.jit(run, in_shardings=(rep, rep, rep, data, data, rep), out_shardings=data)
+    return jax.jit(run, in_shardings=(rep, rep, rep, rep, data, data, rep), out_shardings=data)
 
 
 # Fields that never change the compiled program: knob values are its arguments, the others
@@ -335,15 +340,17 @@ class Generator:
     Its programs (from noise, from inputs, inversion) compile on first use and are shared by
     every Generator of the same structure, whatever the knob values. Batch i uses
     ``fold_in(key, i)``, so a seed gives the same images however many devices there are.
-    ``classifier_params``: the guiding classifier's parameters (classifier guidance only).
+    ``classifier_params``: the guiding classifier's parameters (classifier guidance only);
+    ``first_stage_params``: the autoencoder's of a latent model (samples are decoded).
     """
 
     def __init__(self, task, sampling: Sampling, mesh, classifier_params=None,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, first_stage_params=None):
         n = parallel.num_data_shards(mesh)
         self.task, self.sampling, self.mesh = task, sampling, mesh
         self.batch = _round_up(batch_size or sampling.batch_size, n)
         self.classifier_params = classifier_params
+        self.first_stage_params = first_stage_params
 
     def program(self, with_inputs: bool, invert: bool = False):
         return _program(_ProgramKey(self.task, self.sampling, self.mesh, self.batch,
@@ -395,8 +402,8 @@ class Generator:
             if inputs is not None:
                 part = inputs[i * self.batch:(i + 1) * self.batch]
                 part = np.pad(part, ((0, self.batch - len(part)),) + ((0, 0),) * (part.ndim - 1))
-            got = fn(params, self.classifier_params, jax.random.fold_in(key, i), padded, part,
-                     values)
+            got = fn(params, self.classifier_params, self.first_stage_params,
+                     jax.random.fold_in(key, i), padded, part, values)
             out.append(np.asarray(jax.device_get(got))[:len(chunk)])
         return np.concatenate(out)
 

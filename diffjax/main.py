@@ -8,7 +8,9 @@ r"""diffjax's command line: the only module with flags.
 Modes: ``train`` (resumes automatically from WORKDIR/checkpoints), ``sample`` (writes
 ``samples.npz`` and a PNG grid from the latest or ``--checkpoint_step`` checkpoint),
 ``eval`` (samples and metrics into WORKDIR/eval/), ``summary`` (resolved config, device
-mesh and parameter count, nothing allocated). Any config field can be overridden with
+mesh and parameter count, nothing allocated), ``encode`` (a latent diffusion config: the
+latents of ``data.split`` under ``data.latent.workdir``'s autoencoder into
+``data.latent.cache``; needs no ``--workdir``). Any config field can be overridden with
 ``--config.section.field=value``.
 """
 
@@ -22,6 +24,7 @@ from ml_collections import config_flags
 
 from diffjax import experiment, parallel
 from diffjax.app import common
+from diffjax.app import encode as app_encode
 from diffjax.app import evaluate as app_evaluate
 from diffjax.app import sample as app_sample
 from diffjax.app import summary as app_summary
@@ -29,7 +32,8 @@ from diffjax.app import train as app_train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (path.py[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://...).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "summary"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "summary", "encode"],
+                          "What to do.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "", "sample/eval: read params from this run's workdir or checkpoints dir "
     "(read-only) instead of WORKDIR's own.")
@@ -92,6 +96,8 @@ def run(config, mode: str, workdir: str | None, *, checkpoint: str = "",
     exp = experiment.build(config, num_devices=parallel.num_data_shards(mesh), mode=mode)
     if mode == "summary":
         print(app_summary.run(exp, mesh))
+    elif mode == "encode":
+        app_encode.run(exp, workdir, mesh)
     elif mode == "train":
         app_train.run(exp, workdir, mesh, allow_config_change=allow_config_change)
     else:
@@ -105,7 +111,7 @@ def main(argv: list[str]) -> None:
     if _CONFIG.value is None:
         _fail("--config is required, e.g. --config experiments/fashion_mnist.py")
     mode = _MODE.value
-    if mode != "summary" and not _WORKDIR.value:
+    if mode not in ("summary", "encode") and not _WORKDIR.value:
         _fail(f"--mode {mode} needs --workdir DIR")
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO

@@ -10,6 +10,7 @@ implementations or branches on a task's name.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -113,6 +114,38 @@ class EvalSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class LatentSpec:
+    """Where a latent diffusion model's latents come from (``data.latent``).
+
+    autoencoder: the autoencoder run's Experiment (its task encodes and decodes); workdir /
+    checkpoint_step (None = latest): its parameters; cache: a latent cache directory ("" =
+    encode each training batch); shard_size: rows per cache shard (``--mode encode``);
+    scale_factor: resolved (given, or the cache's measured 1/std; 0 only while encoding);
+    frame_offset / pixel_size: where the data's images sit in the autoencoder's when it was
+    trained on them padded to a larger size (``data.resize="pad"``): encoding pads, decoding
+    crops.
+    """
+
+    autoencoder: Experiment
+    workdir: str
+    checkpoint_step: int | None
+    cache: str
+    shard_size: int
+    scale_factor: float
+    frame_offset: tuple[int, int] = (0, 0)  # the data's images in the autoencoder's frame
+    pixel_size: int = 0  # the data's image size
+
+    def identity(self, data: DataSpec, digest: str, step: int) -> dict[str, Any]:
+        """What a latent cache of ``data`` encoded by these parameters depends on."""
+        path = data.path if not data.path or "://" in data.path else os.path.abspath(data.path)
+        return {"latent_shape": list(self.autoencoder.task.latent_shape),
+                "source": data.source, "path": path, "split": data.split,
+                "image_size": data.image_size, "channels": data.channels,
+                "resize": data.resize, "num_classes": data.num_classes,
+                "autoencoder_digest": digest, "autoencoder_step": int(step)}
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
     """One experiment, resolved: what to train or sample, and how.
 
@@ -121,7 +154,9 @@ class Experiment:
     sampling: a :class:`diffjax.generate.Sampling` (sampler, guidance, thresholding,
     conditioning; None for a task that draws no samples);
     resolved: the config as a JSON-able dict (written to WORKDIR/config.json and each
-    checkpoint); config_text: the config as printed by ``--mode summary``.
+    checkpoint); config_text: the config as printed by ``--mode summary``; latent: the
+    :class:`LatentSpec` of a latent diffusion model (its task a
+    :class:`diffjax.tasks.LatentDiffusionTask`), else None.
     """
 
     model_name: str
@@ -134,3 +169,4 @@ class Experiment:
     eval: EvalSpec
     resolved: dict[str, Any]
     config_text: str
+    latent: LatentSpec | None = None  # a latent diffusion model's autoencoder and cache

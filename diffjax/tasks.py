@@ -9,6 +9,8 @@ and the app tier call the interface and never ask which task they hold.
   variance and class labels); sampled through its denoiser, evaluated on its samples.
 - :class:`SuperResTask`: a diffusion task whose network also sees a low-resolution image
   (ADM's upsampler, cascaded diffusion's noise-conditioning augmentation).
+- :class:`LatentDiffusionTask`: a diffusion task on an autoencoder's latents (latent
+  diffusion); sampling decodes.
 - :class:`ClassifierTask`: a classifier of x_t (noise-aware, for classifier guidance) or of
   clean images (a domain feature network); evaluated by its accuracy.
 - :class:`AutoencoderTask`: a KL autoencoder (latent diffusion's first stage); evaluated by
@@ -136,6 +138,15 @@ class DiffusionTask(Task):
         """Extra network inputs at sampling from the per-sample input images."""
         return {}
 
+    def encode_inputs(self, first_stage_params, x: Array) -> Array:
+        """Input images [B, H, W, C] -> what sampling starts from or pins (img2img, inpaint,
+        invert): the images themselves here, their latents for a latent model."""
+        return x
+
+    def decode_outputs(self, first_stage_params, x: Array) -> Array:
+        """What the sampler returns -> images: themselves here, decoded for a latent model."""
+        return x
+
     def loss_fn(self):
         return step_lib.make_diffusion_loss(self.apply, self.schedule, self.loss,
                                             self.train_inputs())
@@ -183,6 +194,69 @@ class SuperResTask(DiffusionTask):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class LatentDiffusionTask(DiffusionTask):
+    """A diffusion model on the latents of an autoencoder (latent diffusion, Rombach et al.
+    2022): ``image_shape`` is the latent's (h, w, c), ``first_stage`` the
+    :class:`AutoencoderTask` whose parameters (``first_stage_params``, not trained here)
+    encode inputs and decode samples.
+
+    Training batches hold each image's posterior ``{"mean", "std", "label"}`` (a latent cache,
+    or encoded on the fly); the network learns z = scale_factor * (mean + std * n), n ~ N(0, I)
+    drawn afresh each step (``sample_posterior``; else the mean), so that z has about unit
+    variance. Sampling returns decode(z / scale_factor); input images enter as
+    scale_factor * mean.
+    """
+
+    first_stage: AutoencoderTask
+    scale_factor: float
+    sample_posterior: bool = True
+    # The data's images sit centred on the autoencoder's larger black canvas (it was trained
+    # with data.resize="pad"): (top, left) of the data's frame in the autoencoder's.
+    frame_offset: tuple[int, int] = (0, 0)
+    pixel_size: int = 0  # the data's image size (0 = the autoencoder's)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        h, w, c = self.first_stage.image_shape
+        return (self.pixel_size, self.pixel_size, c) if self.pixel_size else (h, w, c)
+
+    def _to_frame(self, x: Array) -> Array:
+        """Images of the data's size -> the autoencoder's (centred on -1, as sizing.pad)."""
+        (top, left), (h, w, _) = self.frame_offset, self.first_stage.image_shape
+        if x.shape[1:3] == (h, w):
+            return x
+        pad = ((0, 0), (top, h - top - x.shape[1]), (left, w - left - x.shape[2]), (0, 0))
+        return jnp.pad(x, pad, constant_values=-1.0)
+
+    def posterior(self, first_stage_params, x: Array) -> dict[str, Array]:
+        """{"mean", "std"} of q(z | x) for images x [B, H, W, C] (unscaled)."""
+        mean, logvar = self.first_stage.encode(first_stage_params, self._to_frame(x))
+        return {"mean": mean, "std": jnp.exp(0.5 * logvar)}
+
+    def encode_inputs(self, first_stage_params, x: Array) -> Array:
+        return self.posterior(first_stage_params, x)["mean"] * self.scale_factor
+
+    def decode_outputs(self, first_stage_params, x: Array) -> Array:
+        images = self.first_stage.decode(first_stage_params, x / self.scale_factor)
+        (top, left), (h, w, _) = self.frame_offset, self.input_shape
+        return images[:, top:top + h, left:left + w]
+
+    def loss_fn(self):
+        inner = super().loss_fn()
+        scale, sample = self.scale_factor, self.sample_posterior
+
+        def loss_fn(params, state, batch, key):
+            k_z, key = jax.random.split(key)
+            z = batch["mean"]
+            if sample:
+                z = z + batch["std"] * jax.random.normal(k_z, z.shape, z.dtype)
+            rest = {k: v for k, v in batch.items() if k not in ("mean", "std")}
+            return inner(params, state, {**rest, "image": z * scale}, key)
+
+        return loss_fn
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ClassifierTask(Task):
     """A classifier ``(x, t) -> logits [B, num_classes]``.
 
@@ -226,12 +300,40 @@ class AutoencoderTask(Task):
     ``recon`` the per-pixel mean of |x - x_hat| ("l1") or (x - x_hat)^2 ("l2"); the KL is
     summed over the latent and divided by the pixels per image, so ``kl_weight`` is
     relative to the per-pixel reconstruction loss (SD trains with 1e-6 on its summed NLL).
-    No perceptual or adversarial term. ``schedule`` is unused.
+    No perceptual (LPIPS) term. ``schedule`` is unused.
+
+    Adversarial term (SD's ``LPIPSWithDiscriminator`` without LPIPS), when ``disc_start >= 0``
+    and the model holds a discriminator D (``use_discriminator``, ``params["discriminator"]``);
+    from step ``disc_start`` on (``state.step``, traced: no recompilation) the loss adds
+
+        g = d_weight * -mean(D_sg(x_hat))                  (into the autoencoder only)
+        d = 0.5 * (mean(relu(1 - D(x))) + mean(relu(1 + D(sg(x_hat)))))  (into D only)
+
+    D_sg: D's parameters under stop_gradient; d_weight = disc_weight * sg(clip(|grad_W recon|
+    / (|grad_W -mean(D(x_hat))| + 1e-4), 0, 1e4)), W the decoder's ``conv_out`` kernel, both
+    gradients of batch means taken inside the loss (SD's adaptive weight; it makes the
+    generator term's gradient at W as large as the reconstruction's times disc_weight, so
+    it does not depend on recon being a per-pixel mean here and a per-image sum in SD).
+    Before ``disc_start`` the adversarial part is skipped (``lax.cond``): the loss and the
+    autoencoder's gradients are those without it, D's gradients are 0, and the terms
+    ``g_loss`` (-mean(D(x_hat)) per image), ``d_loss`` (the hinge per image; it depends on
+    the batch through D's batch-statistics norm) and ``d_weight`` are 0.
+
+    One optimiser: the trainer steps one AdamW over the joint tree. Adam is elementwise, so
+    this is SD's two Adams (autoencoder, discriminator) with the same hyper-parameters, but
+    stepping *simultaneously*: both gradients are taken at the same parameters. SD
+    alternates within each batch: the autoencoder steps first, then a second forward pass
+    of the updated autoencoder gives the reconstructions the discriminator steps on (the
+    generator term sees D before its step in both). Also shared here: the learning-rate
+    schedule, weight decay, and global-norm clipping (``optim.grad_clip``), whose norm is
+    taken over both groups together (SD clips neither).
     """
 
     recon_loss: str = "l1"
     kl_weight: float = 1e-6
     sample_posterior: bool = True
+    disc_start: int = -1  # first step of the adversarial term; -1: none (no discriminator)
+    disc_weight: float = 0.5
 
     reconstructs = True
 
@@ -276,5 +378,70 @@ class AutoencoderTask(Task):
             loss = rec + kl_weight * kl
             t = jnp.zeros((x.shape[0],), jnp.int32)  # no timesteps
             return jnp.mean(loss), ({"loss": loss, "recon": rec, "kl": kl}, t)
+
+        if self.disc_start < 0:
+            return loss_fn
+        if not getattr(self.model, "use_discriminator", False):
+            raise ValueError(f"AutoencoderTask(disc_start={self.disc_start}) needs a model "
+                             "with use_discriminator=True")
+        return self._adversarial_loss_fn(recon_fn, pixels)
+
+    def discriminate(self, params, x: Array) -> Array:
+        """PatchGAN logits [B, P, Q, 1] of images x [B, H, W, C] (``params["discriminator"]``
+        of the joint tree ``params``)."""
+        return self.model.apply({"params": params}, x, method="discriminate")
+
+    @staticmethod
+    def _adaptive_weight(h: Array, kernel: Array, d_rec: Array, d_g: Array) -> Array:
+        """SD's ``calculate_adaptive_weight``, without gradient: clip(|grad_W L_rec| /
+        (|grad_W L_g| + 1e-4), 0, 1e4), W = kernel [k, k, C, C_out] of the decoder's last conv
+        (stride 1, "same" padding) and h [B, H, W, C] its input; d_rec, d_g [B, H, W, C_out]:
+        the gradients of the two losses w.r.t. its output. grad_W is the conv's weight gradient,
+        so nothing before the last layer is differentiated again."""
+        h, kernel, d_rec, d_g = (jax.lax.stop_gradient(a).astype(jnp.float32)
+                                 for a in (h, kernel, d_rec, d_g))
+        _, pull = jax.vjp(lambda w: jax.lax.conv_general_dilated(
+            h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")), kernel)
+        ratio = jnp.linalg.norm(pull(d_rec)[0]) / (jnp.linalg.norm(pull(d_g)[0]) + 1e-4)
+        return jnp.clip(ratio, 0.0, 1e4)
+
+    def _adversarial_loss_fn(self, recon_fn, pixels: float):
+        """The loss with SD's hinge GAN term (class docstring)."""
+        kl_weight, sample = self.kl_weight, self.sample_posterior
+        disc_start, disc_weight = self.disc_start, self.disc_weight
+
+        def loss_fn(params, state, batch, key):
+            x = batch["image"]
+            b = x.shape[0]
+            (recon, mean, logvar), inter = self.model.apply(
+                {"params": params}, x, key if sample else None, sample_posterior=sample,
+                mutable=["intermediates"])
+            rec = jnp.mean(recon_fn(recon - x), axis=(1, 2, 3))
+            kl = autoencoder_kl_divergence(mean, logvar) / pixels
+
+            def adversarial():
+                d_frozen = {**params, "discriminator": jax.lax.stop_gradient(
+                    params["discriminator"])}
+                g, pull_g = jax.vjp(
+                    lambda r: -jnp.mean(self.discriminate(d_frozen, r), axis=(1, 2, 3)), recon)
+                _, pull_rec = jax.vjp(lambda r: jnp.mean(recon_fn(r - x)), recon)
+                d_weight = disc_weight * self._adaptive_weight(
+                    inter["intermediates"]["decoder"]["conv_out_input"][0],
+                    params["decoder"]["conv_out"]["kernel"],
+                    pull_rec(jnp.ones((), rec.dtype))[0], pull_g(jnp.full((b,), 1.0 / b))[0])
+                real = self.discriminate(params, x)
+                fake = self.discriminate(params, jax.lax.stop_gradient(recon))
+                d = 0.5 * (jnp.mean(jax.nn.relu(1.0 - real), axis=(1, 2, 3))
+                           + jnp.mean(jax.nn.relu(1.0 + fake), axis=(1, 2, 3)))
+                return g, d, jnp.broadcast_to(d_weight, (b,))
+
+            def off():
+                return (jnp.zeros((b,), jnp.float32),) * 3
+
+            g, d, d_weight = jax.lax.cond(state.step >= disc_start, adversarial, off)
+            loss = rec + kl_weight * kl + d_weight * g + d
+            terms = {"loss": loss, "recon": rec, "kl": kl, "g_loss": g, "d_loss": d,
+                     "d_weight": d_weight}
+            return jnp.mean(loss), (terms, jnp.zeros((b,), jnp.int32))
 
         return loss_fn

@@ -14,6 +14,11 @@ The training grids (``WORKDIR/samples/``) show test images above their reconstru
 ``--mode eval`` writes the test-set PSNR to ``WORKDIR/eval/reconstruction.json``.
 Measured: 25.38 +- 0.03 dB over the 10,000 test images after the 1000 steps (about 35
 minutes on 2 CPU cores shared with other work). ``:smoke`` is a seconds-long CPU check.
+
+SD's adversarial term (a PatchGAN discriminator, hinge loss, adaptive weight) is off here;
+``--config.model.autoencoder.disc_start=N`` switches it on from step N (SD starts it after
+tens of thousands of steps), with ``disc_weight`` (0.5), ``disc_layers`` (at most 3 for
+32x32 images: a 2x2 grid of patch logits) and ``disc_channels`` (64) beside it. Not measured.
 """
 
 from diffjax import configlib

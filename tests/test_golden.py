@@ -98,8 +98,9 @@ _ADDED = {("guidance", "classifier_mode"): ("auto",),
           ("guidance", "channels"): (0,),
           ("sampler", "order"): (None,), ("sampler", "variant"): (None,)}
 # Sections added after the recording (options of model.name="dit", issue 14, and
-# "autoencoder_kl", issue 12, which no recorded case uses): removed whole before comparing.
-_ADDED_SECTIONS = (("model", "dit"), ("model", "autoencoder"))
+# "autoencoder_kl", issue 12, and latent diffusion's data.latent, issue 12, which no recorded
+# case uses): removed whole before comparing.
+_ADDED_SECTIONS = (("model", "dit"), ("model", "autoencoder"), ("data", "latent"))
 
 
 def _yaml(value) -> str:

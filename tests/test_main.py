@@ -88,8 +88,8 @@ def test_every_experiment_loads_validates_and_its_smoke_model_runs(name):
     experiment.build(configlib.load_config_file(path), num_devices=1)
     c = configlib.load_config_file(path + ":smoke")
     task = experiment.build(c, num_devices=8).task
-    s = c.data.image_size
-    x = jnp.zeros((2, s, s, c.data.channels))
+    s, _, channels = task.image_shape  # a latent model's: the latent's
+    x = jnp.zeros((2, s, s, channels))
     y = jnp.array([0, 1]) if c.model.class_cond or c.model.name == "classifier" else None
     t = jnp.array([3.0, 7.0])
     # The trainer's own init and apply: labels, classifier, super-resolution inputs included.
@@ -99,7 +99,7 @@ def test_every_experiment_loads_validates_and_its_smoke_model_runs(name):
         assert out.shape == (2, c.data.num_classes)
     else:
         learned = getattr(task, "learned_variance", False)  # an autoencoder: reconstructions
-        assert out.shape == (2, s, s, c.data.channels * (2 if learned else 1))
+        assert out.shape == (2, s, s, channels * (2 if learned else 1))
     assert bool(jnp.all(jnp.isfinite(out)))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import zipfile
 from typing import Any
 
@@ -44,6 +45,30 @@ def classifier_params(sampling, mesh) -> Any:
         return None
     params, _ = restore_params(g.classifier, mesh, g.classifier_workdir)
     return params
+
+
+def first_stage_params(experiment, mesh) -> tuple[Any, int] | tuple[None, None]:
+    """(the autoencoder's EMA parameters, its step) of a latent diffusion experiment
+    (``data.latent.workdir``, read-only), else (None, None)."""
+    lat = experiment.latent
+    if lat is None:
+        return None, None
+    if not lat.workdir:
+        raise ConfigError("data.latent.workdir is empty: set it to the autoencoder's run "
+                          "(trained, or converted by python -m diffjax.convert) to read its "
+                          "weights")
+    return restore_params(lat.autoencoder.task, mesh, lat.workdir, lat.checkpoint_step)
+
+
+def params_digest(params) -> str:
+    """SHA-256 of a parameter tree (names, dtypes, shapes and bytes of every leaf): what
+    identifies the autoencoder a latent cache was made with."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        arr = np.asarray(jax.device_get(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype.str}|{arr.shape}|".encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
 
 
 def write_samples(workdir: str, **arrays: Any) -> epath.Path:

@@ -40,6 +40,7 @@ from diffjax.errors import ConfigError
 from diffjax.evaluation import convert_inception
 from diffjax.evaluation import features as features_lib
 from diffjax.evaluation import grid
+from diffjax.evaluation import metrics as metrics_lib
 from diffjax.evaluation import sample_metrics
 from diffjax.specs import Experiment
 
@@ -84,6 +85,14 @@ def check_files(experiment: Experiment) -> None:
         if e.reference_stats and not os.path.isfile(e.reference_stats):
             raise ConfigError(f"eval.reference_stats={e.reference_stats!r} not found; give an "
                               "ADM-style .npz or '' for the data's split")
+
+
+def check_reconstruction(experiment: Experiment) -> None:
+    """An autoencoder's :func:`check_files` (the feature run of ``fd_<domain>``) and its
+    ``eval.split``, which is always read."""
+    check_files(experiment)
+    if not _needs_data(experiment):
+        check_split(experiment)
 
 
 def load_features(experiment: Experiment, mesh) -> features_lib.FeatureNet:
@@ -133,12 +142,13 @@ def evaluate_samples(experiment: Experiment, workdir: str, mesh, params, checkpo
                 out, e.name or "nll", shared, e.split, result.num_examples, checkpoint_step,
                 time.perf_counter() - start, settings)]
     cls_params = common.classifier_params(sampling, mesh)
+    fs_params, _ = common.first_stage_params(experiment, mesh)
     scales = e.sweep_guidance_scales or (sampling.guidance.scale,)
     per_row = task.num_classes if task.class_cond else 0
     written = []
     for sampler in e.samplers:
         generator = generate.Generator(task, sampling.with_steps(sampler), mesh, cls_params,
-                                       batch_size=e.batch_size)
+                                       batch_size=e.batch_size, first_stage_params=fs_params)
         for scale in scales:
             start = time.perf_counter()
             images, labels = generator(params, e.num_samples, key,
@@ -218,13 +228,27 @@ def evaluate_accuracy(experiment: Experiment, workdir: str, mesh, params, checkp
 
 def evaluate_reconstruction(experiment: Experiment, workdir: str, mesh, params,
                             checkpoint_step: int, seed: int) -> list[dict[str, Any]]:
-    """``--mode eval`` of an autoencoder: the PSNR (dB, range [-1, 1]) of the reconstructions
-    decode(mean of q(z | x)) of ``eval.split``, averaged over images, to
-    WORKDIR/eval/reconstruction.json (``eval.name`` when set) with ``psnr_stderr``, and a
-    grid of the first 32 (input | reconstruction rows), reconstruction.png."""
+    """``--mode eval`` of an autoencoder: metrics of the reconstructions decode(mean of
+    q(z | x)) of ``eval.split`` to WORKDIR/eval/reconstruction.json (``eval.name`` when set),
+    and a grid of the first 32 (input | reconstruction rows), reconstruction.png.
+
+    ``eval.metrics``: ``psnr`` (dB, range [-1, 1], averaged over images, with
+    ``psnr_stderr``) and/or ``fd_<domain>``: the rFID recipe (the reconstructions of the
+    split against the split itself) in the penultimate features of the domain classifier
+    ``eval.features_config`` (:mod:`diffjax.evaluation.features`), not Inception's, against
+    the split's cached reference statistics (:func:`references.fd_reference`). The numbers
+    are comparable only between runs using the same feature run. ``wall_time_s`` excludes
+    loading the feature classifier and the reference statistics.
+    """
     del seed  # deterministic: the posterior mean
-    start = time.perf_counter()
     task, e = experiment.task, experiment.eval
+    out = epath.Path(workdir) / "eval"
+    fd_name = f"fd_{e.domain}"
+    net = fd_ref = None
+    if fd_name in e.metrics:
+        net = load_features(experiment, mesh)
+        fd_ref = references.fd_reference(experiment, mesh, net, out)
+    start = time.perf_counter()
     data_sh, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
 
     def reconstruct(p, x):
@@ -233,7 +257,7 @@ def evaluate_reconstruction(experiment: Experiment, workdir: str, mesh, params,
 
     fn = jax.jit(reconstruct, in_shardings=(rep, data_sh), out_shardings=rep)
     it, total, _ = references.eval_batches(experiment, mesh, e.batch_size)
-    scores, shown = [], None
+    scores, feats, shown = [], [], None
     for batch in tqdm.tqdm(it, total=total, desc="reconstruction", unit="batch",
                            disable=jax.process_index() != 0):
         x_local = np.asarray(batch["image"], np.float32)
@@ -242,20 +266,27 @@ def evaluate_reconstruction(experiment: Experiment, workdir: str, mesh, params,
         recon = np.asarray(jax.device_get(fn(params, x)))
         images = np.asarray(multihost_utils.process_allgather(x_local, tiled=True))
         scores.append(sample_lib.psnr(images, recon)[mask])
+        if net is not None:
+            feats.append(net(recon[mask])[0])
         if shown is None:
             shown = (images[mask][:32], recon[mask][:32])
     psnr = np.concatenate(scores)
-    out = epath.Path(workdir) / "eval"
     name = e.name or "reconstruction"
     if jax.process_index() == 0 and shown is not None:
         out.mkdir(parents=True, exist_ok=True)
         grid.save_grid(sample_lib.side_by_side(*shown), str(out / f"{name}.png"), ncol=8,
                        scale=2)
-    metrics = {"psnr": float(psnr.mean()),
-               "psnr_stderr": float(psnr.std(ddof=1) / np.sqrt(len(psnr))) if len(psnr) > 1
-               else 0.0}
-    common.say(f"reconstruction PSNR {metrics['psnr']:.2f} +- {metrics['psnr_stderr']:.2f} dB "
-               f"over {len(psnr)} {e.split} images")
+    metrics, said = {}, []
+    if "psnr" in e.metrics:
+        metrics["psnr"] = float(psnr.mean())
+        metrics["psnr_stderr"] = (float(psnr.std(ddof=1) / np.sqrt(len(psnr))) if len(psnr) > 1
+                                  else 0.0)
+        said.append(f"PSNR {metrics['psnr']:.2f} +- {metrics['psnr_stderr']:.2f} dB")
+    if net is not None:
+        stats = metrics_lib.GaussianStats.from_features(np.concatenate(feats))
+        metrics[fd_name] = metrics_lib.frechet_distance(stats, fd_ref)
+        said.append(f"{fd_name} {metrics[fd_name]:.4f}")
+    common.say(f"reconstruction {', '.join(said)} over {len(psnr)} {e.split} images")
     return [records.write_split_record(out, name, metrics, e.split, len(psnr),
                                        checkpoint_step, time.perf_counter() - start)]
 
@@ -264,7 +295,7 @@ def evaluate_reconstruction(experiment: Experiment, workdir: str, mesh, params,
 EVALUATORS: dict[type, tuple[Any, Any]] = {
     tasks.DiffusionTask: (evaluate_samples, check_files),
     tasks.ClassifierTask: (evaluate_accuracy, check_split),
-    tasks.AutoencoderTask: (evaluate_reconstruction, check_split),
+    tasks.AutoencoderTask: (evaluate_reconstruction, check_reconstruction),
 }
 
 

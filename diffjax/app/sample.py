@@ -112,7 +112,9 @@ def run(experiment: Experiment, workdir: str, mesh, *, checkpoint: str = "",
     params, got = common.restore_params(task, mesh, checkpoint or workdir, step)
     seed = sampling.seed if seed is None else seed
     generator = generate.Generator(task, sampling, mesh,
-                                   common.classifier_params(sampling, mesh))
+                                   common.classifier_params(sampling, mesh),
+                                   first_stage_params=common.first_stage_params(experiment,
+                                                                                mesh)[0])
     if inputs is not None and getattr(sampling.condition, "writes_latents", False):
         return invert_inputs(sampling, workdir, generator, params, inputs, labels, got, seed)
     if inputs is not None:

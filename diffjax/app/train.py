@@ -8,7 +8,9 @@ import numpy as np
 
 from diffjax import data, generate, parallel
 from diffjax.app import common, references
+from diffjax.app import encode as encode_lib
 from diffjax.app import sample as sample_lib
+from diffjax.data import latent_cache
 from diffjax.specs import DataSpec, Experiment
 from diffjax.train import loop
 from diffjax.train.state import TrainState
@@ -34,6 +36,26 @@ def train_iterator(d: DataSpec, seed: int, process_index: int, process_count: in
         process_index=process_index, process_count=process_count, num_workers=d.num_workers)
 
 
+def latent_train_iterator(experiment: Experiment, mesh, first_stage_params, ae_step: int,
+                          process_index: int, process_count: int):
+    """A latent model's training batches ``{"mean", "std", "label"}``: from its latent cache
+    (checked against this autoencoder, data and latent shape first), else the pixel batches
+    encoded as they come."""
+    d, lat, seed = experiment.data, experiment.latent, experiment.train.seed
+    if not lat.cache:
+        it = train_iterator(d, seed, process_index, process_count)
+        return encode_lib.EncodedBatches(it, experiment, mesh, first_stage_params)
+    identity = lat.identity(d, common.params_digest(first_stage_params), ae_step)
+    source = latent_cache.LatentCacheSource(lat.cache, identity)
+    if d.num_classes > 0 and source.num_classes != d.num_classes:
+        raise data.DataError(f"latent cache {lat.cache} has {source.num_classes} classes, "
+                             f"data.num_classes={d.num_classes}")
+    return iter(data.build_dataset(
+        source, global_batch_size=d.batch_size, seed=seed, shuffle=True,
+        random_flip=d.random_flip, process_index=process_index, process_count=process_count,
+        num_epochs=None, drop_remainder=True, num_workers=d.num_workers))
+
+
 def reconstruction_drawer(experiment: Experiment, mesh):
     """``ema_params -> (input | reconstruction rows, 0)`` on the first
     ``train.num_sample_images`` images of the eval split (an autoencoder's grids)."""
@@ -55,9 +77,10 @@ def reconstruction_drawer(experiment: Experiment, mesh):
     return draw
 
 
-def grid_drawer(experiment: Experiment, mesh):
+def grid_drawer(experiment: Experiment, mesh, first_stage_params=None):
     """``ema_params -> (images, classes per row)`` of the training grids, or None for a task
-    that draws no samples without inputs (a classifier, a super-resolution model)."""
+    that draws no samples without inputs (a classifier, a super-resolution model);
+    first_stage_params: a latent model's autoencoder (its samples are decoded)."""
     task, t = experiment.task, experiment.train
     if t.sample_every > 0 and task.reconstructs:
         return reconstruction_drawer(experiment, mesh)
@@ -66,7 +89,8 @@ def grid_drawer(experiment: Experiment, mesh):
     generator = generate.Generator(task, experiment.sampling, mesh,
                                    common.classifier_params(experiment.sampling, mesh),
                                    batch_size=min(experiment.sampling.batch_size,
-                                                  t.num_sample_images))
+                                                  t.num_sample_images),
+                                   first_stage_params=first_stage_params)
     per_row = task.num_classes if task.class_cond else 0
 
     def draw(ema_params):
@@ -81,8 +105,15 @@ def run(experiment: Experiment, workdir: str, mesh, *, allow_config_change: bool
         data_iterator=None) -> TrainState:
     """Trains to ``train.num_steps``, resuming from ``WORKDIR/checkpoints`` if it has any."""
     loop.check_workdir_config(workdir, experiment.resolved, allow_config_change)
-    it = data_iterator or train_iterator(experiment.data, experiment.train.seed,
-                                         jax.process_index(), jax.process_count())
+    fs_params, ae_step = common.first_stage_params(experiment, mesh)
+    if data_iterator is not None:
+        it = data_iterator
+    elif experiment.latent is not None:
+        it = latent_train_iterator(experiment, mesh, fs_params, ae_step, jax.process_index(),
+                                   jax.process_count())
+    else:
+        it = train_iterator(experiment.data, experiment.train.seed, jax.process_index(),
+                            jax.process_count())
     return loop.train(experiment.task, experiment.optim, experiment.train, workdir, mesh, it,
                       resolved=experiment.resolved, global_batch=experiment.data.batch_size,
-                      draw_grid=grid_drawer(experiment, mesh))
+                      draw_grid=grid_drawer(experiment, mesh, fs_params))

@@ -12,7 +12,9 @@ depend on n.
 
 Output: {"image": float32 [B, S, S, C] in [-1, 1] (uint8 / 127.5 - 1), "label": int32 [B]};
 with drop_remainder=False the last global batch is padded to full size and every batch also
-has "mask": bool [B] (False on padding rows, whose image is -1 and label 0).
+has "mask": bool [B] (False on padding rows, whose image is -1 and label 0). A source of
+arrays (``yields_arrays``: a latent cache, :mod:`diffjax.data.latent_cache`) gives its own
+dict instead ({"mean", "std", "label"}), padding rows zero, never flipped.
 
 Checkpointing. The returned iterators are grain `DatasetIterator`s: `it.get_state()` is a small
 JSON-able dict and `it.set_state(state)` makes the next batch the first one not yet seen. With
@@ -85,6 +87,8 @@ class _LocalBatchReader:
         b = self.local_batch_size
         local = self._local_indices(k)
         mask = local >= 0
+        if getattr(self.source, "yields_arrays", False):
+            return self._arrays(local, mask)
         images = np.zeros((b,) + tuple(self.source.image_shape), dtype=np.uint8)
         labels = np.zeros(b, dtype=np.int32)
         if mask.all():
@@ -100,6 +104,23 @@ class _LocalBatchReader:
         image /= np.float32(127.5)  # exact at 0 and 255: -1 and 1
         image -= np.float32(1)
         batch = {"image": image, "label": np.asarray(labels, dtype=np.int32)}
+        if self.with_mask:
+            batch["mask"] = mask
+        return batch
+
+
+    def _arrays(self, local: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        """A batch of a source of arrays (a latent cache): its dict as read, padding rows
+        zero; no flips (flipping latents is not flipping images)."""
+        got = self.source.read_batch(local[mask])
+        if mask.all():
+            batch = dict(got)
+        else:
+            batch = {}
+            for key, value in got.items():
+                full = np.zeros((len(local),) + value.shape[1:], value.dtype)
+                full[mask] = value
+                batch[key] = full
         if self.with_mask:
             batch["mask"] = mask
         return batch
@@ -133,6 +154,9 @@ def build_dataset(source: sources.ImageSource, *, global_batch_size: int, seed: 
     _check_batching(global_batch_size, process_index, process_count, seed)
     if num_epochs is not None and num_epochs < 1:
         raise DataError(f"num_epochs={num_epochs} must be >= 1, or None to repeat forever")
+    if random_flip and getattr(source, "yields_arrays", False):
+        raise DataError(f"{source.name} holds encoded latents, which cannot be flipped like "
+                        "images; set --config.data.random_flip=False (or encode on the fly)")
     n = len(source)
     if n == 0:
         raise DataError(f"{source.name}: the split is empty")

@@ -39,6 +39,12 @@ float32 (mean, logvar) and ``decode`` a float32 image. ``param_dtype`` is the st
 dtype of the parameters. ``remat=True`` rematerialises every ResBlock and attention block
 (same parameters and outputs, less activation memory). ``norm_num_groups`` changes no
 shape: transcribe it from the released config (32 for SD).
+
+Adversarial training: ``use_discriminator=True`` adds SD's PatchGAN
+(``discriminator.PatchDiscriminator(disc_layers, disc_channels)``) as the submodule
+``discriminator``, so the parameters gain ``params["discriminator"]``; ``init`` creates it,
+``discriminate`` applies it, and ``encode`` / ``decode`` / ``__call__``'s outputs never touch
+it. Off (the default), the parameters are exactly SD's (what the converter reads).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.models import layers
+from diffjax.models.discriminator import PatchDiscriminator
 
 Array = jax.Array
 Dtype = Any
@@ -175,6 +182,8 @@ class Decoder(_Blocks):
     """z: [B, h, w, latent_channels] (after post_quant_conv) -> [B, H, W, out_channels].
 
     Names: conv_in, mid_*, up_{i}_res_{j}, up_{i}_upsample (i = 0 deepest), norm_out, conv_out.
+    Sows conv_out's input [B, H, W, block_out_channels[0]] as ``conv_out_input`` in the
+    "intermediates" collection (kept only when that collection is mutable).
     """
 
     out_channels: int = 3
@@ -188,7 +197,9 @@ class Decoder(_Blocks):
                 h = self._res(ch, f"up_{i}_res_{j}")(h)
             if i != len(channels) - 1:
                 h = self._conv(ch, f"up_{i}_upsample")(layers.upsample_nearest(h))
-        return self._out(h, self.out_channels)
+        h = nn.silu(group_norm(h, self.norm_num_groups, "norm_out", self.param_dtype))
+        self.sow("intermediates", "conv_out_input", h)  # the GAN's adaptive weight reads it
+        return self._conv(self.out_channels, "conv_out")(h)
 
 
 def posterior_sample(mean: Array, logvar: Array, key: Array) -> Array:
@@ -205,7 +216,8 @@ class AutoencoderKL(nn.Module):
     """SD's KL-regularised autoencoder: x [B, H, W, C] in [-1, 1] <-> latents [B, h, w, C_lat].
 
     ``module.init(key, x)`` creates the parameters {encoder, quant_conv, post_quant_conv,
-    decoder}; call ``encode`` / ``decode`` with ``module.apply(variables, x, method="encode")``.
+    decoder} (and discriminator if ``use_discriminator``); call ``encode`` / ``decode``
+    with ``module.apply(variables, x, method="encode")``.
     Defaults are diffusers' (a one-level toy); SD's VAE is in the module docstring.
     ``cpu_fast_conv`` is ``layers.Conv``'s (CPU-only weight-gradient path); the asymmetric
     stride-2 convs always run the native convolution.
@@ -221,6 +233,9 @@ class AutoencoderKL(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     cpu_fast_conv: str = "auto"
+    use_discriminator: bool = False  # SD's PatchGAN as the submodule "discriminator"
+    disc_layers: int = 3
+    disc_channels: int = 64
 
     def setup(self) -> None:
         if not self.block_out_channels or self.layers_per_block < 1:
@@ -238,6 +253,9 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = conv(2 * self.latent_channels)
         self.post_quant_conv = conv(self.latent_channels)
         self.decoder = Decoder(out_channels=self.out_channels, **shared)
+        if self.use_discriminator:
+            self.discriminator = PatchDiscriminator(self.disc_layers, self.disc_channels,
+                                                    self.dtype, self.param_dtype)
 
     @property
     def downsampling_factor(self) -> int:
@@ -265,6 +283,13 @@ class AutoencoderKL(nn.Module):
         self._check(z, self.latent_channels, "decode", 1)
         return self.decoder(self.post_quant_conv(z.astype(self.dtype))).astype(jnp.float32)
 
+    def discriminate(self, x: Array) -> Array:
+        """x: [B, H, W, out_channels] -> PatchGAN logits [B, P, Q, 1] float32 (needs
+        ``use_discriminator``)."""
+        if not self.use_discriminator:
+            raise ValueError("AutoencoderKL.discriminate needs use_discriminator=True")
+        return self.discriminator(x)
+
     def __call__(self, x: Array, key: Array | None = None,
                  sample_posterior: bool = False) -> tuple[Array, Array, Array]:
         """x: [B, H, W, in_channels] -> (reconstruction [B, H, W, out_channels], mean, logvar).
@@ -278,4 +303,7 @@ class AutoencoderKL(nn.Module):
             z = posterior_sample(mean, logvar, key)
         else:
             z = mean
-        return self.decode(z), mean, logvar
+        recon = self.decode(z)
+        if self.use_discriminator and self.is_initializing():
+            self.discriminator(recon)  # creates params["discriminator"]; output unused
+        return recon, mean, logvar

@@ -312,19 +312,19 @@ def test_classifier_guidance_loads_the_trained_classifier_as_a_program_argument(
     fn = generate.make_sample_program(exp.task, exp.sampling, mesh, 8, False)
     key, labels = jax.random.key(2), np.arange(8) % 10
     knobs = exp.sampling.knobs()
-    (_, cls_arg, *_), _ = fn.lower(diff_params, cls_params, key, labels, None, knobs).args_info
+    (_, cls_arg, *_), _ = fn.lower(diff_params, cls_params, None, key, labels, None, knobs).args_info
     assert len(jax.tree.leaves(cls_arg)) == len(jax.tree.leaves(cls_params)) > 0
     g = exp.sampling.guidance
     closed_guidance = dataclasses.replace(g, classifier=None,
                                           static={"log_prob_fn": log_prob})
     closed = generate.make_sample_program(
         exp.task, dataclasses.replace(exp.sampling, guidance=closed_guidance), mesh, 8, False)
-    guided = np.asarray(fn(diff_params, cls_params, key, labels, None, knobs))
+    guided = np.asarray(fn(diff_params, cls_params, None, key, labels, None, knobs))
     # The same float32 math compiled with the parameters as constants or as an argument:
     # XLA folds and fuses differently, rounding differences of ~1e-4 at most in [-1, 1].
-    np.testing.assert_allclose(guided, np.asarray(closed(diff_params, None, key, labels, None,
+    np.testing.assert_allclose(guided, np.asarray(closed(diff_params, None, None, key, labels, None,
                                                          knobs)), atol=5e-4)
-    plain = np.asarray(fn(diff_params, cls_params, key, labels, None,
+    plain = np.asarray(fn(diff_params, cls_params, None, key, labels, None,
                           exp.sampling.knobs(guidance_scale=0.0)))
     assert np.abs(guided - plain).mean() > 1e-2
 

@@ -102,8 +102,8 @@ def test_config_errors(tiny, tiny_data, overrides, match):
 
 
 def test_eval_metrics_and_sample_mode_errors(tiny, tiny_data):
-    c = tiny.config(tiny_data, **{**AE, "eval.metrics": ("fd_idx",)})
-    with pytest.raises(configlib.ConfigError, match="PSNR of its reconstructions"):
+    c = tiny.config(tiny_data, **{**AE, "eval.metrics": ("fid",)})
+    with pytest.raises(configlib.ConfigError, match="an autoencoder is evaluated by the PSNR"):
         experiment.build(c, mode="eval")
 
 
