@@ -1,7 +1,7 @@
 """DiT-XL/2 on ImageNet 256x256 in Stable Diffusion VAE latents (Peebles & Xie 2023).
 
 The paper's recipe as options: the network sees 32x32x4 latents (256 / 8, SD's VAE, scale
-0.18215), patch 2 (256 tokens), depth 28, hidden 1152, 16 heads, MLP ratio 4; learned
+0.18215: ``data.latent``), patch 2 (256 tokens), depth 28, hidden 1152, 16 heads, MLP ratio 4; learned
 variance with iDDPM's hybrid loss on the linear T = 1000 table; class-conditional with label
 dropout 0.1 (the null row of the label table); AdamW at lr 1e-4 without weight decay,
 global batch 256, EMA 0.9999; 250-step ancestral sampling with classifier-free guidance
@@ -16,12 +16,20 @@ DiT's ``DiT_XL_2(input_size=32, num_classes=1000)`` (its script also counts the 
     python -m diffjax.convert --config experiments/dit_xl2_imagenet256.py \\
         --checkpoint DiT-XL-2-256x256.pt --workdir runs/dit_xl2
 
-Not yet in diffjax: the latent path (encoding ImageNet with the VAE, decoding samples), so
-this config samples *latents* (``--mode sample`` writes them to samples.npz; decode them
-with :class:`diffjax.models.autoencoder.AutoencoderKL` and ``diffjax.convert.autoencoder_kl``
-after dividing by 0.18215), and training it on ``data.source`` would see pixels, not
-latents. Published (Table 4): FID 2.27 with cfg-scale 1.5, 250 DDPM steps.
+The VAE is ``data.latent``: the architecture of ``experiments/autoencoder_sd_vae.py`` with
+the weights of ``data.latent.workdir`` (convert the released VAE into it first; DiT used
+``sd-vae-ft-ema``, ``sd-vae-ft-mse`` has the same architecture)::
+
+    python -m diffjax.convert --config experiments/autoencoder_sd_vae.py \
+        --checkpoint sd-vae-ft-ema/diffusion_pytorch_model.safetensors --workdir runs/sd_vae_ft_ema
+
+Training encodes each batch of 256x256 images (centre-cropped, randomly flipped, as DiT)
+on the fly and trains on posterior samples times 0.18215; ``--mode sample`` / ``eval``
+decode the samples to images. Published (Table 4): FID 2.27 with cfg-scale 1.5, 250 DDPM
+steps.
 """
+
+import os
 
 from diffjax import configlib
 
@@ -30,8 +38,12 @@ def get_config(arg=None):
     def build():
         c = configlib.base_config()
         c.data.source = "tfds:imagenet2012"
-        c.data.image_size = 32  # latent side: 256 / 8
-        c.data.channels = 4  # SD-VAE latent channels
+        c.data.image_size = 256  # the network sees 32x32x4 latents (SD's VAE: / 8)
+        c.data.channels = 3
+        c.data.resize = "resize"  # shorter side to 256, centre crop
+        c.data.latent.config = os.path.join(os.path.dirname(__file__), "autoencoder_sd_vae.py")
+        c.data.latent.workdir = "runs/sd_vae_ft_ema"
+        c.data.latent.scale_factor = 0.18215
         c.data.num_classes = 1000
         c.data.batch_size = 256
         c.data.random_flip = True
