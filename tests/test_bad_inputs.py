@@ -274,7 +274,7 @@ def test_condition_input_corrupt(tmp_path, kind):
     path = tmp_path / f"bad.{kind}"
     path.write_bytes(b"PK\x03\x04 not a zip" if kind == "npz" else b"\x89PNG\r\n not a png")
     _expect_user_error(f"input_corrupt_{kind}", _config(FM, _img2img(path)), "sample",
-                       _workdir(tmp_path), "bad.png" if kind == "png" else "zip")
+                       _workdir(tmp_path), f"bad.{kind}")
 
 
 @pytest.mark.parametrize("labels", [np.array([0, 12]), np.array([0.5, 1.0]), np.array([1])])

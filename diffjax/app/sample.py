@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+import zipfile
 
 import jax
 import numpy as np
@@ -45,8 +46,13 @@ def load_inputs(path: str, size: int, channels: int) -> np.ndarray:
             f"condition.input={path!r} is not a file; pass --config.condition.input=PATH of an "
             "image or an .npz of images to condition on")
     if path.endswith(".npz"):
-        with np.load(path) as f:
-            arr = f["images"] if "images" in f.files else f[f.files[0]]
+        try:
+            with np.load(path) as f:
+                arr = f["images"] if "images" in f.files else f[f.files[0]]
+        except (OSError, ValueError, IndexError, zipfile.BadZipFile) as e:
+            raise ConfigError(f"condition.input={path!r} cannot be read as an .npz of images "
+                              f"({type(e).__name__}: {e}); pass an .npz with an 'images' "
+                              "array, or an image file") from e
     else:
         with Image.open(path) as img:
             arr = np.asarray(img.convert("L" if channels == 1 else "RGB"))
