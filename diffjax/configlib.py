@@ -9,7 +9,7 @@ Glossary of config sections:
   data       source and geometry of the images, global batch size
   model      the network (ADM option names)
   diffusion  noise schedule, parameterisation, loss, variance
-  guidance   none / classifier / classifier_free and its scale
+  guidance   none / classifier / classifier_free / autoguidance and its scale
   sampler    sampling algorithm, steps and its options
   optim      AdamW, schedule, clipping, EMA
   train      steps, logging, checkpointing, seeds
@@ -31,7 +31,7 @@ from diffjax.diffusion import conditional, losses, samplers, schedules
 from diffjax.errors import ConfigError
 
 MODES = ("train", "sample", "eval", "summary")
-GUIDANCE_TYPES = ("none", "classifier", "classifier_free")
+GUIDANCE_TYPES = ("none", "classifier", "classifier_free", "autoguidance")
 # How classifier guidance enters: "auto" is ADM's choice (mean shift, Alg. 1, under the
 # ancestral ddpm sampler; score shift, Alg. 2, under ddim and the ODE/other samplers).
 CLASSIFIER_MODES = ("auto", "mean", "score")
@@ -143,7 +143,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.guidance = ml_collections.ConfigDict()
     c.guidance.type = "none"
-    c.guidance.scale = 0.0  # Ho & Salimans w for classifier_free; gradient scale for classifier
+    # Ho & Salimans w for classifier_free and autoguidance (0 = unguided; the autoguidance
+    # paper's w is 1 + scale); the gradient scale for classifier
+    c.guidance.scale = 0.0
     c.guidance.label_dropout = 0.0  # training-time p of replacing the label by the null label
     c.guidance.classifier_config = ""  # experiments/classifier_*.py of the guiding classifier
     c.guidance.classifier_workdir = ""  # the workdir that classifier was trained in
@@ -151,6 +153,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.guidance.interval_sigma_max = float("inf")
     c.guidance.rescale = 0.0  # CFG rescale phi (Lin et al. 2023); 0 = off
     c.guidance.classifier_mode = "auto"  # classifier: mean (ADM Alg. 1, ddpm) / score (Alg. 2)
+    # autoguidance (Karras et al. 2024): the guide's config ("" = this experiment's own, i.e.
+    # an earlier checkpoint of the same architecture), its run directory, and its checkpoint
+    # step (-1 = the latest; set it to guide by an early checkpoint of the same run)
+    c.guidance.guide_config = ""
+    c.guidance.guide_workdir = ""
+    c.guidance.guide_step = -1
     # classifier_free: guide only the first `channels` channels (0 = all); the released DiT
     # guides 3 of its 4 latent channels (a reproduction switch)
     c.guidance.channels = 0
@@ -392,6 +400,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         raise ConfigError(f"guidance.interval_sigma_min={g.interval_sigma_min} must be in [0, "
                           f"guidance.interval_sigma_max={g.interval_sigma_max}] (0 and inf: "
                           "guide at every sigma)")
+    if g.type == "autoguidance":
+        _check_autoguidance(c)
     for name in ("b1", "b2"):
         if not 0.0 <= c.optim[name] < 1.0:
             raise ConfigError(f"optim.{name}={c.optim[name]} must be in [0, 1) (Adam's decay "
@@ -399,6 +409,24 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     if not c.optim.ema_decays or not all(0.0 <= d < 1.0 for d in c.optim.ema_decays):
         raise ConfigError(f"optim.ema_decays={tuple(c.optim.ema_decays)} must be values in [0, 1)")
     _validate_condition(c)
+
+
+def _check_autoguidance(c: ml_collections.ConfigDict) -> None:
+    """This config's side of guidance.type='autoguidance' (the guide's own config is checked
+    against it by experiment._autoguidance)."""
+    g = c.guidance
+    if c.model.name not in ("unet", "dit") or c.condition.type == "superres":
+        raise ConfigError("guidance.type='autoguidance' guides a diffusion model on images "
+                          "(model.name unet or dit, condition.type not superres); set "
+                          "guidance.type=none")
+    if not g.guide_workdir:
+        raise ConfigError("guidance.type='autoguidance' needs --config.guidance.guide_workdir="
+                          "DIR, the run of the guide (a smaller or less-trained model; with "
+                          "guidance.guide_config='' an earlier checkpoint of this config, "
+                          "e.g. guidance.guide_step=N)")
+    if int(g.guide_step) < -1:
+        raise ConfigError(f"guidance.guide_step={g.guide_step} must be a checkpoint step >= 0 "
+                          "or -1 (the latest of guidance.guide_workdir)")
 
 
 def _validate_counts(c: ml_collections.ConfigDict) -> None:

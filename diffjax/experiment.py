@@ -520,10 +520,53 @@ def _classifier_mode(c: ml_collections.ConfigDict) -> str:
     return mode
 
 
+def _autoguidance(c: ml_collections.ConfigDict) -> generate.GuidanceSpec:
+    """Autoguidance: the guide's task from ``guidance.guide_config`` ("" = ``c`` itself, an
+    earlier checkpoint of the same architecture), checked to denoise the same images with
+    the same labels. Its prediction and schedule may differ from the main model's: each
+    task's denoiser maps the samplers' VE (x, sigma) to its own VP input and time (the
+    timestep of that sigma in its own schedule, clamped to its range) and its output to
+    x0_hat (process.make_denoiser), so both give x0 of the same x at the same sigma."""
+    g = c.guidance
+    if g.guide_config:
+        where = f"guidance.guide_config={g.guide_config!r}"
+        try:
+            gc = configlib.load_config_file(g.guide_config)
+            gc.guidance.type, gc.guidance.channels = "none", 0  # the guide is sampled unguided
+            guide = build(gc).task
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from e
+        if not isinstance(guide, tasks.DiffusionTask) or guide.needs_inputs:
+            raise ConfigError(f"{where} is not a diffusion model on images (model.name unet or "
+                              "dit, no superres); give a config of the same task")
+        if isinstance(guide, tasks.LatentDiffusionTask) != bool(c.data.latent.workdir
+                                                                or c.data.latent.config):
+            raise ConfigError(f"{where}: one model is a latent diffusion model and the other is "
+                              "not; the guide must denoise the main model's space")
+        main = (tuple(_data(c).image_shape), bool(c.model.class_cond),
+                c.data.num_classes if c.model.class_cond else 0)
+        got = (tuple(guide.image_shape), guide.class_cond,
+               guide.num_classes if guide.class_cond else 0)
+        if got != main:
+            raise ConfigError(f"{where} has (image_shape, class_cond, num_classes) {got}, the "
+                              f"main model {main}; the guide must denoise the same images "
+                              "with the same labels")
+    else:
+        ds = SCHEDULES[c.diffusion.schedule]().discretize(c.diffusion.num_timesteps)
+        guide = TASKS[_task_kind(c)](c, _data(c), ds)
+    return generate.GuidanceSpec(
+        name=g.type, fn=GUIDANCE[g.type], static={},
+        knobs={"scale": float(g.scale),
+               "interval": (float(g.interval_sigma_min), float(g.interval_sigma_max))},
+        guide=guide, guide_workdir=g.guide_workdir,
+        guide_step=None if int(g.guide_step) < 0 else int(g.guide_step))
+
+
 GUIDANCE_SPECS: dict[str, Callable[[ml_collections.ConfigDict], generate.GuidanceSpec]] = {
     "none": _no_guidance,
     "classifier_free": _classifier_free,
     "classifier": _classifier_guidance,
+    "autoguidance": _autoguidance,
 }
 
 

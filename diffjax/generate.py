@@ -39,11 +39,15 @@ Array = jax.Array
 class GuidanceSpec:
     """A denoiser transform of :data:`diffjax.diffusion.guidance.GUIDANCE`.
 
-    name: the table's key (``none`` / ``classifier_free`` / ``classifier``), also the record's
-    guidance type; fn: ``fn(denoise, **static, **knobs) -> denoise``; knobs: traced floats
-    (``scale``, ``interval``, ``rescale``); classifier: the noise-aware classifier's task
-    (``ClassifierTask``) and run directory of classifier guidance, whose parameters enter
-    the sampling program as an argument and reach ``fn`` as ``log_prob_fn``;
+    name: the table's key (``none`` / ``classifier_free`` / ``classifier`` /
+    ``autoguidance``), also the record's guidance type; fn: ``fn(denoise, **static, **knobs)
+    -> denoise``; knobs: traced floats (``scale``, ``interval``, ``rescale``); classifier:
+    the noise-aware classifier's task (``ClassifierTask``) and run directory of classifier
+    guidance, whose parameters enter the sampling program as an argument and reach ``fn`` as
+    ``log_prob_fn``; guide / guide_workdir / guide_step: autoguidance's guiding diffusion
+    task, its run directory and checkpoint step (None = latest): its parameters take the
+    same program argument (a guidance has a classifier or a guide, never both) and its
+    denoiser (x0 only, :meth:`DiffusionTask.denoiser`) reaches ``fn`` as ``guide``;
     mode: how classifier guidance enters, resolved from ``guidance.classifier_mode``:
     ``"score"`` (``fn`` transforms the denoiser, ADM's Alg. 2) or ``"mean"`` (the denoiser is
     left alone and the ``ddpm`` sampler shifts its mean, Alg. 1: ``sampler_guidance``).
@@ -56,6 +60,9 @@ class GuidanceSpec:
     classifier: Any = None
     classifier_workdir: str = ""
     mode: str = "score"
+    guide: Any = None
+    guide_workdir: str = ""
+    guide_step: int | None = None
 
     @property
     def scale(self) -> float:
@@ -196,12 +203,16 @@ class Sampling:
 
 
 def guided_denoiser(sampling: Sampling, denoise, knobs, classifier_params=None):
-    """Applies the guidance and thresholding of ``sampling`` to a denoiser."""
+    """Applies the guidance and thresholding of ``sampling`` to a denoiser;
+    ``classifier_params``: the guiding network's parameters (classifier guidance's classifier
+    or autoguidance's guide), else None."""
     g = sampling.guidance
     if g.mode != "mean":  # mean-mode guidance acts in the sampler (sampler_guidance)
         static = dict(g.static)
         if g.classifier is not None:
             static["log_prob_fn"] = functools.partial(g.classifier.log_prob, classifier_params)
+        if g.guide is not None:  # x0 alone: the main denoiser's learned variance is kept
+            static["guide"] = g.guide.denoiser(classifier_params, False)
         denoise = g.fn(denoise, **static, **knobs["guidance"])
     return sampling.threshold.fn(denoise, **knobs["threshold"])
 
@@ -228,8 +239,10 @@ def _cond(task, sampling: Sampling, labels):
 def make_sample_program(task, sampling: Sampling, mesh, batch: int, with_inputs: bool):
     """A jitted ``(params, classifier_params, first_stage_params, key, labels [batch], inputs,
     knobs) -> images [batch, H, W, C]`` in [-1, 1]; inputs: [batch, ...] images to condition
-    on (None when ``with_inputs`` is False: plain sampling from noise); first_stage_params:
-    the autoencoder's of a latent model (inputs encoded, samples decoded; else None)."""
+    on (None when ``with_inputs`` is False: plain sampling from noise); classifier_params:
+    the guiding network's (classifier guidance's classifier or autoguidance's guide; else
+    None); first_stage_params: the autoencoder's of a latent model (inputs encoded, samples
+    decoded; else None)."""
     shape = (batch, *task.image_shape)
     condition = sampling.condition if with_inputs else FromNoise()
     data, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
@@ -258,8 +271,8 @@ def make_sample_program(task, sampling: Sampling, mesh, batch: int, with_inputs:
 def make_invert_program(task, sampling: Sampling, mesh, batch: int):
     """A jitted ``(params, classifier_params, first_stage_params, key, labels [batch], inputs
     [batch, H, W, C], knobs) -> x_T [batch, ...]``: :meth:`Invert.encode` of
-    ``sampling.condition`` with the guided denoiser (classifier-free guidance inverts the
-    guided ODE); a latent model inverts the inputs' latents."""
+    ``sampling.condition`` with the guided denoiser (classifier-free guidance and
+    autoguidance invert the guided ODE); a latent model inverts the inputs' latents."""
     data, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
 
     def run(params, classifier_params, first_stage_params, key, labels, inputs, knobs):
@@ -276,7 +289,7 @@ def make_invert_program(task, sampling: Sampling, mesh, batch: int):
 # Fields that never change the compiled program: knob values are its arguments, the others
 # are read outside it.
 _NOT_IN_PROGRAM = frozenset({"knobs", "batch_size", "num_samples", "seed", "condition_input",
-                             "classifier_workdir"})
+                             "classifier_workdir", "guide_workdir", "guide_step"})
 
 
 def _structure(obj: Any) -> Any:
@@ -340,7 +353,8 @@ class Generator:
     Its programs (from noise, from inputs, inversion) compile on first use and are shared by
     every Generator of the same structure, whatever the knob values. Batch i uses
     ``fold_in(key, i)``, so a seed gives the same images however many devices there are.
-    ``classifier_params``: the guiding classifier's parameters (classifier guidance only);
+    ``classifier_params``: the guiding network's parameters (classifier guidance's
+    classifier, autoguidance's guide; else None);
     ``first_stage_params``: the autoencoder's of a latent model (samples are decoded).
     """
 

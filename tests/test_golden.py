@@ -96,7 +96,11 @@ _ADDED = {("guidance", "classifier_mode"): ("auto",),
           ("eval", "nll_clip_denoised"): (True, False),
           ("diffusion", "rescale_timesteps"): (False,),
           ("guidance", "channels"): (0,),
-          ("sampler", "order"): (None,), ("sampler", "variant"): (None,)}
+          ("sampler", "order"): (None,), ("sampler", "variant"): (None,),
+          # autoguidance's guide (unused by guidance types other than "autoguidance"): an
+          # empty string is "" in the config JSON and '' in the config text
+          ("guidance", "guide_config"): ("", "''"), ("guidance", "guide_workdir"): ("", "''"),
+          ("guidance", "guide_step"): (-1,)}
 # Sections added after the recording (options of model.name="dit", issue 14, and
 # "autoencoder_kl", issue 12, and latent diffusion's data.latent, issue 12, which no recorded
 # case uses): removed whole before comparing.

@@ -39,12 +39,16 @@ def restore_params(task, mesh, source: str, step: int | None = None) -> tuple[An
 
 
 def classifier_params(sampling, mesh) -> Any:
-    """The guiding classifier's EMA parameters for classifier guidance, else None."""
+    """The guiding network's EMA parameters, the program argument ``classifier_params`` of
+    :class:`diffjax.generate.Generator`: classifier guidance's classifier (latest step of
+    ``guidance.classifier_workdir``), autoguidance's guide (``guidance.guide_step`` of
+    ``guidance.guide_workdir``, the latest for -1); else None."""
     g = sampling.guidance
-    if g.classifier is None:
-        return None
-    params, _ = restore_params(g.classifier, mesh, g.classifier_workdir)
-    return params
+    if g.classifier is not None:
+        return restore_params(g.classifier, mesh, g.classifier_workdir)[0]
+    if g.guide is not None:
+        return restore_params(g.guide, mesh, g.guide_workdir, g.guide_step)[0]
+    return None
 
 
 def first_stage_params(experiment, mesh) -> tuple[Any, int] | tuple[None, None]:

@@ -21,7 +21,7 @@ from diffjax.app.common import say
 from diffjax.diffusion import samplers
 from diffjax.evaluation import grid
 
-GUIDANCE_TAGS = {"classifier_free": "cfg", "classifier": "cls"}
+GUIDANCE_TAGS = {"classifier_free": "cfg", "classifier": "cls", "autoguidance": "ag"}
 
 
 def point_name(sampler: str, num_steps: int, guidance: str, scale: float,

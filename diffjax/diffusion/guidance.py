@@ -5,7 +5,8 @@ Every transform returns a denoiser with the same signature, so it composes with 
 sampler and with each other, e.g.
 ``dynamic_threshold(classifier_free(denoise, scale=3.0, null_cond=num_classes))``.
 A denoiser may also return ``(x0_hat, frac)`` (learned variance, see ``samplers.ddpm``); the
-transforms then act on x0_hat and pass frac through (the conditional frac for CFG).
+transforms then act on x0_hat and pass frac through (the conditional frac for CFG, the main
+model's for autoguidance).
 
 In the VE convention eps_hat = (x - x0_hat) / sigma and the score (x0_hat - x) / sigma^2 are
 affine in x0_hat with the same x and sigma, so mixing or shifting x0_hat is exactly mixing
@@ -95,6 +96,38 @@ def classifier_free(denoise: Denoiser, scale: float, null_cond: Any, *,
     return guided
 
 
+def autoguidance(denoise: Denoiser, guide: Denoiser, scale: float, *,
+                 interval: tuple[float, float] | None = None) -> Denoiser:
+    """Autoguidance (Karras et al. 2024): guide the model by a bad version of itself.
+
+    D = D(x, sigma, c) + w (D(x, sigma, c) - D_guide(x, sigma, c)), with ``guide`` a smaller
+    and/or less-trained denoiser of the same task and conditioning (same signature, VE x0).
+    ``scale`` is w in the convention of :func:`classifier_free` (Ho & Salimans), so w = 0 is
+    the main model alone; the paper's weight (its Eq. 1, D_w = D_0 + w (D_1 - D_0), D_1 the
+    main model and D_0 the guide, w = 1 unguided, e.g. its w = 2.25) is 1 + ``scale``.
+    interval: (sigma_lo, sigma_hi): guide only where sigma_lo < sigma <= sigma_hi, elsewhere
+      the main denoiser alone (as for CFG).
+    Only x0_hat is mixed: a main denoiser returning ``(x0_hat, frac)`` (learned variance,
+    ``samplers.ddpm``) keeps its own frac, and ``guide`` must return x0_hat alone. The guide
+    is evaluated at every step (the interval only changes the mix); ``scale`` and the
+    interval's bounds may be traced.
+    """
+
+    def guided(x: Array, sigma: Array, cond: Any) -> Any:
+        out = denoise(x, sigma, cond)
+        d_m, frac = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+        d_g = guide(x, sigma, cond)
+        sigma_b = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), (x.shape[0],))
+        w = jnp.broadcast_to(jnp.asarray(scale, x.dtype), sigma_b.shape)
+        if interval is not None:
+            lo, hi = interval
+            w = jnp.where((sigma_b > lo) & (sigma_b <= hi), w, 0.0)
+        d = d_m + _per_example(w, x) * (d_m - d_g)
+        return d if frac is None else (d, frac)
+
+    return guided
+
+
 def classifier_guidance(denoise: Denoiser, log_prob_fn: Callable[[Array, Array, Any], Array],
                         scale: float) -> Denoiser:
     """Classifier guidance (Dhariwal & Nichol 2021) in the VE convention.
@@ -178,6 +211,7 @@ GUIDANCE: dict[str, Callable[..., Denoiser]] = {
     "none": no_guidance,
     "classifier_free": classifier_free,
     "classifier": classifier_guidance,
+    "autoguidance": autoguidance,
 }
 
 THRESHOLDING: dict[str, Callable[..., Denoiser]] = {
