@@ -18,6 +18,12 @@ this config's data stay 28x28: they are padded before encoding and the decoded s
 cropped back, so samples, grids and ``--mode eval`` are 28x28 images judged exactly like the
 pixel default's (``fd_fashion_mnist`` / ``class_accuracy`` of ``fmnist_features.py``).
 ``:smoke`` is a seconds-long CPU check (it still needs the autoencoder run).
+
+Measured (2 CPU cores, judged by ``fmnist_features.py`` on 1000 DDIM-25 samples at w = 1):
+after the default 1750 steps, fd_fashion_mnist 2.52 and class accuracy 0.933, against 2.41
+and 0.924 for the pixel default ``fashion_mnist.py`` after its 1000 steps. The budgets match:
+a latent step takes 1/1.96 of a pixel step (``benchmarks/fashion_mnist_models.py``), and the
+remaining 11% pays for encoding the training set once.
 """
 
 import os
@@ -60,10 +66,10 @@ def get_config(arg=None):
         c.optim.learning_rate = 1e-3
         c.optim.warmup_steps = 100
         c.optim.ema_decays = (0.999,)
-        c.train.num_steps = 4000
-        c.train.log_every = 100
-        c.train.checkpoint_every = 1000
-        c.train.sample_every = 2000
+        c.train.num_steps = 1750  # the pixel default's wall-clock budget (docstring)
+        c.train.log_every = 50
+        c.train.checkpoint_every = 250
+        c.train.sample_every = 875
         c.train.num_sample_images = 100
         c.eval.features_config = "experiments/fmnist_features.py"
         c.eval.features_workdir = "runs/fmnist_features"
