@@ -9,6 +9,12 @@ and w = 1 as the UNet default::
     python -m diffjax.main --config experiments/dit_fashion_mnist.py --workdir runs/fmnist_dit
 
 ``:smoke`` is a seconds-long CPU check.
+
+Measured (2 CPU cores, judged by ``fmnist_features.py`` on 1000 DDIM-25 samples at w = 1):
+after the default 1000 steps, fd_fashion_mnist 6.96 and class accuracy 0.811, against 2.41
+and 0.924 for the UNet default after its 1000 steps, which take 1.13 times as long as the
+DiT's (``benchmarks/fashion_mnist_models.py``): at equal cost the UNet is far ahead here,
+and the DiT's samples show its 4x4 patches.
 """
 
 import os
