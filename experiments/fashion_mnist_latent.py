@@ -33,14 +33,11 @@ from diffjax import configlib
 
 def get_config(arg=None):
     def build():
-        c = configlib.base_config()
-        c.data.source = "fashion_mnist_idx"
-        c.data.image_size = 28  # the autoencoder's 32x32 frame: padded to encode, cropped
-        c.data.channels = 1
-        c.data.num_classes = 10
-        c.data.batch_size = 64
-        c.data.latent.config = os.path.join(os.path.dirname(__file__),
-                                            "fashion_mnist_autoencoder.py")
+        here = os.path.dirname(__file__)
+        # the pixel default (data, class-conditional v-prediction on the cosine table, CFG,
+        # DDIM-25, optimiser, eval) with the network on the latents
+        c = configlib.load_config_file(os.path.join(here, "fashion_mnist.py"))
+        c.data.latent.config = os.path.join(here, "fashion_mnist_autoencoder.py")
         c.data.latent.workdir = "runs/fmnist_ae"
         c.data.latent.cache = "runs/fmnist_ae/latents_train"
         # 1/std of the latents, measured by --mode encode on the autoencoder's 1000-step run
@@ -51,29 +48,15 @@ def get_config(arg=None):
         c.model.channel_mult = (1, 2)
         c.model.num_res_blocks = 2
         c.model.attention_resolutions = (4,)
-        c.model.class_cond = True
-        c.diffusion.schedule = "cosine"
-        c.diffusion.num_timesteps = 1000
-        c.diffusion.prediction = "v"
-        c.guidance.type = "classifier_free"
-        c.guidance.label_dropout = 0.1
-        c.guidance.scale = 1.0
-        c.sampler.name = "ddim"
-        c.sampler.num_steps = 25
         c.sampler.thresholding = "none"  # latents are not in [-1, 1]
         c.sampler.batch_size = 100
         c.sampler.num_samples = 100
-        c.optim.learning_rate = 1e-3
-        c.optim.warmup_steps = 100
         c.optim.ema_decays = (0.999,)
         c.train.num_steps = 1750  # the pixel default's wall-clock budget (docstring)
-        c.train.log_every = 50
         c.train.checkpoint_every = 250
         c.train.sample_every = 875
-        c.train.num_sample_images = 100
         c.eval.features_config = "experiments/fmnist_features.py"
         c.eval.features_workdir = "runs/fmnist_features"
-        c.eval.metrics = ("fd_fashion_mnist", "class_accuracy")
         return c
 
     return configlib.with_variant(build, arg)
