@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from diffjax import data, parallel
 from diffjax.app import common
-from diffjax.data import latent_cache
+from diffjax.data import latent_cache, pipeline
 from diffjax.specs import Experiment
 
 
@@ -37,14 +37,6 @@ def posterior_fn(experiment: Experiment, mesh, out_sharding):
         return post["mean"], post["std"]
 
     return jax.jit(fn, in_shardings=(rep, data_sh), out_shardings=out_sharding)
-
-
-def _to_model_range(images: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 in [-1, 1], exactly as the data pipeline converts."""
-    x = images.astype(np.float32)
-    x /= np.float32(127.5)
-    x -= np.float32(1)
-    return x
 
 
 def run(experiment: Experiment, workdir: str | None, mesh, *, checkpoint: str = "",
@@ -72,7 +64,7 @@ def run(experiment: Experiment, workdir: str | None, mesh, *, checkpoint: str = 
             idx = np.arange(i, min(i + gb, stop))
             images, labs = source.read_batch(idx)
             x = np.zeros((gb, *images.shape[1:]), np.float32)
-            x[:len(idx)] = _to_model_range(images)
+            x[:len(idx)] = pipeline.to_model_range(images)
             p = jax.process_index()
             arr = jax.make_array_from_process_local_data(data_sh, x[p * lb:(p + 1) * lb])
             mean, std = jax.device_get(fn(params, arr))

@@ -46,6 +46,14 @@ def _permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return rng.permutation(num_examples)
 
 
+def to_model_range(images: np.ndarray) -> np.ndarray:
+    """uint8 images -> float32 in [-1, 1]: x / 127.5 - 1 (exact at 0 and 255)."""
+    image = images.astype(np.float32)
+    image /= np.float32(127.5)
+    image -= np.float32(1)
+    return image
+
+
 class _LocalBatchReader:
     """Batch number k -> this process's batch dict (picklable, so grain workers can run it).
 
@@ -100,10 +108,7 @@ class _LocalBatchReader:
             flips = rng.random(self.global_batch_size) < 0.5
             flips = flips[self.process_index * b:(self.process_index + 1) * b]
             images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
-        image = images.astype(np.float32)
-        image /= np.float32(127.5)  # exact at 0 and 255: -1 and 1
-        image -= np.float32(1)
-        batch = {"image": image, "label": np.asarray(labels, dtype=np.int32)}
+        batch = {"image": to_model_range(images), "label": np.asarray(labels, dtype=np.int32)}
         if self.with_mask:
             batch["mask"] = mask
         return batch
