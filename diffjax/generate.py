@@ -40,8 +40,10 @@ class GuidanceSpec:
     """A denoiser transform of :data:`diffjax.diffusion.guidance.GUIDANCE`.
 
     name: the table's key (``none`` / ``classifier_free`` / ``classifier`` /
-    ``autoguidance``), also the record's guidance type; fn: ``fn(denoise, **static, **knobs)
-    -> denoise``; knobs: traced floats (``scale``, ``interval``, ``rescale``); classifier:
+    ``autoguidance`` / ``gradient``), also the record's guidance type; fn: ``fn(denoise,
+    **static, **knobs) -> denoise``; static: e.g. gradient guidance's resolved
+    ``log_density`` function and its input ``on``; knobs: traced floats (``scale``,
+    ``interval``, ``rescale``); classifier:
     the noise-aware classifier's task (``ClassifierTask``) and run directory of classifier
     guidance, whose parameters enter the sampling program as an argument and reach ``fn`` as
     ``log_prob_fn``; guide / guide_workdir / guide_step: autoguidance's guiding diffusion
@@ -182,7 +184,11 @@ class Sampling:
         guidance = dict(self.guidance.knobs)
         for name, value in overrides.items():
             if name == "guidance_scale":
-                guidance["scale"] = value
+                if "scale" in guidance:
+                    guidance["scale"] = value
+                elif not isinstance(value, (int, float)) or value != 0:
+                    raise ValueError(f"guidance_scale={value} for guidance "
+                                     f"{self.guidance.name!r}, which has no scale")
             elif name in sampler:
                 sampler[name] = value
             else:

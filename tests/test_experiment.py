@@ -70,3 +70,15 @@ def test_the_task_follows_the_model_and_the_condition():
     assert type(sr.task) is tasks.SuperResTask and sr.task.input_shape == (14, 14, 1)
     cls = experiment.build(_config(**{"model.name": "classifier", "model.num_head_channels": 32}))
     assert type(cls.task) is tasks.ClassifierTask and cls.sampling is None
+
+
+def test_unguided_sampling_takes_the_eval_scale_of_zero():
+    """``--mode eval`` passes the guidance scale of each point; without guidance that is 0 and
+    the program gets no guidance knob (it used to pass ``scale`` to ``no_guidance``)."""
+    c = configlib.base_config()
+    c.guidance.type = "none"
+    sampling = experiment.build(c).sampling
+    assert sampling.guidance.scale == 0.0
+    assert sampling.knobs(guidance_scale=0.0)["guidance"] == {}
+    with pytest.raises(ValueError, match="has no scale"):
+        sampling.knobs(guidance_scale=2.0)

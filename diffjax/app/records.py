@@ -21,7 +21,8 @@ from diffjax.app.common import say
 from diffjax.diffusion import samplers
 from diffjax.evaluation import grid
 
-GUIDANCE_TAGS = {"classifier_free": "cfg", "classifier": "cls", "autoguidance": "ag"}
+GUIDANCE_TAGS = {"classifier_free": "cfg", "classifier": "cls", "autoguidance": "ag",
+                 "gradient": "grad"}
 
 
 def point_name(sampler: str, num_steps: int, guidance: str, scale: float,

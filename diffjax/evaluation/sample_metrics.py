@@ -7,6 +7,8 @@ Metric names (``eval.metrics``):
                     they were drawn for.
   nll               bits/dim on the data (:mod:`diffjax.evaluation.likelihood`; needs no
                     samples).
+  brightness        mean intensity of the samples in [0, 1] (the attribute that
+                    :mod:`diffjax.guides.fashion_mnist` steers by gradient guidance).
   fid, sfid, inception_score, precision_recall (-> precision, recall), kid (-> kid, kid_std)
                     on Inception features (:mod:`diffjax.evaluation.inception`).
 Orchestration (which samples, which references, where results go) is the app tier's
@@ -25,9 +27,10 @@ from diffjax.evaluation import features as features_lib
 from diffjax.evaluation import inception
 from diffjax.evaluation import metrics as metrics_lib
 from diffjax.evaluation.metrics import MetricError
+from diffjax.guides import fashion_mnist as fmnist_guides
 
 INCEPTION_METRICS = ("fid", "sfid", "inception_score", "precision_recall", "kid")
-OTHER_METRICS = ("class_accuracy", "nll")
+OTHER_METRICS = ("class_accuracy", "nll", "brightness")
 
 
 def needs_features(names: Iterable[str]) -> bool:
@@ -58,6 +61,8 @@ def sample_metrics(names, images: np.ndarray, labels: np.ndarray, *, domain: str
                 metrics_lib.GaussianStats.from_features(feats), fd_ref)
         if "class_accuracy" in names:
             out["class_accuracy"] = float(np.mean(np.argmax(logits, -1) == labels))
+    if "brightness" in names:
+        out["brightness"] = float(np.mean(fmnist_guides.brightness(np.asarray(images))))
     if needs_inception(names):
         local = np.array_split(images, jax.process_count())[jax.process_index()]
         acts = inception_acts(inception_params, local, mesh, batch_size, inception_size)

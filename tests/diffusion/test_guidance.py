@@ -181,6 +181,7 @@ def test_transforms_pass_learned_variance_through():
 
 
 def test_registries():
-    assert set(G.GUIDANCE) == {"none", "classifier_free", "classifier", "autoguidance"}
+    assert set(G.GUIDANCE) == {"none", "classifier_free", "classifier", "autoguidance",
+                               "gradient"}
     assert set(G.THRESHOLDING) == {"none", "static", "dynamic"}
     assert G.GUIDANCE["none"](_denoise) is _denoise
