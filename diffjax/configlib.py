@@ -9,7 +9,7 @@ Glossary of config sections:
   data       source and geometry of the images, global batch size
   model      the network (ADM option names)
   diffusion  noise schedule, parameterisation, loss, variance
-  guidance   none / classifier / classifier_free / autoguidance and its scale
+  guidance   none / classifier / classifier_free / autoguidance / gradient and its scale
   sampler    sampling algorithm, steps and its options
   optim      AdamW, schedule, clipping, EMA
   train      steps, logging, checkpointing, seeds
@@ -31,7 +31,10 @@ from diffjax.diffusion import conditional, losses, samplers, schedules
 from diffjax.errors import ConfigError
 
 MODES = ("train", "sample", "eval", "summary")
-GUIDANCE_TYPES = ("none", "classifier", "classifier_free", "autoguidance")
+GUIDANCE_TYPES = ("none", "classifier", "classifier_free", "autoguidance", "gradient")
+# What guidance.type = "gradient"'s log density reads: the denoiser's x0_hat (differentiated
+# through the network) or the noisy x_t.
+LOG_DENSITY_INPUTS = ("x0", "xt")
 # How classifier guidance enters: "auto" is ADM's choice (mean shift, Alg. 1, under the
 # ancestral ddpm sampler; score shift, Alg. 2, under ddim and the ODE/other samplers).
 CLASSIFIER_MODES = ("auto", "mean", "score")
@@ -40,7 +43,7 @@ DIT_SIZES = ("S", "B", "L", "XL")  # the DiT paper's Table 1
 DTYPES = ("float32", "bfloat16")
 SIGMA_SPACINGS = ("model", "karras", "loglinear")
 LR_DECAYS = ("constant", "cosine")
-TIMESTEP_SAMPLERS = ("uniform", "loss_second_moment")
+TIMESTEP_SAMPLERS = ("uniform", "loss_second_moment", "lognormal")
 THRESHOLDINGS = ("none", "static", "dynamic")
 CONDITION_TYPES = ("none", "img2img", "inpaint", "superres", "invert")
 
@@ -137,6 +140,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion.p2_k = 1.0
     c.diffusion.vlb_weight = 0.001  # lambda of the hybrid loss (iDDPM)
     c.diffusion.timestep_sampler = "uniform"
+    # timestep_sampler="lognormal": EDM's training (Karras et al. 2022; option names of its
+    # code) at continuous noise levels, ln sigma ~ N(P_mean, P_std^2), x = x0 + sigma n, with
+    # prediction "edm"; no timestep table: sampled on [sigma_min, sigma_max] with
+    # sampler.sigma_spacing karras or loglinear
+    c.diffusion.P_mean = -1.2
+    c.diffusion.P_std = 1.2
+    c.diffusion.sigma_data = 0.5  # EDM's preconditioning (prediction "edm")
+    c.diffusion.sigma_min = 0.002  # the "karras" schedule's range, and a lognormal model's
+    c.diffusion.sigma_max = 80.0
     # improved-diffusion's --rescale_timesteps: the network's time input is t * 1000 / T
     # (its released T = 4000 models use it); eps / x0 / v predictions only
     c.diffusion.rescale_timesteps = False
@@ -144,7 +156,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.guidance = ml_collections.ConfigDict()
     c.guidance.type = "none"
     # Ho & Salimans w for classifier_free and autoguidance (0 = unguided; the autoguidance
-    # paper's w is 1 + scale); the gradient scale for classifier
+    # paper's w is 1 + scale); the gradient scale for classifier and gradient
     c.guidance.scale = 0.0
     c.guidance.label_dropout = 0.0  # training-time p of replacing the label by the null label
     c.guidance.classifier_config = ""  # experiments/classifier_*.py of the guiding classifier
@@ -162,6 +174,12 @@ def base_config() -> ml_collections.ConfigDict:
     # classifier_free: guide only the first `channels` channels (0 = all); the released DiT
     # guides 3 of its 4 latent channels (a reproduction switch)
     c.guidance.channels = 0
+    # gradient: x0_hat += scale * sigma^2 * grad_{x_t} log_density, the function given as
+    # "package.module:function" (log_density(x [B, ...], sigma [B], cond) -> [B], e.g.
+    # diffjax.guides.fashion_mnist:brighter), read on the denoiser's x0_hat ("x0", the
+    # gradient taken through the network) or on the noisy x_t ("xt")
+    c.guidance.log_density = ""
+    c.guidance.log_density_input = "x0"
 
     c.sampler = ml_collections.ConfigDict()
     c.sampler.name = "ddim"
@@ -196,6 +214,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.grad_clip = 1.0
     c.optim.ema_decays = (0.9999,)
+
+    # EDM2's power-function EMA (Karras et al. 2024): one EMA copy per relative standard
+    # deviation sigma_rels (after optim.ema_decays' copies in the state), snapshots of them
+    # every snapshot_every steps in WORKDIR/ema_snapshots, and sigma_rel > 0: sample and eval
+    # with the EMA of that profile solved post hoc from the snapshots (--mode posthoc_ema
+    # writes it), at the latest snapshot <= the checkpoint step
+    c.ema = ml_collections.ConfigDict()
+    c.ema.sigma_rels = ()  # e.g. (0.05, 0.10) as EDM2
+    c.ema.snapshot_every = 0  # 0 = no snapshots
+    c.ema.sigma_rel = 0.0  # 0 = the run's first EMA copy (no post-hoc reconstruction)
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 1000
@@ -270,6 +298,8 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.num_steps = 4
     c.train.log_every = 2
     c.train.checkpoint_every = 2
+    if c.ema.snapshot_every:
+        c.ema.snapshot_every = 2
     c.train.sample_every = 4
     c.train.num_sample_images = 4
     c.eval.num_samples = 16
@@ -307,6 +337,7 @@ def _tables() -> dict[str, Sequence[str]]:
         "diffusion.timestep_sampler": TIMESTEP_SAMPLERS,
         "guidance.type": GUIDANCE_TYPES,
         "guidance.classifier_mode": CLASSIFIER_MODES,
+        "guidance.log_density_input": LOG_DENSITY_INPUTS,
         "sampler.name": tuple(samplers.SAMPLERS),
         "sampler.sigma_spacing": SIGMA_SPACINGS,
         "sampler.thresholding": THRESHOLDINGS,
@@ -402,12 +433,19 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                           "guide at every sigma)")
     if g.type == "autoguidance":
         _check_autoguidance(c)
+    if bool(g.log_density) != (g.type == "gradient"):
+        raise ConfigError(
+            f"guidance.log_density={g.log_density!r} goes with guidance.type='gradient' (got "
+            f"{g.type!r}): set both, e.g. --config.guidance.type=gradient "
+            "--config.guidance.log_density=diffjax.guides.fashion_mnist:brighter, or neither")
     for name in ("b1", "b2"):
         if not 0.0 <= c.optim[name] < 1.0:
             raise ConfigError(f"optim.{name}={c.optim[name]} must be in [0, 1) (Adam's decay "
                               "of its moment estimates)")
-    if not c.optim.ema_decays or not all(0.0 <= d < 1.0 for d in c.optim.ema_decays):
+    if not all(0.0 <= d < 1.0 for d in c.optim.ema_decays):
         raise ConfigError(f"optim.ema_decays={tuple(c.optim.ema_decays)} must be values in [0, 1)")
+    _validate_ema(c)
+    _validate_edm(c)
     _validate_condition(c)
 
 
@@ -427,6 +465,55 @@ def _check_autoguidance(c: ml_collections.ConfigDict) -> None:
     if int(g.guide_step) < -1:
         raise ConfigError(f"guidance.guide_step={g.guide_step} must be a checkpoint step >= 0 "
                           "or -1 (the latest of guidance.guide_workdir)")
+
+
+# sigma_rel of a power-function EMA profile is below sqrt(1/12) (gamma -> 0, a uniform average)
+MAX_SIGMA_REL = (1.0 / 12.0) ** 0.5
+
+
+def _validate_ema(c: ml_collections.ConfigDict) -> None:
+    e = c.ema
+    if not c.optim.ema_decays and not e.sigma_rels:
+        raise ConfigError("no EMA: set optim.ema_decays (e.g. '(0.9999,)') or ema.sigma_rels "
+                          "(e.g. '(0.05, 0.1)')")
+    for name, values in (("ema.sigma_rels", tuple(e.sigma_rels)),
+                         ("ema.sigma_rel", (e.sigma_rel,) if e.sigma_rel else ())):
+        if not all(0.0 < v < MAX_SIGMA_REL for v in values):
+            raise ConfigError(f"{name}={values if len(values) > 1 else values[0]} must be in "
+                              f"(0, {MAX_SIGMA_REL:.4f}) (the relative std of a power-function "
+                              "EMA profile; EDM2 uses 0.05 and 0.10)")
+    if e.snapshot_every < 0 or (e.snapshot_every and not e.sigma_rels):
+        raise ConfigError(f"ema.snapshot_every={e.snapshot_every} must be >= 0 and needs "
+                          "ema.sigma_rels (the power-function EMAs it saves)")
+    if len(set(e.sigma_rels)) != len(e.sigma_rels):
+        raise ConfigError(f"ema.sigma_rels={tuple(e.sigma_rels)} holds a value twice")
+
+
+def _validate_edm(c: ml_collections.ConfigDict) -> None:
+    """Continuous-sigma (EDM) training and the EDM constants."""
+    d = c.diffusion
+    if not d.sigma_data > 0 or not 0 < d.sigma_min < d.sigma_max or not d.P_std > 0:
+        raise ConfigError(
+            f"diffusion.sigma_data={d.sigma_data}, P_std={d.P_std} must be > 0 and "
+            f"0 < diffusion.sigma_min={d.sigma_min} < diffusion.sigma_max={d.sigma_max}")
+    if d.timestep_sampler != "lognormal":
+        return
+    if d.prediction != "edm" or d.loss != "simple" or d.variance_type not in ("fixed_small",
+                                                                              "fixed_large"):
+        raise ConfigError(
+            "diffusion.timestep_sampler='lognormal' trains at continuous sigma with EDM's "
+            f"preconditioning: needs diffusion.prediction='edm' (got {d.prediction!r}), "
+            f"loss='simple' (got {d.loss!r}) and a fixed variance_type (got "
+            f"{d.variance_type!r})")
+    if c.sampler.sigma_spacing == "model" or c.sampler.name == "ddpm":
+        raise ConfigError(
+            "a diffusion.timestep_sampler='lognormal' model has no timestep table: set "
+            "--config.sampler.sigma_spacing=karras (or loglinear) and a sampler other than "
+            f"ddpm (got sampler.name={c.sampler.name!r}, sigma_spacing="
+            f"{c.sampler.sigma_spacing!r})")
+    if "nll" in c.eval.metrics:
+        raise ConfigError("eval.metrics 'nll' is the discrete bound of a timestep table; a "
+                          "diffusion.timestep_sampler='lognormal' model has none: remove it")
 
 
 def _validate_counts(c: ml_collections.ConfigDict) -> None:

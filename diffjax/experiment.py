@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import inspect
 import json
 import os
@@ -30,6 +31,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -45,6 +47,7 @@ from diffjax.diffusion import sigmas as sigma_lib
 from diffjax.diffusion import superres
 from diffjax.evaluation import sample_metrics
 from diffjax.models import autoencoder, classifier, dit, layers, unet
+from diffjax.train import posthoc_ema
 from diffjax.train.step import LossSpec
 
 # Options of ``config.sampler`` that are a sampler's keyword arguments; None = the sampler's
@@ -85,7 +88,7 @@ def build(c: ml_collections.ConfigDict, *, num_devices: int = 1,
     if latent is None:
         _latent(c, mode)  # --mode encode without data.latent: its one-line error
     _check_model(net_c)
-    ds = SCHEDULES[c.diffusion.schedule]().discretize(c.diffusion.num_timesteps)
+    ds = _schedule(c)
     task = TASKS[_task_kind(c)](net_c, _data(net_c), ds)
     if latent is not None:
         task = tasks.LatentDiffusionTask(
@@ -96,7 +99,8 @@ def build(c: ml_collections.ConfigDict, *, num_devices: int = 1,
     return specs.Experiment(
         model_name=c.model.name, data=data, task=task, schedule=ds,
         sampling=_sampling(net_c, task, ds), optim=_optim(c), train=_train(c),
-        eval=_eval(c, mode, ds), resolved=c.to_dict(), config_text=str(c), latent=latent)
+        eval=_eval(c, mode, ds), resolved=c.to_dict(), config_text=str(c), latent=latent,
+        ema_sigma_rel=float(c.ema.sigma_rel))
 
 
 def load(path: str, *, num_devices: int = 1, mode: str = "train") -> specs.Experiment:
@@ -345,7 +349,8 @@ def _loss(c: ml_collections.ConfigDict) -> LossSpec:
         weighting=d.weighting, loss_kwargs=tuple(sorted(kwargs.items())),
         timestep_sampler=d.timestep_sampler,
         label_dropout=c.guidance.label_dropout if cfg else 0.0,
-        null_label=c.data.num_classes,
+        null_label=c.data.num_classes, sigma_data=float(d.sigma_data),
+        p_mean=float(d.P_mean), p_std=float(d.P_std),
     )
 
 
@@ -404,18 +409,34 @@ def _task_kind(c: ml_collections.ConfigDict) -> str:
 # ----------------------------------------------------------------------------- sampling
 
 
+def _schedule(c: ml_collections.ConfigDict) -> schedules.DiscreteSchedule:
+    """The T-step table of ``diffusion.schedule`` (the "karras" one on [sigma_min,
+    sigma_max]); a continuous-sigma (lognormal) model keeps it for bookkeeping only."""
+    d = c.diffusion
+    kwargs = ({"sigma_min": float(d.sigma_min), "sigma_max": float(d.sigma_max)}
+              if d.schedule == "karras" else {})
+    return SCHEDULES[d.schedule](**kwargs).discretize(d.num_timesteps)
+
+
+def _sigma_range(c, ds) -> tuple[float, float]:
+    """The sampling range: the table's, or [sigma_min, sigma_max] of a continuous model."""
+    if c.diffusion.timestep_sampler == "lognormal":
+        return float(c.diffusion.sigma_min), float(c.diffusion.sigma_max)
+    return float(ds.sigmas[0]), float(ds.sigmas[-1])
+
+
 def _model_sigmas(c, ds) -> np.ndarray:
     s = c.sampler
     return sigma_lib.discrete_sigmas(ds.sigmas, s.num_steps, s.timestep_spacing or "uniform")
 
 
 def _karras_sigmas(c, ds) -> np.ndarray:
-    lo, hi = float(ds.sigmas[0]), float(ds.sigmas[-1])
+    lo, hi = _sigma_range(c, ds)
     return sigma_lib.karras_sigmas(c.sampler.num_steps, lo, hi, c.sampler.rho)
 
 
 def _loglinear_sigmas(c, ds) -> np.ndarray:
-    lo, hi = float(ds.sigmas[0]), float(ds.sigmas[-1])
+    lo, hi = _sigma_range(c, ds)
     return sigma_lib.loglinear_sigmas(c.sampler.num_steps, lo, hi)
 
 
@@ -552,7 +573,7 @@ def _autoguidance(c: ml_collections.ConfigDict) -> generate.GuidanceSpec:
                               f"main model {main}; the guide must denoise the same images "
                               "with the same labels")
     else:
-        ds = SCHEDULES[c.diffusion.schedule]().discretize(c.diffusion.num_timesteps)
+        ds = _schedule(c)
         guide = TASKS[_task_kind(c)](c, _data(c), ds)
     return generate.GuidanceSpec(
         name=g.type, fn=GUIDANCE[g.type], static={},
@@ -562,11 +583,72 @@ def _autoguidance(c: ml_collections.ConfigDict) -> generate.GuidanceSpec:
         guide_step=None if int(g.guide_step) < 0 else int(g.guide_step))
 
 
+def _gradient_guidance(c: ml_collections.ConfigDict) -> generate.GuidanceSpec:
+    """Gradient guidance by ``guidance.log_density``, imported and checked here once, on the
+    network's input shape (a latent model's latents) and the denoiser's cond."""
+    g = c.guidance
+    shape = (c.data.image_size, c.data.image_size, c.data.channels)
+    fn = resolve_log_density(g.log_density, shape, labels=bool(c.model.class_cond))
+    return generate.GuidanceSpec(
+        name=g.type, fn=GUIDANCE[g.type],
+        static={"log_density": fn, "on": g.log_density_input},
+        knobs={"scale": float(g.scale),
+               "interval": (float(g.interval_sigma_min), float(g.interval_sigma_max))})
+
+
+def resolve_log_density(spec: str, image_shape: tuple[int, ...], labels: bool) -> Callable:
+    """The function of ``guidance.log_density`` "package.module:function", checked to map x
+    [B, *image_shape] float32, sigma [B] and cond (labels [B] int32 when ``labels``, else
+    None) to a float [B] (traced abstractly: nothing compiles). One-line ConfigError else."""
+    field = f"guidance.log_density={spec!r}"
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"{field} must name a function as 'package.module:function', e.g. "
+                          "diffjax.guides.fashion_mnist:brighter")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"{field}: module {module_name!r} cannot be imported ({e}); install "
+                          "it or put its directory on PYTHONPATH") from e
+    except Exception as e:  # user code: any failure of its import is reported
+        raise ConfigError(f"{field}: importing {module_name!r} failed ({type(e).__name__}: "
+                          f"{_first_line(e)})") from e
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise ConfigError(f"{field}: module {module_name!r} has no attribute {attr!r}; name "
+                          "one of its functions after the ':'")
+    if not callable(fn):
+        raise ConfigError(f"{field}: {attr!r} is not callable ({type(fn).__name__}); name "
+                          "a function log_density(x, sigma, cond) -> [B]")
+    batch = 2
+    args = (jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32),
+            jax.ShapeDtypeStruct((batch,), jnp.float32),
+            jax.ShapeDtypeStruct((batch,), jnp.int32) if labels else None)
+    try:
+        out = jax.eval_shape(fn, *args)
+    except Exception as e:  # user code: any failure on the abstract batch
+        raise ConfigError(f"{field} fails on x [{batch}, {', '.join(map(str, image_shape))}], "
+                          f"sigma [{batch}], cond {'labels' if labels else 'None'}: "
+                          f"{type(e).__name__}: {_first_line(e)}") from e
+    if getattr(out, "shape", None) != (batch,) or not jnp.issubdtype(out.dtype, jnp.floating):
+        got = (f"{out.dtype}{list(out.shape)}" if hasattr(out, "shape")
+               else type(out).__name__)
+        raise ConfigError(f"{field} returns {got} for a batch of {batch}; it must return one "
+                          "float log density per example, shape [B]")
+    return fn
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else ""
+
+
 GUIDANCE_SPECS: dict[str, Callable[[ml_collections.ConfigDict], generate.GuidanceSpec]] = {
     "none": _no_guidance,
     "classifier_free": _classifier_free,
     "classifier": _classifier_guidance,
     "autoguidance": _autoguidance,
+    "gradient": _gradient_guidance,
 }
 
 
@@ -647,7 +729,8 @@ def _optim(c: ml_collections.ConfigDict) -> specs.OptimSpec:
     return specs.OptimSpec(
         learning_rate=o.learning_rate, warmup_steps=o.warmup_steps, decay=o.decay,
         min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
-        grad_clip=o.grad_clip, ema_decays=tuple(float(d) for d in o.ema_decays))
+        grad_clip=o.grad_clip, ema_decays=tuple(float(d) for d in o.ema_decays),
+        ema_gammas=tuple(posthoc_ema.sigma_rel_to_gamma(float(r)) for r in c.ema.sigma_rels))
 
 
 def _train(c: ml_collections.ConfigDict) -> specs.TrainSpec:
@@ -655,7 +738,8 @@ def _train(c: ml_collections.ConfigDict) -> specs.TrainSpec:
     return specs.TrainSpec(
         num_steps=t.num_steps, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
         keep_checkpoints=t.keep_checkpoints, keep_every=t.keep_every,
-        sample_every=t.sample_every, num_sample_images=t.num_sample_images, seed=t.seed)
+        sample_every=t.sample_every, num_sample_images=t.num_sample_images, seed=t.seed,
+        ema_snapshot_every=int(c.ema.snapshot_every))
 
 
 def domain_name(source: str) -> str:

@@ -10,7 +10,9 @@ Modes: ``train`` (resumes automatically from WORKDIR/checkpoints), ``sample`` (w
 ``eval`` (samples and metrics into WORKDIR/eval/), ``summary`` (resolved config, device
 mesh and parameter count, nothing allocated), ``encode`` (a latent diffusion config: the
 latents of ``data.split`` under ``data.latent.workdir``'s autoencoder into
-``data.latent.cache``; needs no ``--workdir``). Any config field can be overridden with
+``data.latent.cache``; needs no ``--workdir``), ``posthoc_ema`` (EDM2's post-hoc EMA of
+``ema.sigma_rel`` from the run's EMA snapshots, into WORKDIR/posthoc_ema/; sample and eval take
+``--config.ema.sigma_rel`` too). Any config field can be overridden with
 ``--config.section.field=value``.
 """
 
@@ -26,14 +28,15 @@ from diffjax import experiment, parallel
 from diffjax.app import common
 from diffjax.app import encode as app_encode
 from diffjax.app import evaluate as app_evaluate
+from diffjax.app import posthoc as app_posthoc
 from diffjax.app import sample as app_sample
 from diffjax.app import summary as app_summary
 from diffjax.app import train as app_train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (path.py[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://...).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "summary", "encode"],
-                          "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "summary", "encode",
+                                           "posthoc_ema"], "What to do.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "", "sample/eval: read params from this run's workdir or checkpoints dir "
     "(read-only) instead of WORKDIR's own.")
@@ -100,6 +103,8 @@ def run(config, mode: str, workdir: str | None, *, checkpoint: str = "",
         app_encode.run(exp, workdir, mesh)
     elif mode == "train":
         app_train.run(exp, workdir, mesh, allow_config_change=allow_config_change)
+    elif mode == "posthoc_ema":
+        app_posthoc.run(exp, workdir, mesh, checkpoint=checkpoint, step=step)
     else:
         fn = app_sample.run if mode == "sample" else app_evaluate.run
         fn(exp, workdir, mesh, checkpoint=checkpoint, step=step, seed=seed)

@@ -58,6 +58,8 @@ class OptimSpec:
     eps: float
     grad_clip: float
     ema_decays: tuple[float, ...]
+    # EDM2 power-function EMA profiles, one copy each after ema_decays' (exponents gamma)
+    ema_gammas: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,7 @@ class TrainSpec:
     sample_every: int
     num_sample_images: int
     seed: int
+    ema_snapshot_every: int = 0  # snapshots of the power-function EMAs (0 = none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,3 +173,5 @@ class Experiment:
     resolved: dict[str, Any]
     config_text: str
     latent: LatentSpec | None = None  # a latent diffusion model's autoencoder and cache
+    # ema.sigma_rel: sample / eval with the post-hoc EMA of this profile (0 = first EMA copy)
+    ema_sigma_rel: float = 0.0

@@ -160,9 +160,11 @@ class DiffusionTask(Task):
 
         if with_variance:
             return process.make_denoiser_with_variance(model_fn, self.schedule,
-                                                       prediction=self.prediction)
+                                                       prediction=self.prediction,
+                                                       sigma_data=self.loss.sigma_data)
         return process.make_denoiser(model_fn, self.schedule, prediction=self.prediction,
-                                     learned_variance=self.learned_variance)
+                                     learned_variance=self.learned_variance,
+                                     sigma_data=self.loss.sigma_data)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

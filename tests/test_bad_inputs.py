@@ -28,6 +28,7 @@ FM = "experiments/fashion_mnist.py:smoke"
 CLS = "experiments/classifier_fashion_mnist.py:smoke"
 DIT = "experiments/dit_fashion_mnist.py:smoke"
 AE = "experiments/fashion_mnist_autoencoder.py:smoke"
+EDM = "experiments/fashion_mnist_edm.py:smoke"
 TIMES: dict[str, float] = {}
 
 
@@ -187,6 +188,16 @@ CONFIG_CASES = [
     ("mean_mode", FM, {"guidance.type": "classifier", "guidance.classifier_mode": "mean",
                        "guidance.classifier_config": CLS.split(":")[0],
                        "guidance.classifier_workdir": "nowhere"}, "classifier_mode='mean'"),
+    # EDM training and EDM2's power-function EMA
+    ("lognormal_eps", FM, {"diffusion.timestep_sampler": "lognormal"}, "prediction='edm'"),
+    ("lognormal_table", EDM, {"sampler.sigma_spacing": "model"}, "no timestep table"),
+    ("lognormal_nll", EDM, {"eval.metrics": ("nll",)}, "'nll'"),
+    ("sigma_data_zero", EDM, {"diffusion.sigma_data": 0.0}, "diffusion.sigma_data=0.0"),
+    ("sigma_max_low", EDM, {"diffusion.sigma_max": 0.001}, "diffusion.sigma_min=0.002"),
+    ("sigma_rels_high", EDM, {"ema.sigma_rels": (0.05, 0.3)}, "ema.sigma_rels=(0.05, 0.3)"),
+    ("sigma_rel_zero_rels", EDM, {"ema.sigma_rels": (0.05, 0.05)}, "twice"),
+    ("no_ema", EDM, {"ema.sigma_rels": (), "ema.snapshot_every": 0}, "no EMA"),
+    ("snapshots_without_rels", FM, {"ema.snapshot_every": 5}, "ema.snapshot_every=5"),
 ]
 
 
@@ -250,6 +261,48 @@ def test_checkpoint_of_another_model(tmp_path):
     _fake_checkpoint(w, 4, {"w": np.zeros(2, np.float32)})
     _expect_user_error("checkpoint_model", _config(FM, {}), "sample", w,
                        "parameters of another model")
+
+
+def _trained_run(tmp_path, base=FM):
+    """A run directory with the config.json its training wrote and a (fake) checkpoint."""
+    trained = _config(base, {})
+    w = _workdir(tmp_path, json.loads(json.dumps(trained.to_dict(), default=str)))
+    _fake_checkpoint(w, 4, {"w": np.zeros(2, np.float32)})
+    return w
+
+
+@pytest.mark.parametrize("mode", ["sample", "eval", "posthoc_ema"])
+@pytest.mark.parametrize("name, overrides, expect", [
+    ("prediction", {"diffusion.prediction": "eps"}, "diffusion.prediction='v'"),
+    ("width", {"model.model_channels": 64}, "model.model_channels=32"),
+    ("schedule", {"diffusion.schedule": "linear"}, "diffusion.schedule='cosine'"),
+    ("blocks", {"model.num_res_blocks": 2}, "model.num_res_blocks=1"),
+])
+def test_sampling_a_run_with_another_network(tmp_path, mode, name, overrides, expect):
+    w = _trained_run(tmp_path)
+    extra = {"posthoc_ema": {"ema.sigma_rel": 0.1},  # eval: a metric needing no other run
+             "eval": {"eval.metrics": ("nll",)}}.get(mode, {})
+    overrides = {**overrides, **extra}
+    _expect_user_error(f"run_{name}_{mode}", _config(FM, overrides), mode, w,
+                       f"was trained with {expect}")
+
+
+def test_sampling_may_change_compute_options(tmp_path):
+    """model.dtype is not part of the trained network: the run's checkpoint is read (and
+    found to be of another model: the fake checkpoint's)."""
+    w = _trained_run(tmp_path)
+    _expect_user_error("run_dtype", _config(FM, {"model.dtype": "bfloat16"}), "sample", w,
+                       "parameters of another model")
+
+
+def test_posthoc_ema_inputs(tmp_path):
+    w = _trained_run(tmp_path, EDM)
+    _expect_user_error("posthoc_no_sigma_rel", _config(EDM, {}), "posthoc_ema", w,
+                       "needs --config.ema.sigma_rel")
+    _expect_user_error("posthoc_no_snapshots", _config(EDM, {"ema.sigma_rel": 0.08}),
+                       "posthoc_ema", w, "ema_snapshots does not exist")
+    _expect_user_error("sample_no_snapshots", _config(EDM, {"ema.sigma_rel": 0.08}), "sample",
+                       w, "ema_snapshots does not exist")
 
 
 def test_sample_mode_of_a_classifier(tmp_path):

@@ -100,11 +100,21 @@ _ADDED = {("guidance", "classifier_mode"): ("auto",),
           # autoguidance's guide (unused by guidance types other than "autoguidance"): an
           # empty string is "" in the config JSON and '' in the config text
           ("guidance", "guide_config"): ("", "''"), ("guidance", "guide_workdir"): ("", "''"),
-          ("guidance", "guide_step"): (-1,)}
+          ("guidance", "guide_step"): (-1,),
+          # gradient guidance's log density (unused by guidance types other than "gradient")
+          ("guidance", "log_density"): ("", "''"), ("guidance", "log_density_input"): ("x0",),
+          # EDM's constants (issue 16; used by prediction "edm" and continuous-sigma training
+          # only, at the values the code had built in)
+          ("diffusion", "P_mean"): (-1.2,), ("diffusion", "P_std"): (1.2,),
+          ("diffusion", "sigma_data"): (0.5,), ("diffusion", "sigma_min"): (0.002,),
+          ("diffusion", "sigma_max"): (80.0,)}
 # Sections added after the recording (options of model.name="dit", issue 14, and
 # "autoencoder_kl", issue 12, and latent diffusion's data.latent, issue 12, which no recorded
 # case uses): removed whole before comparing.
 _ADDED_SECTIONS = (("model", "dit"), ("model", "autoencoder"), ("data", "latent"))
+# Top-level sections added after the recording: EDM2's power-function EMA (issue 16), whose
+# defaults track no such EMA.
+_ADDED_TOP_SECTIONS = ("ema",)
 
 
 def _yaml(value) -> str:
@@ -121,6 +131,8 @@ def _as_recorded_text(text: str) -> str:
             text = text.replace(f"\n  {name}: {_yaml(value)}\n", "\n")
     for _, name in _ADDED_SECTIONS:  # "  name:" and its deeper-indented lines
         text = re.sub(rf"\n  {name}:\n(    [^\n]*\n)+", "\n", text)
+    for name in _ADDED_TOP_SECTIONS:
+        text = re.sub(rf"\n{name}:\n(  [^\n]*\n)+", "\n", text)
     return text
 
 
@@ -135,6 +147,8 @@ def _as_recorded_config_json(path: str) -> None:
             del config[section][name]
     for section, name in _ADDED_SECTIONS:
         config[section].pop(name, None)
+    for name in _ADDED_TOP_SECTIONS:
+        config.pop(name, None)
     with open(path, "w") as f:
         f.write(json.dumps(config, indent=2, default=str))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import zipfile
 from typing import Any
 
@@ -16,6 +17,7 @@ from diffjax.convert.torch_file import WeightFileError
 from diffjax.data import DataError
 from diffjax.errors import ConfigError
 from diffjax.evaluation.metrics import MetricError
+from diffjax.train import ema_snapshots
 from diffjax.train.loop import NonFiniteLossError
 
 # Errors whose message is the whole story: main prints one line and exits with status 2.
@@ -36,6 +38,82 @@ def restore_params(task, mesh, source: str, step: int | None = None) -> tuple[An
     """(EMA parameters of the first decay, step) of a run directory or its checkpoints
     directory, read-only, replicated on ``mesh``: only the model's init shapes are built."""
     return checkpoint.restore_ema_params(source, abstract_params(task, mesh), step)
+
+
+# What defines the trained network (and how it is sampled as a denoiser): sample and eval take
+# these from the run, and a config that differs is an error. model.* but its compute options.
+NETWORK_FIELDS = ("model", "data.image_size", "data.channels", "data.num_classes",
+                  "diffusion.schedule", "diffusion.num_timesteps", "diffusion.prediction",
+                  "diffusion.variance_type", "diffusion.rescale_timesteps",
+                  "diffusion.timestep_sampler", "diffusion.sigma_data", "diffusion.sigma_min",
+                  "diffusion.sigma_max", "data.latent.scale_factor")
+COMPUTE_FIELDS = ("model.dtype", "model.param_dtype", "model.remat", "model.cpu_fast_conv",
+                  "model.dropout")
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_leaves(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def check_run_config(experiment, source: str) -> None:
+    """Refuses to sample or evaluate the run ``source`` (its directory or its checkpoints
+    directory) with a config whose network-defining fields (``NETWORK_FIELDS``) differ from
+    the run's ``config.json``; fields missing on either side (other diffjax versions) and a
+    run without ``config.json`` are not compared."""
+    source = source.rstrip("/")
+    run_dir = source[:-len("/checkpoints")] if source.endswith("/checkpoints") else source
+    path = epath.Path(run_dir) / "config.json"
+    if not path.exists():
+        return
+    try:
+        saved = _leaves(json.loads(path.read_text()))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not the JSON config a run writes ({e}); restore it or "
+                          "pass --checkpoint of another run") from e
+    current = _leaves(json.loads(json.dumps(experiment.resolved, default=str)))
+    differ = [f for f in sorted(set(saved) & set(current))
+              if any(f == n or f.startswith(n + ".") for n in NETWORK_FIELDS)
+              and f not in COMPUTE_FIELDS and saved[f] != current[f]]
+    if differ:
+        f = differ[0]
+        more = f" (and {len(differ) - 1} more: {', '.join(differ[1:4])})" if len(differ) > 1 \
+            else ""
+        raise ConfigError(
+            f"{run_dir} was trained with {f}={saved[f]!r}, this config has {current[f]!r}"
+            f"{more}: fields that define the trained network (model.*, data size and "
+            "classes, the diffusion's schedule and prediction, the latent scale) come from the "
+            "run; drop the override or pass the run's config. At sampling you may change "
+            "sampler.*, guidance.*, condition.*, eval.*, ema.sigma_rel and model.dtype/remat")
+
+
+def model_params(experiment, mesh, source: str, step: int | None = None) -> tuple[Any, int]:
+    """(parameters, step) that sample and eval use: the first EMA copy of ``source``'s
+    checkpoint, or with ``ema.sigma_rel`` > 0 the post-hoc EMA of that profile solved from
+    the run's snapshots at the latest snapshot (at or before ``step`` when given). The
+    config must agree with the run's on the network (:func:`check_run_config`)."""
+    check_run_config(experiment, source)
+    if not experiment.ema_sigma_rel:
+        return restore_params(experiment.task, mesh, source, step)
+    params, solution = posthoc_params(experiment, mesh, source, step)
+    return params, solution.step
+
+
+def posthoc_params(experiment, mesh, source: str, step: int | None = None
+                   ) -> tuple[Any, ema_snapshots.Reconstruction]:
+    """(the post-hoc EMA of ``ema.sigma_rel`` from the snapshots of the run ``source`` (its
+    directory or its checkpoints directory), what was solved)."""
+    check_run_config(experiment, source)
+    source = source.rstrip("/")
+    run_dir = source[:-len("/checkpoints")] if source.endswith("/checkpoints") else source
+    params, solution = ema_snapshots.reconstruct(
+        run_dir, experiment.ema_sigma_rel, abstract_params(experiment.task, mesh), step)
+    say(solution.summary())
+    return params, solution
 
 
 def classifier_params(sampling, mesh) -> Any:

@@ -21,6 +21,7 @@ Everything that can be wrong is checked before the checkpoint is read: the confi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -109,7 +110,10 @@ def run(experiment: Experiment, workdir: str, mesh, *, checkpoint: str = "",
     """Samples and metrics of ``eval`` into ``WORKDIR/eval/``; returns the records written."""
     evaluate, check = _for_task(experiment.task)
     check(experiment)
-    params, got = common.restore_params(experiment.task, mesh, checkpoint or workdir, step)
+    params, got = common.model_params(experiment, mesh, checkpoint or workdir, step)
+    if experiment.ema_sigma_rel and not experiment.eval.name:  # records named per profile
+        experiment = dataclasses.replace(experiment, eval=dataclasses.replace(
+            experiment.eval, name=f"ema-{experiment.ema_sigma_rel:g}"))
     return evaluate(experiment, workdir, mesh, params, got,
                     experiment.eval.seed if seed is None else seed)
 
@@ -131,6 +135,8 @@ def evaluate_samples(experiment: Experiment, workdir: str, mesh, params, checkpo
     key = jax.random.PRNGKey(seed)
     shared: dict[str, float] = {}
     settings = {"nll_clip_denoised": e.nll_clip_denoised} if "nll" in names else {}
+    if experiment.ema_sigma_rel:
+        settings["ema_sigma_rel"] = experiment.ema_sigma_rel
     if "nll" in names:
         start = time.perf_counter()
         result = references.nll(experiment, mesh, params, jax.random.fold_in(key, 1))

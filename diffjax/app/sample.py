@@ -115,7 +115,7 @@ def run(experiment: Experiment, workdir: str, mesh, *, checkpoint: str = "",
         size, _, channels = task.input_shape
         inputs = load_inputs(sampling.condition_input, size, channels)
         labels = load_input_labels(sampling.condition_input, len(inputs), task.num_classes)
-    params, got = common.restore_params(task, mesh, checkpoint or workdir, step)
+    params, got = common.model_params(experiment, mesh, checkpoint or workdir, step)
     seed = sampling.seed if seed is None else seed
     generator = generate.Generator(task, sampling, mesh,
                                    common.classifier_params(sampling, mesh),

@@ -198,6 +198,30 @@ def continuous_training_losses(model_output: Array, x0: Array, noise: Array, t: 
     return {"loss": weight * mse, "mse": mse}
 
 
+def sigma_training_losses(model_output: Array, x0: Array, noise: Array, sigma: Array, *,
+                          prediction: str = "edm", weighting: str = "uniform",
+                          min_snr_gamma: float = 5.0, p2_gamma: float = 1.0, p2_k: float = 1.0,
+                          sigma_data: float = 0.5) -> dict[str, Array]:
+    """MSE-family loss at continuous VE noise levels sigma [*batch] (no timestep table).
+
+    x = x0 + sigma noise and model_output = model(*process.ve_model_input(schedule, x, sigma,
+    prediction=...)). With prediction "edm" and weighting "uniform" this is EDM's loss
+    (Karras et al. 2022, eq. 8 with lambda(sigma) = (sigma^2 + sigma_data^2) /
+    (sigma sigma_data)^2): lambda ||D - x0||^2 = ||F - target||^2, since D - x0 = c_out
+    (F - target) and lambda c_out^2 = 1; here averaged over pixels where EDM sums (a constant
+    factor). Draw ln sigma ~ N(P_mean, P_std^2) for EDM's log-normal training distribution.
+    Returns {"loss", "mse"}: [*batch].
+    """
+    sigma = jnp.asarray(sigma, P.coef_dtype(sigma))
+    ones = jnp.ones_like(sigma)
+    target = P.prediction_target(prediction, x0, noise, ones, sigma, sigma_data)
+    mse = mean_over_event((model_output - target) ** 2, sigma.ndim)
+    weight = loss_weight(prediction, weighting, -2.0 * jnp.log(sigma),
+                         min_snr_gamma=min_snr_gamma, p2_gamma=p2_gamma, p2_k=p2_k,
+                         sigma_data=sigma_data)
+    return {"loss": weight * mse, "mse": mse}
+
+
 def nll_bpd(model_fn: Callable, ds: DiscreteSchedule, x0: Array, key: Array, *,
             prediction: str, variance_type: str, clip_denoised: bool = False, cond: Any = None,
             sigma_data: float = 0.5, timestep_map: np.ndarray | None = None

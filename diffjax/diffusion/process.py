@@ -325,18 +325,27 @@ def p_sample(ds: DiscreteSchedule, model_output: Array, x_t: Array, t: Array, no
 # ---- the denoiser: every model as D(x, sigma, cond) in the VE frame ----
 
 
+def ve_model_input(schedule: Any, x: Array, sigma: Array, *, prediction: str,
+                   sigma_data: float = 0.5) -> tuple[Array, Array]:
+    """(x_in, c_noise) for a network at the VE state x = x0 + sigma n, sigma: [B].
+
+    x_in = c_in x (EDM) or x / sqrt(1 + sigma^2) (the VP state); c_noise = ln(sigma) / 4
+    for "edm" (any sigma: no table), else schedule.c_noise at the time of that sigma."""
+    ones = jnp.ones_like(sigma)
+    x_in = x * bcast(input_scale(ones, sigma, prediction, sigma_data), x)
+    if prediction == "edm":
+        return x_in, 0.25 * jnp.log(sigma)
+    return x_in, schedule.c_noise(schedule.t_from_logsnr(-2.0 * jnp.log(sigma)))
+
+
 def _ve_call(model_fn: Callable, schedule: Any, x: Array, sigma: Array, cond: Any,
              prediction: str, sigma_data: float):
     sigma = jnp.asarray(sigma, float_dtype(x))
     if sigma.ndim == 0:
         sigma = jnp.full(x.shape[:1], sigma)
-    ones = jnp.ones_like(sigma)
-    x_in = x * bcast(input_scale(ones, sigma, prediction, sigma_data), x)
-    if prediction == "edm":
-        c_noise = 0.25 * jnp.log(sigma)
-    else:
-        c_noise = schedule.c_noise(schedule.t_from_logsnr(-2.0 * jnp.log(sigma)))
-    return model_fn(x_in, c_noise, cond), ones, sigma
+    x_in, c_noise = ve_model_input(schedule, x, sigma, prediction=prediction,
+                                   sigma_data=sigma_data)
+    return model_fn(x_in, c_noise, cond), jnp.ones_like(sigma), sigma
 
 
 def make_denoiser(model_fn: Callable, schedule: Any, *, prediction: str,

@@ -20,7 +20,7 @@ from diffjax import data as data_lib
 from diffjax.errors import ConfigError
 from diffjax.specs import OptimSpec, TrainSpec
 from diffjax.tasks import Task
-from diffjax.train import optim, reporting
+from diffjax.train import ema_snapshots, optim, posthoc_ema, reporting
 from diffjax.train import step as step_lib
 from diffjax.train.state import TrainState, abstract_state, create_sharded_state
 from diffjax.train.step import step_key
@@ -41,12 +41,12 @@ class Trainer:
         self.tx = optim.make_optimizer(self.lr, b1=o.b1, b2=o.b2, eps=o.eps,
                                        weight_decay=o.weight_decay, grad_clip=o.grad_clip)
         step = step_lib.make_train_step(task.loss_fn(), self.tx, o.ema_decays, self.lr,
-                                        task.timestep_sampler)
+                                        task.timestep_sampler, o.ema_gammas)
         rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
         self.train_step = jax.jit(
             lambda state, batch: step(state, batch, step_key(state)),
             in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
-        self._state_args = (task.init_params, self.tx, train_spec.seed, len(o.ema_decays),
+        self._state_args = (task.init_params, self.tx, train_spec.seed, len(o.ema_decays) + len(o.ema_gammas),
                             task.schedule.num_timesteps, rep)
 
     def new_state(self) -> TrainState:
@@ -70,7 +70,8 @@ def _changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
 def check_workdir_config(workdir: str, resolved: dict, allow_change: bool) -> None:
     """Refuses to continue a workdir whose run had another model, data, diffusion or optimiser.
 
-    Sections that may change between sessions of one run (train, eval, sampler) are not compared.
+    Sections that may change between sessions of one run (train, eval, sampler) and
+    ema.sigma_rel (which post-hoc EMA sample/eval use) are not compared.
     """
     path = epath.Path(workdir) / "config.json"
     if not path.exists() or allow_change:
@@ -78,7 +79,8 @@ def check_workdir_config(workdir: str, resolved: dict, allow_change: bool) -> No
     previous = json.loads(path.read_text())
     current = json.loads(json.dumps(resolved, default=str))
     mutable = ("train", "eval", "sampler")
-    changed = [f for f in _changed_fields(previous, current) if f.split(".")[0] not in mutable]
+    changed = [f for f in _changed_fields(previous, current)
+               if f.split(".")[0] not in mutable and f != "ema.sigma_rel"]
     if changed:
         raise ConfigError(
             f"{workdir} holds a run of a different config (fields differ: {', '.join(changed)});"
@@ -111,6 +113,12 @@ def train(task: Task, optim_spec: OptimSpec, t: TrainSpec, workdir: str, mesh, d
                                 batch_size=global_batch)
     writer.write_config(resolved)
     draws = draw_grid is not None and t.sample_every > 0
+    snapshots = None
+    if t.ema_snapshot_every:
+        gammas = optim_spec.ema_gammas
+        snapshots = ema_snapshots.SnapshotWriter(
+            workdir, tuple(posthoc_ema.gamma_to_sigma_rel(g) for g in gammas), gammas,
+            first=len(optim_spec.ema_decays))
     pending: list[dict[str, jax.Array]] = []
     try:
         for step in range(start, t.num_steps):
@@ -128,13 +136,17 @@ def train(task: Task, optim_spec: OptimSpec, t: TrainSpec, workdir: str, mesh, d
                         f"step: {manager.latest_step()}")
             if done % t.checkpoint_every == 0 or done == t.num_steps:
                 checkpoint.save(manager, done, state, feeder, resolved)
+            if snapshots is not None and done % t.ema_snapshot_every == 0:
+                snapshots.save(done, state)
             if draws and (done % t.sample_every == 0 or done == t.num_steps):
                 images, per_row = draw_grid(state.ema_params[0])
                 writer.image_grid(done, images, per_row)
     finally:
         feeder.close()
-        manager.wait_until_finished()
+        if snapshots is not None:
+            snapshots.close()
         writer.close()
+        checkpoint.wait(manager)  # CheckpointError if the last save failed
     return state
 
 

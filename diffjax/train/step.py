@@ -21,6 +21,7 @@ import optax
 
 from diffjax.diffusion import losses, process
 from diffjax.diffusion.schedules import DiscreteSchedule
+from diffjax.train import posthoc_ema
 from diffjax.train.state import HISTORY, TrainState, ema_update
 
 # iDDPM's resampler mixes a little of the uniform distribution into the importance weights.
@@ -39,6 +40,10 @@ class LossSpec:
     timestep_sampler: str = "uniform"
     label_dropout: float = 0.0
     null_label: int = -1  # the extra embedding row used for classifier-free guidance
+    sigma_data: float = 0.5  # EDM's preconditioning ("edm" prediction)
+    # timestep_sampler "lognormal" (EDM): ln sigma ~ N(p_mean, p_std^2), continuous sigma
+    p_mean: float = -1.2
+    p_std: float = 1.2
 
 
 def sample_timesteps(
@@ -79,31 +84,50 @@ def make_diffusion_loss(apply_fn, ds: DiscreteSchedule, spec: LossSpec,
                         model_inputs: Callable[[jax.Array, jax.Array], dict] | None = None):
     """``loss_fn(params, state, batch, key) -> (loss, (terms, t))`` of a denoising network.
 
-    Per example: a timestep (uniform or importance-sampled), the noise, and for classifier-free
-    guidance whether the label is replaced by the null label. ``model_inputs(x0, key) ->
+    Per example: a timestep (uniform or importance-sampled) or, for ``timestep_sampler``
+    "lognormal", a continuous EDM noise level (x = x0 + sigma n, no table), the noise, and for
+    classifier-free guidance whether the label is replaced by the null label. ``model_inputs(x0, key) ->
     {name: array}`` gives extra network inputs of the batch (a super-resolution model's
     augmented low-resolution images), drawn from fold_in(key, 1) so that every other draw is
     the same as without it.
     """
     loss_kwargs = dict(spec.loss_kwargs)
+    continuous = spec.timestep_sampler == "lognormal"
 
     def loss_fn(params, state, batch, key):
         x0, labels = batch["image"], batch.get("label")
         k_t, k_noise, k_drop, k_label = jax.random.split(key, 4)
-        t, weights = sample_timesteps(k_t, x0.shape[0], state, spec.timestep_sampler)
         noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-        x_t = process.q_sample_discrete(ds, x0, noise, t)
+        if continuous:  # EDM: x = x0 + sigma n at ln sigma ~ N(P_mean, P_std^2), no table
+            ln_sigma = spec.p_mean + spec.p_std * jax.random.normal(k_t, x0.shape[:1])
+            sigma = jnp.exp(ln_sigma).astype(process.float_dtype(x0))
+            t, weights = jnp.zeros(x0.shape[:1], jnp.int32), jnp.ones(x0.shape[:1])
+            x_t = x0 + process.bcast(sigma, x0) * noise
+            x_in, c_noise = process.ve_model_input(ds, x_t, sigma, prediction=spec.prediction,
+                                                   sigma_data=spec.sigma_data)
+        else:
+            t, weights = sample_timesteps(k_t, x0.shape[0], state, spec.timestep_sampler)
+            x_t = process.q_sample_discrete(ds, x0, noise, t)
+            x_in, c_noise = process.discrete_model_input(ds, x_t, t, prediction=spec.prediction,
+                                                         sigma_data=spec.sigma_data)
         if labels is not None and spec.label_dropout > 0:
             drop = jax.random.bernoulli(k_label, spec.label_dropout, labels.shape)
             labels = jnp.where(drop, spec.null_label, labels)
-        x_in, c_noise = process.discrete_model_input(ds, x_t, t, prediction=spec.prediction)
         extra = {} if model_inputs is None else model_inputs(x0, jax.random.fold_in(key, 1))
         out = apply_fn(params, x_in, c_noise, labels, True, {"dropout": k_drop}, **extra)
-        terms = losses.training_losses(
-            out.astype(jnp.float32), x0=x0, x_t=x_t, noise=noise, t=t, ds=ds,
-            prediction=spec.prediction, loss_type=spec.loss_type,
-            variance_type=spec.variance_type, weighting=spec.weighting, **loss_kwargs,
-        )
+        if continuous:
+            kw = {k: v for k, v in loss_kwargs.items() if k != "vlb_weight"}
+            terms = losses.sigma_training_losses(
+                out.astype(jnp.float32), x0=x0, noise=noise, sigma=sigma,
+                prediction=spec.prediction, weighting=spec.weighting,
+                sigma_data=spec.sigma_data, **kw)
+        else:
+            terms = losses.training_losses(
+                out.astype(jnp.float32), x0=x0, x_t=x_t, noise=noise, t=t, ds=ds,
+                prediction=spec.prediction, loss_type=spec.loss_type,
+                variance_type=spec.variance_type, weighting=spec.weighting,
+                sigma_data=spec.sigma_data, **loss_kwargs,
+            )
         return jnp.mean(terms["loss"] * weights), (terms, t)
 
     return loss_fn
@@ -139,16 +163,23 @@ def make_train_step(
     ema_decays: tuple[float, ...],
     learning_rate: optax.Schedule,
     timestep_sampler: str = "uniform",
+    ema_gammas: tuple[float, ...] = (),
 ) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict]]:
     """The pure step around ``loss_fn(params, state, batch, key) -> (loss, (terms, t))``:
-    gradient, AdamW update, EMA updates, timestep history, NaN/Inf guard, metrics."""
+    gradient, AdamW update, EMA updates, timestep history, NaN/Inf guard, metrics.
+
+    The state's EMA copies are one per ``ema_decays`` (fixed decay), then one per
+    ``ema_gammas`` (EDM2's power-function profiles, :mod:`diffjax.train.posthoc_ema`)."""
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (terms, t)), grads = grad_fn(state.params, state, batch, key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        fixed = len(ema_decays)
         emas = tuple(ema_update(e, params, d) for e, d in zip(state.ema_params, ema_decays))
+        emas += tuple(posthoc_ema.power_ema_update(e, params, state.step + 1, g)
+                      for e, g in zip(state.ema_params[fixed:], ema_gammas))
         grad_norm = optax.tree.norm(grads)
         new = state.replace(step=state.step + 1, params=params, ema_params=emas,
                             opt_state=opt_state)
