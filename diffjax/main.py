@@ -18,6 +18,7 @@ latents of ``data.split`` under ``data.latent.workdir``'s autoencoder into
 
 from __future__ import annotations
 
+import logging as std_logging
 import sys
 
 import ml_collections
@@ -110,6 +111,24 @@ def run(config, mode: str, workdir: str | None, *, checkpoint: str = "",
         fn(exp, workdir, mesh, checkpoint=checkpoint, step=step, seed=seed)
 
 
+class _OrbaxBackgroundErrors(std_logging.Filter):
+    """Drops orbax's ERROR records (a failed background write, logged with its traceback by
+    each thread it passes through): the same failure reaches the main thread, which stops
+    with one ``diffjax: error:`` line (checkpoint.save / checkpoint.wait)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not (record.levelno >= std_logging.ERROR and "/orbax/" in record.pathname)
+
+
+def _quiet_background_failures() -> None:
+    """After a failed asynchronous checkpoint write, orbax's threads log it with tracebacks;
+    the main thread reports the failure in one line, so those records are dropped."""
+    for logger in (std_logging.getLogger(), std_logging.getLogger("absl")):
+        logger.addFilter(_OrbaxBackgroundErrors())
+        for handler in logger.handlers:
+            handler.addFilter(_OrbaxBackgroundErrors())
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; flags are --config, --workdir, --mode, ...")
@@ -120,6 +139,7 @@ def main(argv: list[str]) -> None:
         _fail(f"--mode {mode} needs --workdir DIR")
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    _quiet_background_failures()
     try:
         wait = _COORDINATION_TIMEOUT.value
         parallel.maybe_initialize_distributed(
