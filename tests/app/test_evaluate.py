@@ -201,7 +201,8 @@ def test_penultimate_features_are_the_input_of_the_last_projection(net):
     ({"condition.type": "superres", "condition.low_res_size": 14, "guidance.type": "none"},
      configlib.ConfigError, "a superres model needs a "),
     ({"eval.metrics": ("fd_mnist",)}, configlib.ConfigError,
-     "unknown metric(s) ['fd_mnist']; valid: fd_fashion_mnist, class_accuracy, nll, fid"),
+     "unknown metric(s) ['fd_mnist']; valid: fd_fashion_mnist, class_accuracy, nll, "
+     "brightness, fid"),
     ({"eval.metrics": ("fid",), "eval.inception_weights": "/nowhere/inception.npz"},
      configlib.ConfigError, "need Inception weights: eval.inception_weights='/nowhere"),
     ({"eval.features_workdir": "/nowhere/fmnist_features"}, checkpoint.CheckpointError,
