@@ -156,7 +156,12 @@ def _leaf_digest(leaf: Any) -> Any:
         return _host_digest(leaf)
     if isinstance(leaf, jax.Array) and leaf.is_fully_replicated:
         return _digest_program(None)(leaf.addressable_data(0))
-    return _digest_program(_replicated(leaf))(leaf)
+    # A sharded array's checksum is a program with an all-reduce: wait for it before the next
+    # one starts. XLA:CPU runs independent programs concurrently, and two collective programs
+    # in flight together can each hold some of its device threads and wait forever for the
+    # rest (jaxlib 0.10.2 on 8 fake CPU devices: "Termination timeout ... all reduce", an
+    # abort, within a few hundred such programs; parallel.shard_state="fsdp" states hit it).
+    return jax.block_until_ready(_digest_program(_replicated(leaf))(leaf))
 
 
 def _name(path: tuple[Any, ...]) -> str:

@@ -13,6 +13,7 @@ Glossary of config sections:
   sampler    sampling algorithm, steps and its options
   optim      AdamW, schedule, clipping, EMA
   train      steps, logging, checkpointing, seeds
+  parallel   how the train state lies on the devices (replicated / fsdp)
   eval       sample counts, metrics, sweeps
   condition  conditional generation: img2img (SDEdit), inpaint (RePaint), superres,
              invert (DDIM inversion)
@@ -27,6 +28,7 @@ from typing import Any
 
 import ml_collections
 
+from diffjax import parallel
 from diffjax.diffusion import conditional, losses, samplers, schedules
 from diffjax.errors import ConfigError
 
@@ -41,6 +43,9 @@ CLASSIFIER_MODES = ("auto", "mean", "score")
 MODEL_NAMES = ("unet", "classifier", "dit", "autoencoder_kl")
 DIT_SIZES = ("S", "B", "L", "XL")  # the DiT paper's Table 1
 DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("block", "dots")  # diffjax.models.layers.REMAT_POLICIES
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")  # diffjax.models.layers.ATTENTION_IMPLS
+CONTEXT_POOLS = ("none", "last", "mean")  # diffjax.models.cross_attention.CONTEXT_POOLS
 SIGMA_SPACINGS = ("model", "karras", "loglinear")
 LR_DECAYS = ("constant", "cosine")
 TIMESTEP_SAMPLERS = ("uniform", "loss_second_moment", "lognormal")
@@ -99,7 +104,26 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.norm_groups = 32  # GroupNorm groups (ADM: 32); channels must be multiples of it
     c.model.remat = False
+    # with remat: "block" recomputes each ResBlock / attention / DiT block in the backward
+    # pass, "dots" keeps its convolution and matmul outputs (less recomputation, more memory)
+    c.model.remat_policy = "block"
+    # self-attention kernel: auto (cuDNN flash attention on GPU in bf16/fp16, else XLA) /
+    # xla / cudnn
+    c.model.attention_impl = "auto"
     c.model.cpu_fast_conv = "auto"
+    # Context conditioning of the UNet (issue 13; names of CompVis/LDM's UNetModel): width D
+    # of a context [B, L, D] (e.g. text tokens) every attention block attends to; 0 = none.
+    # The context source (a text encoder) is not wired yet: such a model has --mode summary
+    # and diffjax.convert only.
+    c.model.context_dim = 0
+    # with context: False = GLIDE's form (context keys/values beside each attention block's
+    # own), True = LDM / Stable Diffusion's transformer blocks (self-attn, cross-attn, GEGLU)
+    c.model.use_spatial_transformer = False
+    c.model.transformer_depth = 1  # transformer blocks per SpatialTransformer
+    c.model.use_linear_in_transformer = False  # SD 2's Linear proj_in/out (SD 1: 1x1 conv)
+    # also add the pooled context to the time embedding: none / last (GLIDE's last token) /
+    # mean (Imagen's mean over unmasked tokens)
+    c.model.context_pool = "none"
     c.model.pool = "attention"  # classifier only
     c.model.classifier_noised = True  # classifier only: train on x_t at random t (guidance)
     # model.name="dit" (Peebles & Xie 2023; option names of its code). input_size, in_channels,
@@ -235,6 +259,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.num_sample_images = 64
     c.train.seed = 0
 
+    # "fsdp": parameters, optimiser state and EMA copies sharded over the data axis (ZeRO-3;
+    # XLA gathers them where used), for models that outgrow one device; arrays under
+    # parallel.FSDP_MIN_SIZE elements stay replicated. A run may resume under either.
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.shard_state = "replicated"
+
     c.eval = ml_collections.ConfigDict()
     c.eval.num_samples = 1000
     c.eval.batch_size = 250
@@ -328,6 +358,9 @@ def _tables() -> dict[str, Sequence[str]]:
         "model.dit.size": DIT_SIZES,
         "model.autoencoder.recon_loss": ("l1", "l2"),
         "model.dtype": DTYPES,
+        "model.remat_policy": REMAT_POLICIES,
+        "model.attention_impl": ATTENTION_IMPLS,
+        "model.context_pool": CONTEXT_POOLS,
         "model.param_dtype": DTYPES,
         "diffusion.schedule": tuple(schedules.SCHEDULES),
         "diffusion.prediction": tuple(losses.PREDICTIONS),
@@ -342,6 +375,7 @@ def _tables() -> dict[str, Sequence[str]]:
         "sampler.sigma_spacing": SIGMA_SPACINGS,
         "sampler.thresholding": THRESHOLDINGS,
         "optim.decay": LR_DECAYS,
+        "parallel.shard_state": parallel.SHARD_MODES,
         "condition.type": CONDITION_TYPES,
     }
 

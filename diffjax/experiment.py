@@ -88,6 +88,7 @@ def build(c: ml_collections.ConfigDict, *, num_devices: int = 1,
     if latent is None:
         _latent(c, mode)  # --mode encode without data.latent: its one-line error
     _check_model(net_c)
+    _check_context(c, mode)
     ds = _schedule(c)
     task = TASKS[_task_kind(c)](net_c, _data(net_c), ds)
     if latent is not None:
@@ -211,10 +212,34 @@ def _latent(c: ml_collections.ConfigDict, mode: str) -> specs.LatentSpec | None:
                             shard_size=int(lat.shard_size), scale_factor=scale)
 
 
+def _check_context(c: ml_collections.ConfigDict, mode: str) -> None:
+    """ConfigError for context conditioning (model.context_dim) where it cannot run yet."""
+    m = c.model
+    if m.context_dim < 0 or m.transformer_depth < 1:
+        raise ConfigError(f"model.context_dim={m.context_dim} must be >= 0 and "
+                          f"model.transformer_depth={m.transformer_depth} >= 1")
+    if m.context_dim == 0:
+        return
+    if m.name != "unet":
+        raise ConfigError(f"model.context_dim={m.context_dim} conditions the UNet only; set it "
+                          f"to 0 for model.name={m.name!r}")
+    if mode not in ("summary", "encode", "convert"):
+        raise ConfigError(f"--mode {mode} of a context-conditioned UNet (model.context_dim="
+                          f"{m.context_dim}) needs a context source (e.g. a text encoder), "
+                          "which diffjax does not have yet (issue 13 part 2); --mode summary "
+                          "and python -m diffjax.convert work")
+
+
 def _check_model(c: ml_collections.ConfigDict) -> None:
     """ConfigError for model options the network would only reject at init: the UNet's and
     the classifier's choices and attention heads, the DiT's position table."""
     m = c.model
+    if m.attention_impl == "cudnn" and (jax.default_backend() != "gpu"
+                                        or m.dtype != "bfloat16"):
+        raise ConfigError(f"model.attention_impl='cudnn' (cuDNN flash attention) needs a GPU "
+                          f"and model.dtype='bfloat16' (have {jax.default_backend()}, "
+                          f"{m.dtype}); use --config.model.attention_impl=auto, which picks "
+                          "it where it applies")
     if m.name == "dit":
         hidden = m.dit.hidden_size or dit.DIT_SIZES[m.dit.size][1]
         if hidden % 4:
@@ -264,6 +289,8 @@ def _shared_model_options(m: ml_collections.ConfigDict) -> dict[str, Any]:
         dtype=jnp.dtype(m.dtype),
         param_dtype=jnp.dtype(m.param_dtype),
         remat=m.remat,
+        remat_policy=m.remat_policy,
+        attention_impl=m.attention_impl,
         cpu_fast_conv=m.cpu_fast_conv,
     )
 
@@ -283,6 +310,9 @@ def _unet(c: ml_collections.ConfigDict) -> unet.UNet:
         class_null_label=m.class_cond and c.guidance.label_dropout > 0,
         learn_sigma=learns_variance(c),
         aug_embed=c.condition.type == "superres" and c.condition.aug_max > 0,
+        context_dim=m.context_dim, use_spatial_transformer=m.use_spatial_transformer,
+        transformer_depth=m.transformer_depth,
+        use_linear_in_transformer=m.use_linear_in_transformer, context_pool=m.context_pool,
         **_shared_model_options(m),
     )
 
@@ -308,7 +338,8 @@ def _dit(c: ml_collections.ConfigDict) -> dit.DiT:
         class_dropout_prob=float(c.guidance.label_dropout) if c.model.class_cond else 0.0,
         num_classes=c.data.num_classes if c.model.class_cond else None,
         learn_sigma=learns_variance(c), dtype=jnp.dtype(c.model.dtype),
-        param_dtype=jnp.dtype(c.model.param_dtype), remat=c.model.remat)
+        param_dtype=jnp.dtype(c.model.param_dtype), remat=c.model.remat,
+        remat_policy=c.model.remat_policy, attention_impl=c.model.attention_impl)
 
 
 def _autoencoder(c: ml_collections.ConfigDict) -> autoencoder.AutoencoderKL:
@@ -363,7 +394,7 @@ def _diffusion_task(c, data: specs.DataSpec, ds) -> tasks.DiffusionTask:
     return tasks.DiffusionTask(
         model=build_model(c), image_shape=data.image_shape, num_classes=data.num_classes,
         schedule=ds, time_scale=_time_scale(c), class_cond=c.model.class_cond, loss=_loss(c),
-        learned_variance=learns_variance(c))
+        learned_variance=learns_variance(c), context_dim=c.model.context_dim)
 
 
 def _superres_task(c, data: specs.DataSpec, ds) -> tasks.SuperResTask:
@@ -371,7 +402,7 @@ def _superres_task(c, data: specs.DataSpec, ds) -> tasks.SuperResTask:
     return tasks.SuperResTask(
         model=build_model(c), image_shape=data.image_shape, num_classes=data.num_classes,
         schedule=ds, time_scale=_time_scale(c), class_cond=c.model.class_cond, loss=_loss(c),
-        learned_variance=learns_variance(c),
+        learned_variance=learns_variance(c), context_dim=c.model.context_dim,
         superres=superres.SuperRes(low_res_size=k.low_res_size, aug_max=k.aug_max,
                                    aug_sample=k.aug_sample))
 
@@ -739,7 +770,7 @@ def _train(c: ml_collections.ConfigDict) -> specs.TrainSpec:
         num_steps=t.num_steps, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
         keep_checkpoints=t.keep_checkpoints, keep_every=t.keep_every,
         sample_every=t.sample_every, num_sample_images=t.num_sample_images, seed=t.seed,
-        ema_snapshot_every=int(c.ema.snapshot_every))
+        ema_snapshot_every=int(c.ema.snapshot_every), shard_state=c.parallel.shard_state)
 
 
 def domain_name(source: str) -> str:

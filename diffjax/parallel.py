@@ -1,9 +1,13 @@
 """Device mesh, shardings and multi-host start-up: the only module that names mesh axes.
 
 diffjax trains data-parallel with SPMD: one mesh axis ``data`` spans every device of every
-process; a batch is split along its leading dimension over that axis, parameters and
-optimiser state are replicated, and ``jax.jit`` inserts the gradient all-reduce. Library
-functions know nothing of devices; callers place arrays with the shardings made here.
+process; a batch is split along its leading dimension over that axis, and ``jax.jit`` inserts
+the gradient all-reduce. The train state (parameters, optimiser state, EMA copies) is either
+replicated on every device or, for models that outgrow one device, sharded over the same
+``data`` axis ZeRO-3 style (``parallel.shard_state="fsdp"``, :func:`state_sharding`): each
+device stores 1/N of every large array and XLA inserts the all-gathers before use and the
+reduce-scatters of the gradients. Library functions know nothing of devices; callers place
+arrays with the shardings made here.
 """
 
 from __future__ import annotations
@@ -19,6 +23,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+# parallel.shard_state: how the train state lies on the devices (see state_sharding).
+SHARD_MODES = ("replicated", "fsdp")
+# Under "fsdp", arrays of fewer elements than this stay replicated: biases, norm scales and
+# small kernels (64 KiB in float32) cost little memory, and sharding them would add one
+# collective per array per step for nothing.
+FSDP_MIN_SIZE = 2**14
 
 
 def maybe_initialize_distributed(
@@ -145,6 +155,58 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
     """Every device holds the whole array (parameters, optimiser state, step, keys)."""
     return NamedSharding(mesh, PartitionSpec())
+
+
+def fsdp_spec(shape: Sequence[int], num_shards: int,
+              min_size: int = FSDP_MIN_SIZE) -> PartitionSpec:
+    """The ``fsdp`` placement of one array: split over ``data`` along its largest dimension
+    divisible by ``num_shards`` (the first of equal ones: each shard then holds contiguous
+    rows), or replicated (``PartitionSpec()``) for a scalar, an array of fewer than
+    ``min_size`` elements, one without such a dimension, or one device."""
+    if num_shards <= 1 or math.prod(shape) < min_size:
+        return PartitionSpec()
+    dims = [d for d, size in enumerate(shape) if size % num_shards == 0]
+    if not dims:
+        return PartitionSpec()
+    dim = max(dims, key=lambda d: shape[d])  # max() keeps the first of equal sizes
+    return PartitionSpec(*([None] * dim), DATA_AXIS)
+
+
+def state_sharding(mesh: Mesh, abstract_tree: Any, mode: str = "replicated",
+                   min_size: int = FSDP_MIN_SIZE) -> Any:
+    """A tree of NamedSharding for ``abstract_tree`` (arrays or ShapeDtypeStructs).
+
+    mode "replicated": every device holds every array (``PartitionSpec()``); "fsdp": each array
+    as :func:`fsdp_spec` places it. The rule depends on the shape only, so the optimiser's
+    moments (Adam's mu and nu) and the EMA copies lie exactly as their parameter does.
+    """
+    if mode not in SHARD_MODES:
+        raise ValueError(f"shard_state={mode!r}; valid: {', '.join(SHARD_MODES)}")
+    n = num_data_shards(mesh)
+    if mode == "replicated":
+        return jax.tree.map(lambda _: replicated(mesh), abstract_tree)
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, n, min_size)),
+                        abstract_tree)
+
+
+def per_device_bytes(abstract_tree: Any) -> int:
+    """Bytes of ``abstract_tree`` (leaves with shape, dtype and sharding: placed jax.Arrays or
+    ShapeDtypeStructs) on the device that holds the most of it; nothing is allocated."""
+    held: dict[Any, int] = {}
+    for x in jax.tree.leaves(abstract_tree):
+        itemsize = np.dtype(x.dtype).itemsize
+        for device, index in x.sharding.devices_indices_map(tuple(x.shape)).items():
+            count = math.prod(len(range(*s.indices(n))) for s, n in zip(index, x.shape))
+            held[device] = held.get(device, 0) + count * itemsize
+    return max(held.values(), default=0)
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in human form: 512 B, 1.50 MB, 2.25 GB (powers of 1000)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
 
 
 def num_data_shards(mesh: Mesh) -> int:

@@ -73,6 +73,7 @@ class TrainSpec:
     num_sample_images: int
     seed: int
     ema_snapshot_every: int = 0  # snapshots of the power-function EMAs (0 = none)
+    shard_state: str = "replicated"  # parallel.shard_state: replicated / fsdp
 
 
 @dataclasses.dataclass(frozen=True)

@@ -100,12 +100,14 @@ class DiffusionTask(Task):
 
     class_cond: the network takes labels; loss: what the step optimises (prediction, loss,
     variance, weighting, label dropout); learned_variance: the network's output has 2C
-    channels (iDDPM).
+    channels (iDDPM); context_dim: the width D of the network's context [B, L, D] (0 =
+    none; init sees one zero token: no parameter depends on L).
     """
 
     class_cond: bool = False
     loss: LossSpec = LossSpec()
     learned_variance: bool = False
+    context_dim: int = 0
 
     draws_samples = True
 
@@ -124,6 +126,8 @@ class DiffusionTask(Task):
 
     def extra_inputs_like(self, batch: int) -> dict[str, Array]:
         """Zero values of the network's inputs beyond (x, t, y), for init and shape checks."""
+        if self.context_dim:
+            return {"context": jnp.zeros((batch, 1, self.context_dim))}
         return {}
 
     def apply(self, params, x, t, y, train, rngs=None, **inputs):
@@ -182,7 +186,8 @@ class SuperResTask(DiffusionTask):
         return (s, s, self.image_shape[-1])
 
     def extra_inputs_like(self, batch: int) -> dict[str, Array]:
-        out = {"low_res": jnp.zeros((batch, *self.input_shape))}
+        out = {**super().extra_inputs_like(batch),
+               "low_res": jnp.zeros((batch, *self.input_shape))}
         if self.superres.augments:
             out["aug_level"] = jnp.zeros((batch,))
         return out

@@ -107,14 +107,24 @@ _ADDED = {("guidance", "classifier_mode"): ("auto",),
           # only, at the values the code had built in)
           ("diffusion", "P_mean"): (-1.2,), ("diffusion", "P_std"): (1.2,),
           ("diffusion", "sigma_data"): (0.5,), ("diffusion", "sigma_min"): (0.002,),
-          ("diffusion", "sigma_max"): (80.0,)}
+          ("diffusion", "sigma_max"): (80.0,),
+          # issue 15: remat's policy (used only with remat on) and the attention kernel
+          # ("auto" is XLA's on the CPU of the recording)
+          ("model", "remat_policy"): ("block",), ("model", "attention_impl"): ("auto",),
+          # issue 13: the UNet's context conditioning (off: context_dim 0)
+          ("model", "context_dim"): (0,), ("model", "use_spatial_transformer"): (False,),
+          ("model", "transformer_depth"): (1,), ("model", "use_linear_in_transformer"): (False,),
+          ("model", "context_pool"): ("none",)}
 # Sections added after the recording (options of model.name="dit", issue 14, and
 # "autoencoder_kl", issue 12, and latent diffusion's data.latent, issue 12, which no recorded
 # case uses): removed whole before comparing.
 _ADDED_SECTIONS = (("model", "dit"), ("model", "autoencoder"), ("data", "latent"))
 # Top-level sections added after the recording: EDM2's power-function EMA (issue 16), whose
-# defaults track no such EMA.
-_ADDED_TOP_SECTIONS = ("ema",)
+# defaults track no such EMA; parallel (issue 15: shard_state, "replicated" as recorded).
+_ADDED_TOP_SECTIONS = ("ema", "parallel")
+# Lines that --mode summary prints after the recorded text (issue 15: the train state's bytes
+# per device): removed before comparing.
+_ADDED_SUMMARY_TAIL = r"\n# train state per device [^\n]*\n[^\n]*$"
 
 
 def _yaml(value) -> str:
@@ -133,7 +143,7 @@ def _as_recorded_text(text: str) -> str:
         text = re.sub(rf"\n  {name}:\n(    [^\n]*\n)+", "\n", text)
     for name in _ADDED_TOP_SECTIONS:
         text = re.sub(rf"\n{name}:\n(  [^\n]*\n)+", "\n", text)
-    return text
+    return re.sub(_ADDED_SUMMARY_TAIL, "", text)
 
 
 def _as_recorded_config_json(path: str) -> None:

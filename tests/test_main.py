@@ -1,9 +1,11 @@
 """The command line: summary mode, one-line errors before any work, nothing lost."""
 
 import os
+import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from diffjax import configlib, experiment, parallel
@@ -85,9 +87,11 @@ def test_every_experiment_loads_validates_and_its_smoke_model_runs(name):
     import jax.numpy as jnp
 
     path = os.path.join(REPO, "experiments", f"{name}.py")
-    experiment.build(configlib.load_config_file(path), num_devices=1)
+    # a context-conditioned UNet (issue 13) builds for --mode summary only, until part 2
+    mode = "summary" if configlib.load_config_file(path).model.context_dim else "train"
+    experiment.build(configlib.load_config_file(path), num_devices=1, mode=mode)
     c = configlib.load_config_file(path + ":smoke")
-    task = experiment.build(c, num_devices=8).task
+    task = experiment.build(c, num_devices=8, mode=mode).task
     s, _, channels = task.image_shape  # a latent model's: the latent's
     x = jnp.zeros((2, s, s, channels))
     y = jnp.array([0, 1]) if c.model.class_cond or c.model.name == "classifier" else None
@@ -104,12 +108,51 @@ def test_every_experiment_loads_validates_and_its_smoke_model_runs(name):
 
 
 def test_diverging_run_stops_with_a_clear_message(tmp_path):
+    cache = tmp_path / "cache"
     out = _main("--config", "experiments/fashion_mnist.py:smoke", "--workdir",
                 str(tmp_path / "run"), "--config.optim.learning_rate=1e30",
-                "--config.optim.grad_clip=0.0")
+                "--config.optim.grad_clip=0.0", "--compilation_cache_dir", str(cache))
     assert out.returncode == 2, out.stderr[-3000:]
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("diffjax: error: loss or gradient became NaN/Inf"), last
+    # The time to the first step is reported, and the compiled programs were cached.
+    assert re.search(r"step 1: first step [0-9.]+ s after start \(state created [0-9.]+ s, "
+                     r"compile and first step [0-9.]+ s\)", out.stderr), out.stderr[-2000:]
+    assert any(cache.iterdir())
+
+
+def test_compilation_cache_switch(monkeypatch, tmp_path):
+    from diffjax import main
+
+    before = (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir,
+              jax.config.jax_persistent_cache_min_compile_time_secs)
+    try:
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+        monkeypatch.setenv("HOME", str(tmp_path))
+        default = str(tmp_path / ".cache" / "diffjax" / "jax_compilation_cache")
+        assert main.compilation_cache(None) == default
+        assert jax.config.jax_compilation_cache_dir == default
+        assert jax.config.jax_enable_compilation_cache
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")
+        assert main.compilation_cache(None) == "/elsewhere"
+        assert main.compilation_cache("gs://b/c") == "gs://b/c"
+        assert main.compilation_cache("") == "" and not jax.config.jax_enable_compilation_cache
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before[0])
+        jax.config.update("jax_compilation_cache_dir", before[1])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[2])
+
+
+def test_gpu_xla_defaults_keep_the_users_choice(monkeypatch):
+    from diffjax import main
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    main.gpu_xla_defaults()
+    assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=8 "
+                                       "--xla_gpu_enable_triton_gemm=false")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true")
+    main.gpu_xla_defaults()
+    assert os.environ["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=true"
 
 
 def test_null_label_row_follows_training_label_dropout_not_the_sampling_guidance():

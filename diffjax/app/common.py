@@ -47,8 +47,8 @@ NETWORK_FIELDS = ("model", "data.image_size", "data.channels", "data.num_classes
                   "diffusion.variance_type", "diffusion.rescale_timesteps",
                   "diffusion.timestep_sampler", "diffusion.sigma_data", "diffusion.sigma_min",
                   "diffusion.sigma_max", "data.latent.scale_factor")
-COMPUTE_FIELDS = ("model.dtype", "model.param_dtype", "model.remat", "model.cpu_fast_conv",
-                  "model.dropout")
+COMPUTE_FIELDS = ("model.dtype", "model.param_dtype", "model.remat", "model.remat_policy",
+                  "model.attention_impl", "model.cpu_fast_conv", "model.dropout")
 
 
 def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -102,7 +102,7 @@ def grid_drawer(experiment: Experiment, mesh, first_stage_params=None):
 
 
 def run(experiment: Experiment, workdir: str, mesh, *, allow_config_change: bool = False,
-        data_iterator=None) -> TrainState:
+        data_iterator=None, started: float | None = None) -> TrainState:
     """Trains to ``train.num_steps``, resuming from ``WORKDIR/checkpoints`` if it has any."""
     loop.check_workdir_config(workdir, experiment.resolved, allow_config_change)
     fs_params, ae_step = common.first_stage_params(experiment, mesh)
@@ -116,4 +116,4 @@ def run(experiment: Experiment, workdir: str, mesh, *, allow_config_change: bool
                             jax.process_count())
     return loop.train(experiment.task, experiment.optim, experiment.train, workdir, mesh, it,
                       resolved=experiment.resolved, global_batch=experiment.data.batch_size,
-                      draw_grid=grid_drawer(experiment, mesh, fs_params))
+                      draw_grid=grid_drawer(experiment, mesh, fs_params), started=started)

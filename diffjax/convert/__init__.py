@@ -3,7 +3,8 @@ and converters of their state dicts, one module per family:
 
 * ``guided_diffusion``: OpenAI's ADM / improved-diffusion UNets, upsamplers, classifiers;
 * ``dit``: facebookresearch/DiT's ``.pt`` files and diffusers' ``DiTTransformer2DModel``;
-* ``autoencoder_kl``: Stable Diffusion's VAE (diffusers or CompVis/LDM key names).
+* ``autoencoder_kl``: Stable Diffusion's VAE (diffusers or CompVis/LDM key names);
+* ``sd_unet``: Stable Diffusion's UNet (diffusers' ``UNet2DConditionModel``).
 
     params = diffjax.convert.load_checkpoint("64x64_diffusion.pt", experiment)
 
@@ -17,10 +18,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from diffjax.convert import autoencoder_kl, guided_diffusion
+from diffjax.convert import autoencoder_kl, guided_diffusion, sd_unet
 from diffjax.convert import dit as dit_convert
 from diffjax.models import autoencoder as autoencoder_model
 from diffjax.models import dit as dit_model
+from diffjax.models import unet as unet_model
 
 
 def load_checkpoint(path: str | os.PathLike, config: Any, key: str | None = None) -> dict:
@@ -32,7 +34,8 @@ def load_checkpoint(path: str | os.PathLike, config: Any, key: str | None = None
     ``"ema"``). A DiT experiment reads DiT's or diffusers' names
     (:mod:`diffjax.convert.dit`), an autoencoder's diffusers' or CompVis/LDM names
     (:mod:`diffjax.convert.autoencoder_kl`; a whole SD ``.ckpt`` gives its
-    ``first_stage_model``), any other guided-diffusion's
+    ``first_stage_model``), a context-conditioned UNet (``model.context_dim`` > 0)
+    diffusers' SD UNet names (:mod:`diffjax.convert.sd_unet`), any other guided-diffusion's
     (:mod:`diffjax.convert.guided_diffusion`). Returns NumPy arrays in the config's
     parameter dtypes. Raises WeightFileError (or its subclass ConversionError): one line.
     """
@@ -42,6 +45,8 @@ def load_checkpoint(path: str | os.PathLike, config: Any, key: str | None = None
         return dit_convert.load_checkpoint(path, model, key)
     if isinstance(model, autoencoder_model.AutoencoderKL):
         return autoencoder_kl.load_checkpoint(path, model, key)
+    if isinstance(model, unet_model.UNet) and model.context_dim > 0:
+        return sd_unet.load_checkpoint(path, task, key)
     return guided_diffusion.load_checkpoint(path, task, key)
 
 

@@ -1,4 +1,5 @@
-r"""Converts a released checkpoint (guided-diffusion, improved-diffusion, DiT) into a diffjax run.
+r"""Converts a released checkpoint (guided-diffusion, improved-diffusion, DiT, SD's VAE and
+UNet) into a diffjax run.
 
     python -m diffjax.convert --config experiments/imagenet64.py \
         --checkpoint 64x64_diffusion.pt --workdir runs/adm64
@@ -58,7 +59,9 @@ def convert(config, checkpoint_path: str, workdir: str, key: str | None = None) 
     """Converts ``checkpoint_path`` for ``config`` (a ConfigDict) into ``workdir``; returns
     the number of parameters. Raises the one-line user errors before writing anything."""
     mesh = parallel.make_mesh()
-    exp = experiment.build(config, num_devices=parallel.num_data_shards(mesh), mode="sample")
+    # mode "convert": the checks of "sample", but a model it cannot sample yet (a
+    # context-conditioned UNet) converts too
+    exp = experiment.build(config, num_devices=parallel.num_data_shards(mesh), mode="convert")
     _check_workdir(workdir)
     params = load_checkpoint(checkpoint_path, exp, key)
     params = jax.device_put(params, parallel.replicated(mesh))

@@ -77,6 +77,8 @@ class EncoderClassifier(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    remat_policy: str = "block"
+    attention_impl: str = "auto"
     cpu_fast_conv: str = "auto"
 
     def _validate(self, x: Array, t: Array) -> None:

@@ -28,7 +28,8 @@ Notes:
   zero adaLN modulations and final linear, so a fresh model outputs exactly zero.
 - Mixed precision: with dtype=bfloat16 the Dense/conv matmuls and attention run in bf16;
   the residual stream, LayerNorms and modulations stay float32 and the output is float32.
-- `remat`: every DiT block is rematerialised (`nn.remat`); same params and outputs.
+- `remat`: every DiT block is rematerialised (`nn.remat`, `remat_policy` as the UNet's);
+  same params and outputs. `attention_impl` as the UNet's (cuDNN flash attention on GPU).
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ class DiTBlock(nn.Module):
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, c: Array) -> Array:
@@ -145,7 +147,8 @@ class DiTBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
         h = modulate(layer_norm(x), shift1, scale1).astype(self.dtype)
         qkv = dense(3 * d, name="qkv")(h).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-        a = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        a = layers.multihead_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                       self.attention_impl)
         a = dense(d, name="proj")(a.reshape(b, n, d))
         x = x + gate1[:, None, :] * a.astype(jnp.float32)
         h = modulate(layer_norm(x), shift2, scale2).astype(self.dtype)
@@ -177,6 +180,8 @@ class DiT(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    remat_policy: str = "block"
+    attention_impl: str = "auto"
 
     @property
     def out_channels(self) -> int:
@@ -239,10 +244,11 @@ class DiT(nn.Module):
                              embedding_init=small, name="y_embedder")
             c = c + table(y)
 
-        block = nn.remat(DiTBlock) if self.remat else DiTBlock
+        block = layers.remat(DiTBlock, self.remat, self.remat_policy)
         for i in range(self.depth):
             h = block(d, self.num_heads, self.mlp_ratio, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name=f"blocks_{i}")(h, c)
+                      param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+                      name=f"blocks_{i}")(h, c)
 
         mod = dense(2 * d, kernel_init=nn.initializers.zeros, name="final_adaLN_modulation")(
             nn.silu(c)).astype(jnp.float32)

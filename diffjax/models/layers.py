@@ -44,6 +44,14 @@ Dtype = Any
 torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 CPU_FAST_CONV_CHOICES = ("auto", "on", "off")
+# Self-attention kernels (`attention_impl`): XLA's (the [B, N, L, L] logits materialised) or
+# cuDNN's fused flash attention (GPU, bf16/fp16, head dim a multiple of 8 up to 128).
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# What rematerialisation keeps inside a rematerialised block (`remat_policy`, with remat on):
+# "block" keeps nothing (recomputes the whole block in the backward pass), "dots" keeps the
+# outputs of its matrix products and convolutions (recomputes only norms, activations,
+# softmax: less recomputation for more memory).
+REMAT_POLICIES = ("block", "dots")
 # What "auto" picks on the CPU backend (True: the shifted-GEMM weight gradient, measured
 # faster on an idle machine; see the module docstring).
 CPU_FAST_CONV_AUTO = True
@@ -322,11 +330,75 @@ def split_qkv(qkv: Array, heads: int, new_order: bool) -> tuple[Array, Array, Ar
     return qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
 
 
+def attention_implementation(option: str, dtype: Dtype, head_dim: int,
+                             backend: str | None = None) -> str:
+    """Resolves `attention_impl` to "xla" or "cudnn" at trace time.
+
+    "auto": cuDNN's flash attention where it applies (the GPU backend, bf16/fp16 compute, head
+    dim a multiple of 8 and at most 128), else XLA's; "cudnn" where it does not apply is an
+    error (use "auto" or "xla"). backend: default ``jax.default_backend()``.
+    """
+    if option not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={option!r} is invalid; use one of {ATTENTION_IMPLS}")
+    backend = jax.default_backend() if backend is None else backend
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    fits = backend == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128
+    if option == "auto":
+        return "cudnn" if fits else "xla"
+    if option == "cudnn" and not fits:
+        raise ValueError(f"attention_impl='cudnn' needs the GPU backend (have {backend!r}), "
+                         f"compute dtype bfloat16/float16 (have {jnp.dtype(dtype).name}) and "
+                         f"head channels a multiple of 8 up to 128 (have {head_dim}); use "
+                         "attention_impl='auto' or 'xla'")
+    return option
+
+
+def multihead_attention(q: Array, k: Array, v: Array, option: str = "auto",
+                        mask: Array | None = None) -> Array:
+    """softmax(q k^T / sqrt(d)) v per head: q: [B, L, N, d], k, v: [B, S, N, d] -> [B, L, N, d],
+    by `jax.nn.dot_product_attention` with the implementation `option` resolves to
+    (:func:`attention_implementation`); softmax in float32 in both.
+
+    mask: [B, S] bool, False = key excluded (its logit set to a large negative number; a row
+    with every key masked attends uniformly). cuDNN takes it as a [B, 1, L, S] bias, which
+    its training kernels refuse for an odd S: "auto" then picks XLA's."""
+    impl = attention_implementation(option, q.dtype, q.shape[-1])
+    if mask is not None and option == "auto" and k.shape[1] % 2:
+        impl = "xla"
+    if mask is not None:
+        mask = mask[:, None, None, :]
+        if impl == "cudnn":  # its bias must span the query length
+            mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
+def _saves_matmuls(prim, *_, **__) -> bool:
+    """jax.checkpoint policy: keep the outputs of matrix products and convolutions."""
+    return prim.name in ("dot_general", "conv_general_dilated")
+
+
+def remat(cls: type, enabled: bool, policy: str = "block", static_argnums: tuple[int, ...] = ()):
+    """``cls`` rematerialised as `remat_policy` says (:data:`REMAT_POLICIES`), or ``cls``
+    itself when not ``enabled``. static_argnums as `nn.remat` (self is argument 0)."""
+    if not enabled:
+        return cls
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy={policy!r} is invalid; use one of {REMAT_POLICIES}")
+    return nn.remat(cls, static_argnums=static_argnums,
+                    policy=_saves_matmuls if policy == "dots" else None)
+
+
 class AttentionBlock(nn.Module):
     """Residual multi-head self-attention over all H*W positions (ADM's AttentionBlock).
 
     out = x + proj_out(attn(split(qkv(GN(x))))), softmax(q k^T / sqrt(d)) in float32 via
-    `jax.nn.dot_product_attention`; proj_out is zero-initialised.
+    `jax.nn.dot_product_attention` (XLA's or cuDNN's, `attention_impl`, see
+    :func:`attention_implementation`); proj_out is zero-initialised.
+
+    With a context [B, L, D] (GLIDE's ``encoder_kv``): a Dense ``encoder_kv`` (D -> 2C, no
+    norm) projects it to keys and values (columns per head [k_h | v_h] as GLIDE's
+    QKVAttention, [k | v] under the new attention order), which are placed before the image
+    tokens' keys and values; context_mask [B, L] (False = excluded) masks their keys.
     """
 
     num_heads: int = 1
@@ -335,17 +407,30 @@ class AttentionBlock(nn.Module):
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        """x: [B, H, W, C] -> [B, H, W, C]."""
+    def __call__(self, x: Array, context: Array | None = None,
+                 context_mask: Array | None = None) -> Array:
+        """x: [B, H, W, C], context: [B, L, D], context_mask: [B, L] bool -> [B, H, W, C]."""
         b, hh, ww, c = x.shape
         heads = attention_heads(c, self.num_heads, self.num_head_channels)
         dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
         h = group_norm(x, self.norm_groups, "norm", self.param_dtype).reshape(b, hh * ww, c)
         qkv = dense(3 * c, kernel_init=torch_default_init, name="qkv")(h)
         q, k, v = split_qkv(qkv, heads, self.use_new_attention_order)
-        a = jax.nn.dot_product_attention(q, k, v).reshape(b, hh * ww, c)
+        mask = None
+        if context is not None:
+            ekv = dense(2 * c, kernel_init=torch_default_init, name="encoder_kv")(
+                context.astype(self.dtype))
+            ekv = ekv.reshape(b, -1, 2, heads, c // heads) if self.use_new_attention_order \
+                else ekv.reshape(b, -1, heads, 2, c // heads).swapaxes(2, 3)
+            k = jnp.concatenate([ekv[:, :, 0], k], axis=1)
+            v = jnp.concatenate([ekv[:, :, 1], v], axis=1)
+            if context_mask is not None:
+                mask = jnp.concatenate([context_mask.astype(bool),
+                                        jnp.ones((b, hh * ww), bool)], axis=1)
+        a = multihead_attention(q, k, v, self.attention_impl, mask).reshape(b, hh * ww, c)
         a = dense(c, kernel_init=nn.initializers.zeros, name="proj_out")(a)
         return x.astype(a.dtype) + a.reshape(b, hh, ww, c)
 
@@ -383,13 +468,16 @@ class ADMOptions(Protocol):
     dtype: Dtype
     param_dtype: Dtype
     remat: bool
+    remat_policy: str
+    attention_impl: str
     cpu_fast_conv: str
 
 
 def res_block(m: ADMOptions, out_channels: int, name: str, *, up: bool = False,
               down: bool = False) -> nn.Module:
-    """A `ResBlock` with m's options (rematerialised if m.remat); call as blk(x, emb, train)."""
-    cls = nn.remat(ResBlock, static_argnums=(3,)) if m.remat else ResBlock
+    """A `ResBlock` with m's options (rematerialised by m.remat_policy if m.remat); call as
+    blk(x, emb, train)."""
+    cls = remat(ResBlock, m.remat, m.remat_policy, static_argnums=(3,))
     return cls(out_channels=out_channels, dropout=m.dropout,
                use_scale_shift_norm=m.use_scale_shift_norm, up=up, down=down,
                norm_groups=m.norm_groups, dtype=m.dtype, param_dtype=m.param_dtype,
@@ -397,22 +485,31 @@ def res_block(m: ADMOptions, out_channels: int, name: str, *, up: bool = False,
 
 
 def attention_block(m: ADMOptions, num_heads: int, name: str) -> nn.Module:
-    """An `AttentionBlock` with m's options (rematerialised if m.remat); call as blk(x)."""
-    cls = nn.remat(AttentionBlock) if m.remat else AttentionBlock
+    """An `AttentionBlock` with m's options (rematerialised by m.remat_policy if m.remat);
+    call as blk(x), or blk(x, context, context_mask) (GLIDE's encoder_kv)."""
+    cls = remat(AttentionBlock, m.remat, m.remat_policy)
     return cls(num_heads=num_heads, num_head_channels=m.num_head_channels,
                use_new_attention_order=m.use_new_attention_order, norm_groups=m.norm_groups,
-               dtype=m.dtype, param_dtype=m.param_dtype, name=name)
+               dtype=m.dtype, param_dtype=m.param_dtype, attention_impl=m.attention_impl,
+               name=name)
 
 
-def encoder_half(m: ADMOptions, x: Array, emb: Array, *, train: bool) -> tuple[Array, list[Array]]:
+def encoder_half(m: ADMOptions, x: Array, emb: Array, *, train: bool,
+                 attend: Callable[[Array, int, str], Array] | None = None
+                 ) -> tuple[Array, list[Array]]:
     """ADM's input blocks and middle block, built in the calling module's scope.
 
     Must be called from m's compact `__call__`. Attention is applied after a res block when
-    the current height is in m.attention_resolutions (pixel resolutions).
+    the current height is in m.attention_resolutions (pixel resolutions), and in the middle:
+    ``attend(h, num_heads, name) -> h`` (default: ``attention_block(m, num_heads, name)(h)``;
+    the UNet's context conditioning passes its own).
     x: [B, H, W, C_in], emb: [B, E] -> (h: [B, H/2^(n-1), W/2^(n-1), C_mid], skips), where
     skips are the outputs of every input block (what the UNet decoder concatenates).
     Parameter names: input_blocks_{i}_{conv,res,attn,down}, middle_{res_0,attn,res_1}.
     """
+    if attend is None:
+        def attend(h_: Array, heads: int, name: str) -> Array:
+            return attention_block(m, heads, name)(h_)
     ch = int(m.channel_mult[0] * m.model_channels)
     h = Conv(ch, 3, dtype=m.dtype, param_dtype=m.param_dtype, cpu_fast_conv=m.cpu_fast_conv,
              name="input_blocks_0_conv")(x)
@@ -422,7 +519,7 @@ def encoder_half(m: ADMOptions, x: Array, emb: Array, *, train: bool) -> tuple[A
             h = res_block(m, int(mult * m.model_channels), f"input_blocks_{k}_res")(h, emb,
                                                                                   train)
             if h.shape[1] in m.attention_resolutions:
-                h = attention_block(m, m.num_heads, f"input_blocks_{k}_attn")(h)
+                h = attend(h, m.num_heads, f"input_blocks_{k}_attn")
             skips.append(h)
             k += 1
         if level != len(m.channel_mult) - 1:
@@ -436,7 +533,7 @@ def encoder_half(m: ADMOptions, x: Array, emb: Array, *, train: bool) -> tuple[A
             skips.append(h)
             k += 1
     h = res_block(m, h.shape[-1], "middle_res_0")(h, emb, train)
-    h = attention_block(m, m.num_heads, "middle_attn")(h)
+    h = attend(h, m.num_heads, "middle_attn")
     h = res_block(m, h.shape[-1], "middle_res_1")(h, emb, train)
     return h, skips
 

@@ -28,7 +28,23 @@ Notes:
   (never on TPU/GPU); "auto" follows `layers.CPU_FAST_CONV_AUTO` (True: the GEMM path on
   CPU, measured faster here); "off" is always native. See the `layers` module docstring.
 - `remat`: every ResBlock and AttentionBlock is rematerialised (`nn.remat`); same params,
-  same outputs and gradients, less activation memory.
+  same outputs and gradients, less activation memory. `remat_policy` "block" recomputes the
+  whole block in the backward pass, "dots" keeps its convolution and matmul outputs
+  (`layers.REMAT_POLICIES`).
+- `attention_impl`: "auto" (cuDNN's fused flash attention on GPU in bf16/fp16, else XLA's),
+  "xla" or "cudnn" (`layers.attention_implementation`); same params, same function.
+- Context conditioning (`diffjax.models.cross_attention`; names of CompVis/LDM's UNetModel):
+  `context_dim` > 0 makes the UNet take `context` [B, L, context_dim] and optionally
+  `context_mask` [B, L] (bool, False = padding). Every attention block attends to it:
+  `use_spatial_transformer=False` is GLIDE's form (the block's `encoder_kv` adds the
+  context's keys and values to its own), True is LDM / Stable Diffusion's (a
+  SpatialTransformer of `transformer_depth` blocks of self-attention, cross-attention and a
+  GEGLU feed-forward; `use_linear_in_transformer`: SD 2's Linear proj_in/out, the same
+  function here). `context_pool` "last" (GLIDE) or "mean" (Imagen) also adds a projection
+  (`context_proj`) of the pooled context to the time embedding. With context_dim=0 (the
+  default) nothing changes. SD 1.5's UNet is model_channels 320, channel_mult (1, 2, 4, 4),
+  num_res_blocks 2, attention_resolutions (64, 32, 16) at a 64x64 latent, num_heads 8,
+  context_dim 768, use_spatial_transformer (experiments/sd15_unet.py).
 """
 
 from __future__ import annotations
@@ -39,7 +55,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffjax.models import layers
+from diffjax.models import cross_attention, layers
 
 Array = jax.Array
 
@@ -83,8 +99,38 @@ class UNet(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    remat_policy: str = "block"
+    attention_impl: str = "auto"
     cpu_fast_conv: str = "auto"
     aug_embed: bool = False
+    context_dim: int = 0
+    use_spatial_transformer: bool = False
+    transformer_depth: int = 1
+    use_linear_in_transformer: bool = False
+    context_pool: str = "none"
+
+    def _validate_context(self, x: Array, context: Array | None,
+                          context_mask: Array | None) -> None:
+        if (context is None) != (self.context_dim <= 0):
+            raise ValueError("UNet: pass context [B, L, D] if and only if context_dim > 0 "
+                             f"(context_dim={self.context_dim}, context given: "
+                             f"{context is not None})")
+        if context is None:
+            if context_mask is not None:
+                raise ValueError("UNet: context_mask given without a context")
+            return
+        if context.ndim != 3 or context.shape[0] != x.shape[0] or \
+                context.shape[2] != self.context_dim:
+            raise ValueError(f"UNet expects context of shape [B, L, context_dim] = "
+                             f"({x.shape[0]}, L, {self.context_dim}), got {context.shape}")
+        if context_mask is not None and context_mask.shape != context.shape[:2]:
+            raise ValueError(f"UNet expects context_mask of shape [B, L] = "
+                             f"{context.shape[:2]}, got {context_mask.shape}")
+        if self.context_pool not in cross_attention.CONTEXT_POOLS:
+            raise ValueError(f"context_pool={self.context_pool!r} is invalid; use one of "
+                             f"{cross_attention.CONTEXT_POOLS}")
+        if self.transformer_depth < 1:
+            raise ValueError(f"transformer_depth={self.transformer_depth} must be >= 1")
 
     def _validate(self, x: Array, t: Array, y: Array | None, low_res: Array | None) -> None:
         if x.ndim != 4:
@@ -106,10 +152,13 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, t: Array, y: Array | None = None, *, train: bool = False,
-                 low_res: Array | None = None, aug_level: Array | None = None) -> Array:
+                 low_res: Array | None = None, aug_level: Array | None = None,
+                 context: Array | None = None, context_mask: Array | None = None) -> Array:
         """x: [B,H,W,C], t: [B] float, y: [B] int32, low_res: [B,h,w,C'], aug_level: [B]
-        float (iff aug_embed) -> [B,H,W,Cout] float32."""
+        float (iff aug_embed), context: [B,L,context_dim] (iff context_dim > 0),
+        context_mask: [B,L] bool (default: all tokens) -> [B,H,W,Cout] float32."""
         self._validate(x, t, y, low_res)
+        self._validate_context(x, context, context_mask)
         if (aug_level is None) == self.aug_embed:
             raise ValueError("UNet: pass aug_level [B] if and only if aug_embed is set (aug_embed="
                              f"{self.aug_embed}, aug_level given: {aug_level is not None})")
@@ -127,8 +176,22 @@ class UNet(nn.Module):
         if self.aug_embed:
             emb = emb + layers.TimeEmbed(self.model_channels, self.dtype, self.param_dtype,
                                          name="aug_embed")(jnp.broadcast_to(aug_level, t.shape))
-        h, skips = layers.encoder_half(self, x.astype(self.dtype), emb, train=train)
-        h = self._decoder_half(h, skips, emb, train)
+        if context is not None and self.context_pool != "none":
+            pooled = cross_attention.pool_context(context, context_mask, self.context_pool)
+            emb = emb + nn.Dense(4 * self.model_channels, dtype=self.dtype,
+                                 param_dtype=self.param_dtype,
+                                 kernel_init=layers.torch_default_init,
+                                 name="context_proj")(pooled.astype(self.dtype))
+
+        def attend(h_: Array, heads: int, name: str) -> Array:
+            if context is not None and self.use_spatial_transformer:
+                return cross_attention.spatial_transformer(
+                    self, heads, self.transformer_depth, name)(h_, context, context_mask)
+            return layers.attention_block(self, heads, name)(h_, context, context_mask)
+
+        h, skips = layers.encoder_half(self, x.astype(self.dtype), emb, train=train,
+                                       attend=attend)
+        h = self._decoder_half(h, skips, emb, train, attend)
         h = nn.silu(layers.group_norm(h.astype(jnp.float32), self.norm_groups, "out_norm",
                                       self.param_dtype))
         cout = self.out_channels * (2 if self.learn_sigma else 1)
@@ -137,7 +200,8 @@ class UNet(nn.Module):
                           name="out_conv")(h)
         return out.astype(jnp.float32)
 
-    def _decoder_half(self, h: Array, skips: list[Array], emb: Array, train: bool) -> Array:
+    def _decoder_half(self, h: Array, skips: list[Array], emb: Array, train: bool,
+                      attend) -> Array:
         """Output blocks: names output_blocks_{i}_{res,attn,up}. Consumes `skips`."""
         heads_up = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
         k = 0
@@ -147,7 +211,7 @@ class UNet(nn.Module):
                 h = layers.res_block(self, int(mult * self.model_channels),
                                      f"output_blocks_{k}_res")(h, emb, train)
                 if h.shape[1] in self.attention_resolutions:
-                    h = layers.attention_block(self, heads_up, f"output_blocks_{k}_attn")(h)
+                    h = attend(h, heads_up, f"output_blocks_{k}_attn")
                 if level and i == self.num_res_blocks:
                     name = f"output_blocks_{k}_up"
                     if self.resblock_updown:
@@ -168,7 +232,8 @@ def count_params(module: nn.Module, input_shape: tuple[int, ...], *,
     """Number of parameters of a UNet or EncoderClassifier for inputs [B, H, W, C].
 
     Uses `jax.eval_shape` on `module.init`: nothing is allocated or computed. Labels are
-    passed iff the module is a class-conditional UNet.
+    passed iff the module is a class-conditional UNet, a one-token context iff it has
+    context_dim > 0 (the count does not depend on the context's length).
     """
     b = input_shape[0]
     args: list[Any] = [jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32),
@@ -178,6 +243,8 @@ def count_params(module: nn.Module, input_shape: tuple[int, ...], *,
         args.append(None if module.num_classes is None else jax.ShapeDtypeStruct((b,), jnp.int32))
         if low_res_shape is not None:
             kwargs["low_res"] = jax.ShapeDtypeStruct(tuple(low_res_shape), jnp.float32)
+        if module.context_dim > 0:
+            kwargs["context"] = jax.ShapeDtypeStruct((b, 1, module.context_dim), jnp.float32)
     variables = jax.eval_shape(lambda *a, **kw: module.init(jax.random.key(0), *a, **kw),
                                *args, **kwargs)
     return layers.num_params(variables["params"])

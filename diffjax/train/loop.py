@@ -2,12 +2,16 @@
 
 Small on purpose: the step is pure (:mod:`diffjax.train.step`), the pieces around it are
 helpers. Metrics stay on the devices and are fetched every ``train.log_every`` steps. Only
-process 0 writes logs and images; every process takes part in checkpointing.
+process 0 writes logs and images; every process takes part in checkpointing. The state lies
+on the devices as ``parallel.shard_state`` says (replicated, or sharded over the data axis:
+:func:`diffjax.parallel.state_sharding`); it is created, restored and stepped in that
+sharding, so a run checkpointed under one setting resumes under the other.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +26,12 @@ from diffjax.specs import OptimSpec, TrainSpec
 from diffjax.tasks import Task
 from diffjax.train import ema_snapshots, optim, posthoc_ema, reporting
 from diffjax.train import step as step_lib
-from diffjax.train.state import TrainState, abstract_state, create_sharded_state
+from diffjax.train.state import (
+    TrainState,
+    create_sharded_state,
+    state_shapes,
+    with_sharding,
+)
 from diffjax.train.step import step_key
 
 
@@ -31,7 +40,10 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Trainer:
-    """Everything built for training a task: learning rate, optimiser, jitted step."""
+    """Everything built for training a task: learning rate, optimiser, jitted step.
+
+    ``state_sharding``: the tree of NamedSharding the state lives in (``train.shard_state``).
+    """
 
     def __init__(self, task: Task, optim_spec: OptimSpec, train_spec: TrainSpec, mesh):
         self.task, self.mesh = task, mesh
@@ -42,18 +54,33 @@ class Trainer:
                                        weight_decay=o.weight_decay, grad_clip=o.grad_clip)
         step = step_lib.make_train_step(task.loss_fn(), self.tx, o.ema_decays, self.lr,
                                         task.timestep_sampler, o.ema_gammas)
+        self._state_args = (task.init_params, self.tx, train_spec.seed,
+                            len(o.ema_decays) + len(o.ema_gammas), task.schedule.num_timesteps)
+        self._shapes = state_shapes(*self._state_args)
+        self.state_sharding = parallel.state_sharding(mesh, self._shapes, train_spec.shard_state)
         rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
         self.train_step = jax.jit(
             lambda state, batch: step(state, batch, step_key(state)),
-            in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
-        self._state_args = (task.init_params, self.tx, train_spec.seed, len(o.ema_decays) + len(o.ema_gammas),
-                            task.schedule.num_timesteps, rep)
+            in_shardings=(self.state_sharding, data), out_shardings=(self.state_sharding, rep),
+            donate_argnums=(0,))
+        # One program for a whole tree: independent collective programs in flight together
+        # can deadlock XLA:CPU's in-process collectives (see checkpoint._leaf_digest).
+        self._gather = jax.jit(lambda tree: tree, out_shardings=rep)
+
+    def replicated(self, tree: Any) -> Any:
+        """``tree`` (part of the state) whole on every device, as the sampling and
+        reconstruction programs take parameters; itself when it already is."""
+        if all(x.is_fully_replicated for x in jax.tree.leaves(tree)):
+            return tree
+        return self._gather(tree)
 
     def new_state(self) -> TrainState:
-        return create_sharded_state(*self._state_args)
+        return create_sharded_state(*self._state_args, self.state_sharding)
 
     def abstract_state(self) -> TrainState:
-        return abstract_state(*self._state_args)
+        """Shapes, dtypes and this trainer's shardings of the state: restoring into it places
+        a checkpoint's arrays in them, whatever sharding wrote it."""
+        return with_sharding(self._shapes, self.state_sharding)
 
 
 def _changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -70,7 +97,7 @@ def _changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
 def check_workdir_config(workdir: str, resolved: dict, allow_change: bool) -> None:
     """Refuses to continue a workdir whose run had another model, data, diffusion or optimiser.
 
-    Sections that may change between sessions of one run (train, eval, sampler) and
+    Sections that may change between sessions of one run (train, eval, sampler, parallel) and
     ema.sigma_rel (which post-hoc EMA sample/eval use) are not compared.
     """
     path = epath.Path(workdir) / "config.json"
@@ -78,7 +105,7 @@ def check_workdir_config(workdir: str, resolved: dict, allow_change: bool) -> No
         return
     previous = json.loads(path.read_text())
     current = json.loads(json.dumps(resolved, default=str))
-    mutable = ("train", "eval", "sampler")
+    mutable = ("train", "eval", "sampler", "parallel")
     changed = [f for f in _changed_fields(previous, current)
                if f.split(".")[0] not in mutable and f != "ema.sigma_rel"]
     if changed:
@@ -90,15 +117,18 @@ def check_workdir_config(workdir: str, resolved: dict, allow_change: bool) -> No
 
 def train(task: Task, optim_spec: OptimSpec, t: TrainSpec, workdir: str, mesh, data_iterator,
           *, resolved: dict[str, Any], global_batch: int,
-          draw_grid: Callable[[Any], tuple[np.ndarray, int]] | None = None) -> TrainState:
+          draw_grid: Callable[[Any], tuple[np.ndarray, int]] | None = None,
+          started: float | None = None) -> TrainState:
     """Trains to ``t.num_steps``, resuming from ``workdir/checkpoints`` if it has any.
 
     data_iterator: this process's iterator of local batches; resolved: the config as a dict
     (written to WORKDIR/config.json and saved with every checkpoint; the caller checks it
     against an existing run first, :func:`check_workdir_config`); draw_grid:
     ``ema_params -> (images [N, H, W, C] in [-1, 1], classes per row or 0)``, called every
-    ``t.sample_every`` steps (None: no grids).
+    ``t.sample_every`` steps (None: no grids); started: ``time.time()`` when the process
+    started (default: now), from which the time to the first step is reported.
     """
+    began = time.time() if started is None else started
     parallel.check_global_batch(global_batch, mesh)
     trainer = Trainer(task, optim_spec, t, mesh)
     manager = checkpoint.make_manager(checkpoint.checkpoint_dir(workdir), t.keep_checkpoints,
@@ -108,6 +138,9 @@ def train(task: Task, optim_spec: OptimSpec, t: TrainSpec, workdir: str, mesh, d
         state, start = checkpoint.restore(manager, trainer.abstract_state(), feeder)
     else:
         state, start = trainer.new_state(), 0
+    jax.block_until_ready(state)
+    state_ready = time.time()
+    how = "restored" if start else "created"
     writer = reporting.Reporter(workdir, enabled=jax.process_index() == 0,
                                 total_steps=t.num_steps, start_step=start,
                                 batch_size=global_batch)
@@ -124,6 +157,11 @@ def train(task: Task, optim_spec: OptimSpec, t: TrainSpec, workdir: str, mesh, d
         for step in range(start, t.num_steps):
             state, metrics = trainer.train_step(state, next(feeder))
             pending.append(metrics)
+            if step == start:  # compile (or the persistent cache) and the first step
+                jax.block_until_ready(metrics)
+                writer.startup(step + 1, {"total": time.time() - began,
+                                          f"state {how}": state_ready - began,
+                                          "compile and first step": time.time() - state_ready})
             done = step + 1
             if done % t.log_every == 0 or done == t.num_steps:
                 summary = _mean_metrics(jax.device_get(pending))
@@ -139,7 +177,7 @@ def train(task: Task, optim_spec: OptimSpec, t: TrainSpec, workdir: str, mesh, d
             if snapshots is not None and done % t.ema_snapshot_every == 0:
                 snapshots.save(done, state)
             if draws and (done % t.sample_every == 0 or done == t.num_steps):
-                images, per_row = draw_grid(state.ema_params[0])
+                images, per_row = draw_grid(trainer.replicated(state.ema_params[0]))
                 writer.image_grid(done, images, per_row)
     finally:
         feeder.close()

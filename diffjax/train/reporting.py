@@ -61,6 +61,19 @@ class Reporter:
             f"{metrics.get('grad_norm', float('nan')):.3f} lr {metrics.get('learning_rate', 0):.2e}"
             f" {rate:.2f} steps/s ETA {int(eta) // 60}m{int(eta) % 60:02d}s", file=sys.stderr)
 
+    def startup(self, step: int, seconds: dict[str, float]) -> None:
+        """One line on how long the run took to its first step: ``seconds["total"]`` and its
+        parts (state created or restored; compiling, or reading the persistent compilation
+        cache, and the step itself); TensorBoard scalars ``startup/*``."""
+        if not self.enabled:
+            return
+        parts = ", ".join(f"{name} {value:.1f} s" for name, value in seconds.items()
+                          if name != "total")
+        print(f"step {step}: first step {seconds['total']:.1f} s after start ({parts})",
+              file=sys.stderr, flush=True)
+        for name, value in seconds.items():
+            self._tb.add_scalar(f"startup/{name.replace(' ', '_')}_s", value, step)
+
     def image_grid(self, step: int, images: np.ndarray, num_classes: int) -> str | None:
         """Writes ``samples/step_<7-digit step>.png``; one row per class when class-conditional."""
         if not self.enabled:

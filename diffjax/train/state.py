@@ -64,7 +64,8 @@ def create_sharded_state(
     num_timesteps: int,
     sharding: jax.sharding.Sharding,
 ) -> TrainState:
-    """The state created directly on the devices with ``sharding`` (replicated for DP)."""
+    """The state created directly on the devices with ``sharding``: one Sharding for every
+    array, or a tree of them matching the state (:func:`diffjax.parallel.state_sharding`)."""
     make = lambda: create_train_state(init_fn, tx, seed, num_ema, num_timesteps)  # noqa: E731
     return jax.jit(make, out_shardings=sharding)()
 
@@ -77,10 +78,29 @@ def abstract_state(
     num_timesteps: int,
     sharding: jax.sharding.Sharding,
 ) -> TrainState:
-    """Shapes, dtypes and shardings of the state, nothing allocated (for restoring)."""
-    shapes = jax.eval_shape(lambda: create_train_state(init_fn, tx, seed, num_ema, num_timesteps))
+    """Shapes, dtypes and shardings of the state, nothing allocated (for restoring).
+
+    sharding: one Sharding for every array, or a tree of them matching the state."""
+    return with_sharding(state_shapes(init_fn, tx, seed, num_ema, num_timesteps), sharding)
+
+
+def state_shapes(
+    init_fn: Callable[[jax.Array], Any],
+    tx: optax.GradientTransformation,
+    seed: int,
+    num_ema: int,
+    num_timesteps: int,
+) -> TrainState:
+    """Shapes and dtypes of the state (``jax.eval_shape``: nothing allocated)."""
+    return jax.eval_shape(lambda: create_train_state(init_fn, tx, seed, num_ema, num_timesteps))
+
+
+def with_sharding(shapes: Any, sharding: Any) -> Any:
+    """``shapes`` as ShapeDtypeStructs placed by ``sharding`` (one, or a matching tree)."""
+    if isinstance(sharding, jax.sharding.Sharding):
+        sharding = jax.tree.map(lambda _: sharding, shapes)
     return jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, sharding
     )
 
 

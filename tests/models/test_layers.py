@@ -218,3 +218,28 @@ def test_group_norm_rejects_indivisible_channels():
 def test_num_params_counts_shape_structs():
     tree = {"a": jax.ShapeDtypeStruct((3, 4), jnp.float32), "b": jnp.zeros((5,))}
     assert layers.num_params(tree) == 17
+
+
+def test_attention_implementation_option():
+    """cuDNN's flash attention only where it applies; "cudnn" elsewhere is a one-line error."""
+    from diffjax.models.layers import attention_implementation as impl
+
+    bf16 = jnp.bfloat16
+    assert impl("auto", bf16, 64, "gpu") == "cudnn"
+    assert impl("auto", jnp.float16, 128, "gpu") == "cudnn"
+    # float32, a head dim cuDNN does not take, or another backend: XLA's
+    assert impl("auto", jnp.float32, 64, "gpu") == "xla"
+    assert impl("auto", bf16, 12, "gpu") == "xla"
+    assert impl("auto", bf16, 256, "gpu") == "xla"
+    assert impl("auto", bf16, 64, "cpu") == "xla"
+    assert impl("auto", bf16, 64, "tpu") == "xla"
+    assert impl("xla", bf16, 64, "gpu") == "xla"
+    assert impl("cudnn", bf16, 64, "gpu") == "cudnn"
+    for dtype, head, backend in ((bf16, 64, "cpu"), (jnp.float32, 64, "gpu"), (bf16, 12, "gpu")):
+        with pytest.raises(ValueError, match="attention_impl='cudnn' needs") as e:
+            impl("cudnn", dtype, head, backend)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="use one of"):
+        impl("flash", bf16, 64, "gpu")
+    # On this machine "auto" is XLA's: the block computes what it always did.
+    assert impl("auto", bf16, 64) == ("cudnn" if jax.default_backend() == "gpu" else "xla")

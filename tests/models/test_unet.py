@@ -268,18 +268,50 @@ def test_remat_identical_outputs_and_grads():
     kw = dict(COND, channel_mult=(1,), attention_resolutions=(8,))
     x, t, y = _inputs()
     params = _random_params(jax.eval_shape(lambda: UNet(**kw).init(_key(0), x, t, y))["params"])
-    plain, remat = _grad_fn(UNet(**kw)), _grad_fn(UNet(**kw, remat=True))
-    # remat really rematerialises: checkpointed sub-computations appear in the program.
-    traced = [str(jax.make_jaxpr(f)(params, x, t, y, _key(3))) for f in (plain, remat)]
-    assert "remat" not in traced[0] and traced[1].count("remat") >= 8  # 5 res + 3 attn
+    plain = _grad_fn(UNet(**kw))
     l0, g0 = plain(params, x, t, y, _key(3))
-    l1, g1 = remat(params, x, t, y, _key(3))
-    # Same ops recomputed with the same dropout masks: equal up to XLA's fusion choices.
-    np.testing.assert_allclose(l1, l0, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
-        scale = float(np.abs(b).max())
-        assert scale > 0
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)
+    for policy in ("block", "dots"):
+        remat = _grad_fn(UNet(**kw, remat=True, remat_policy=policy))
+        # remat really rematerialises: checkpointed sub-computations appear in the program.
+        traced = [str(jax.make_jaxpr(f)(params, x, t, y, _key(3))) for f in (plain, remat)]
+        assert "remat" not in traced[0] and traced[1].count("remat") >= 8  # 5 res + 3 attn
+        l1, g1 = remat(params, x, t, y, _key(3))
+        # Same ops recomputed with the same dropout masks: equal up to XLA's fusion choices.
+        np.testing.assert_allclose(l1, l0, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+            scale = float(np.abs(b).max())
+            assert scale > 0
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)
+
+
+def _residuals(model, params, x, t, y):
+    """What the backward pass of model's loss keeps from the forward pass: {shape: count}."""
+    def loss(p):
+        return jnp.mean(model.apply({"params": p}, x, t, y) ** 2)
+    # The VJP closure is a pytree whose leaves are the residuals; shapes only, nothing run.
+    leaves = jax.eval_shape(lambda p: jax.tree.leaves(jax.vjp(loss, p)[1]), params)
+    kept = {}
+    for leaf in leaves:
+        kept[leaf.shape] = kept.get(leaf.shape, 0) + 1
+    return kept
+
+
+def test_remat_policies_keep_what_they_say():
+    """Activations [B, H, W, C] kept for the backward pass: all of them without remat, only the
+    blocks' inputs with "block", those plus every conv/matmul output with "dots"."""
+    kw = dict(COND, channel_mult=(1,), attention_resolutions=(8,), dropout=0.0,
+              cpu_fast_conv="off")
+    x, t, y = _inputs()
+    params = jax.eval_shape(lambda: UNet(**kw).init(_key(0), x, t, y))["params"]
+    feature = x.shape[:3] + (kw["model_channels"],)  # [B, H, W, C] inside the blocks
+    kept = {name: _residuals(UNet(**kw, remat=name != "none", remat_policy=p), params, x, t, y)
+            .get(feature, 0) for name, p in (("none", "block"), ("block", "block"),
+                                             ("dots", "dots"))}
+    # 5 ResBlocks and 3 attention blocks (whose qkv / proj outputs are [B, L, C]-shaped). Of a
+    # ResBlock's two conv outputs the backward pass needs the first (GroupNorm's input) and
+    # not the second (only added to the skip), so "dots" keeps 5 arrays more than "block".
+    assert kept["block"] < kept["dots"] < kept["none"], kept
+    assert kept["dots"] - kept["block"] == 5, kept
 
 
 def test_dropout_only_in_training(tiny):

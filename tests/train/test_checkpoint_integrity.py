@@ -353,3 +353,55 @@ def test_failed_write_keeps_earlier_checkpoints_and_the_next_run_resumes(tmp_pat
     checkpoint.wait(manager)
     assert sorted(os.listdir(directory)) == ["1", "5"]
     assert {k: v for k, v in _hashes(directory).items() if k.startswith("1" + os.sep)} == before
+
+
+# ------------------------------------------------------------------- the command line, disk full
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _train(workdir, steps, cache, limit=0):
+    """``python -m diffjax.main`` training the smoke model, a checkpoint every step, with the
+    file size limit ``limit`` bytes (0: none)."""
+    import resource
+
+    def preexec():
+        if limit:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, "-m", "diffjax.main", "--config", "experiments/fashion_mnist.py:smoke",
+           "--workdir", str(workdir), f"--config.train.num_steps={steps}",
+           "--config.train.checkpoint_every=1", "--config.train.log_every=1",
+           "--config.train.sample_every=0", "--config.train.keep_checkpoints=3",
+           "--compilation_cache_dir", str(cache)]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+                          preexec_fn=preexec, check=False)
+
+
+def test_disk_full_during_a_run_is_one_line_and_the_run_resumes(tmp_path):
+    """ulimit -f below a checkpoint's size: the run stops with exit 2 and stderr holds its
+    progress lines and one ``diffjax: error:`` line, nothing else (none of the tracebacks that
+    orbax's, asyncio's and tensorstore's threads report the failed writes with); the earlier
+    checkpoints are untouched, and the same command without the limit resumes to the end."""
+    workdir, cache = tmp_path / "run", tmp_path / "cache"
+    first = _train(workdir, 2, cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpts = workdir / "checkpoints"
+    before = _hashes(ckpts)
+    biggest = max(os.path.getsize(ckpts / name) for name in before)
+    # no compilation cache here: its writes would meet the limit too
+    full = _train(workdir, 4, "", limit=biggest // 2)
+    assert full.returncode == 2, full.stderr[-3000:]
+    lines = [x for x in full.stderr.replace("\r", "\n").splitlines() if x.strip()]
+    errors = [x for x in lines if x.startswith("diffjax: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], full.stderr[-3000:]
+    assert errors[0].startswith(f"diffjax: error: writing a checkpoint in {ckpts} failed "
+                                "(File too large)"), errors[0]
+    others = [x for x in lines[:-1] if not x.startswith("step ")]
+    assert not others, others[:10]
+    assert {k: v for k, v in _hashes(ckpts).items() if k in before} == before
+    resumed = _train(workdir, 4, cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(os.listdir(ckpts)) == ["2", "3", "4"]

@@ -1,0 +1,310 @@
+"""Stable Diffusion UNet state dicts (diffusers' ``UNet2DConditionModel`` names) -> the
+context-conditioned :class:`diffjax.models.unet.UNet` (``use_spatial_transformer=True``).
+
+    params = load_checkpoint("unet/diffusion_pytorch_model.safetensors", experiment)
+
+========================================  =============================================
+diffusers                                 diffjax
+========================================  =============================================
+``conv_in``                               ``input_blocks_0_conv``
+``time_embedding.linear_{1,2}``           ``time_embed/dense_{0,1}``
+``class_embedding``                       ``label_emb`` (``num_class_embeds``)
+``down_blocks.I.resnets.J``               ``input_blocks_K_res`` (K counts ADM's blocks)
+``down_blocks.I.attentions.J``            ``input_blocks_K_attn``
+``down_blocks.I.downsamplers.0.conv``     ``input_blocks_K_down``
+``mid_block.resnets.{0,1}``               ``middle_res_{0,1}``
+``mid_block.attentions.0``                ``middle_attn``
+``up_blocks.U.resnets.J`` / ``.attentions.J`` / ``.upsamplers.0.conv``
+                                          ``output_blocks_K_{res,attn,up}`` (U = n-1-level)
+``conv_norm_out`` / ``conv_out``          ``out_norm`` / ``out_conv``
+ResnetBlock2D ``norm1, conv1,             ``in_norm, in_conv, emb_proj, out_norm,
+time_emb_proj, norm2, conv2,              out_conv, skip``
+conv_shortcut``
+Transformer2DModel ``norm, proj_in,       ``norm, proj_in, proj_out``,
+proj_out``, ``transformer_blocks.N``      ``transformer_blocks_N``
+BasicTransformerBlock ``norm{1,2,3}``,    ``norm{1,2,3}``, ``attn{1,2}/{to_q,...,to_out}``,
+``attn{1,2}.to_{q,k,v}``, ``.to_out.0``,  ``ff_geglu``, ``ff_out``
+``ff.net.0.proj``, ``ff.net.2``
+========================================  =============================================
+
+CompVis/LDM's ``model.diffusion_model.*`` names are not read (convert them to diffusers'
+first). Layouts: conv [O, I, kh, kw] -> HWIO; Linear [O, I] -> Dense [I, O]; the
+transformer's ``proj_in`` / ``proj_out``: a 1x1 conv [O, I, 1, 1] (SD 1.x) or a Linear
+(SD 2.x, ``use_linear_projection``) -> Dense [I, O], and the stored rank must be the one
+``use_linear_in_transformer`` says; GroupNorm / LayerNorm ``weight`` -> ``scale``. Arrays
+are cast to the parameter dtype. The head count, GroupNorm groups and transformer depth of
+a checkpoint show in no shape but the last: transcribe them (SD 1.5: 8 heads, 32 groups).
+Every tensor must be used and every parameter filled. This module needs flax (it traces the
+module's abstract parameters).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from diffjax.convert import torch_file
+from diffjax.convert.guided_diffusion import ConversionError, mismatch_error
+from diffjax.models.unet import UNet
+
+_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "embedding": "weight"}
+_RES = {"in_norm": "norm1", "in_conv": "conv1", "emb_proj": "time_emb_proj",
+        "out_norm": "norm2", "out_conv": "conv2", "skip": "conv_shortcut"}
+_BLOCK = {"norm1": "norm1", "norm2": "norm2", "norm3": "norm3", "attn1": "attn1",
+          "attn2": "attn2", "ff_geglu": "ff.net.0.proj", "ff_out": "ff.net.2"}
+_TOP = {"input_blocks_0_conv": "conv_in", "out_norm": "conv_norm_out", "out_conv": "conv_out",
+        "label_emb": "class_embedding", "middle_res_0": "mid_block.resnets.0",
+        "middle_res_1": "mid_block.resnets.1", "middle_attn": "mid_block.attentions.0"}
+_ADM_BLOCK = re.compile(r"^(input|output)_blocks_(\d+)_(res|attn|down|up)$")
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def _block_places(module: UNet) -> dict[tuple[str, int], tuple[int, int]]:
+    """(``input``/``output``, ADM block index K) -> (diffusers block index, position J)."""
+    n, places, k = len(module.channel_mult), {}, 1
+    for level in range(n):
+        for j in range(module.num_res_blocks):
+            places["input", k] = (level, j)
+            k += 1
+        if level != n - 1:
+            places["input", k] = (level, 0)
+            k += 1
+    k = 0
+    for level in reversed(range(n)):
+        for i in range(module.num_res_blocks + 1):
+            places["output", k] = (n - 1 - level, i)
+            k += 1
+    return places
+
+
+def _module_name(path: tuple[str, ...], places) -> str:
+    """diffusers' module name of a diffjax module path (without the leaf)."""
+    top, rest = path[0], path[1:]
+    if top == "time_embed":
+        return {"dense_0": "time_embedding.linear_1", "dense_1": "time_embedding.linear_2"}[
+            rest[0]]
+    match = _ADM_BLOCK.match(top)
+    if top in _TOP:
+        base = _TOP[top]
+    elif match:
+        kind, k, part = match.groups()
+        i, j = places[kind, int(k)]
+        blocks = "down_blocks" if kind == "input" else "up_blocks"
+        if part in ("down", "up"):
+            return f"{blocks}.{i}.{part}samplers.0.conv"
+        base = f"{blocks}.{i}.{'resnets' if part == 'res' else 'attentions'}.{j}"
+    else:
+        raise ConversionError(
+            f"diffjax parameter {'/'.join(path)} has no counterpart in diffusers' "
+            "UNet2DConditionModel; set model.context_pool='none' and no noise-augmentation "
+            "embedding (condition.aug_max=0)")
+    if not rest:
+        return base
+    if rest[0] in _RES and (top.endswith("_res") or top.startswith("middle_res")):
+        return f"{base}.{_RES[rest[0]]}"
+    if rest[0] == "encoder_kv" or rest[0] == "qkv":
+        raise ConversionError("diffusers' UNet2DConditionModel has SD's transformer blocks, "
+                              "not GLIDE's attention: set model.use_spatial_transformer=True")
+    if rest[0].startswith("transformer_blocks_"):
+        name = f"{base}.transformer_blocks.{rest[0].rsplit('_', 1)[1]}.{_BLOCK[rest[1]]}"
+        return f"{name}.{'to_out.0' if rest[2:] == ('to_out',) else '.'.join(rest[2:])}" \
+            if rest[1].startswith("attn") else name
+    return f"{base}.{rest[0]}"  # the transformer's norm / proj_in / proj_out
+
+
+def diffusers_names(abstract_params: Any, module: UNet) -> dict[str, tuple[str, ...]]:
+    """diffusers tensor name -> diffjax parameter path, for every parameter of the tree."""
+    places = _block_places(module)
+    return {f"{_module_name(path[:-1], places)}.{_LEAF[path[-1]]}": path
+            for path in traverse_util.flatten_dict(abstract_params)}
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _proj(name: str) -> bool:
+    return bool(re.search(r"attentions\.\d+\.proj_(in|out)\.weight$", name))
+
+
+def _torch_shape(name: str, shape: tuple[int, ...], module: UNet,
+                 torch_ndim: int) -> tuple[int, ...]:
+    """The shape a diffusers checkpoint stores for a diffjax parameter of ``shape``."""
+    if len(shape) == 4:
+        kh, kw, i, o = shape
+        return (o, i, kh, kw)
+    if len(shape) == 2 and not name.endswith("class_embedding.weight"):
+        if _proj(name):
+            return (shape[1], shape[0]) + (() if module.use_linear_in_transformer else (1, 1))
+        return (shape[1], shape[0]) + (1,) * max(0, torch_ndim - 2)
+    return tuple(shape)
+
+
+def _hint(name: str, got: tuple | None, want: tuple | None) -> str:
+    """The config option that most likely explains a mismatch at diffusers ``name``."""
+    both = got is not None and want is not None
+    if _proj(name) and both and len(got) != len(want):
+        return "model.use_linear_in_transformer (SD 2.x's use_linear_projection)"
+    if name.startswith("class_embedding"):
+        return "model.class_cond and data.num_classes (diffusers' num_class_embeds)"
+    if name.startswith(("conv_in", "conv_out")):
+        return "data.channels (the latent channels) or model.model_channels"
+    if ".attn2.to_k." in name or ".attn2.to_v." in name:
+        return "model.context_dim (diffusers' cross_attention_dim)"
+    if ".transformer_blocks." in name and not both:
+        return "model.transformer_depth (diffusers' transformer_layers_per_block)"
+    if ".attentions." in name and not both:
+        return ("model.attention_resolutions (latent resolutions of the CrossAttn blocks) or "
+                "model.use_spatial_transformer")
+    if name.startswith("time_embedding"):
+        return "model.model_channels"
+    return "model.model_channels, channel_mult or num_res_blocks"
+
+
+def _mismatch(name: str, got, want) -> ConversionError:
+    return mismatch_error(name, got, want, _hint(name, got, want))
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def abstract_params(module: UNet, image_shape: tuple[int, int, int]) -> dict:
+    """``module``'s parameters for inputs [1, *image_shape] as ShapeDtypeStructs (nothing
+    allocated); the image size decides where attention sits (attention_resolutions)."""
+    b = (1,)
+    x = jax.ShapeDtypeStruct(b + tuple(image_shape), jnp.float32)
+    t = jax.ShapeDtypeStruct(b, jnp.float32)
+    y = None if module.num_classes is None else jax.ShapeDtypeStruct(b, jnp.int32)
+    ctx = jax.ShapeDtypeStruct((1, 1, module.context_dim), jnp.float32)
+    return jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a[:3], context=a[3]),
+                          x, t, y, ctx)["params"]
+
+
+def _layout(array: np.ndarray, ndim: int) -> np.ndarray | None:
+    """The tensor in diffjax's layout for a parameter of rank ``ndim``, None if impossible."""
+    if ndim == 4:
+        return array.transpose(2, 3, 1, 0) if array.ndim == 4 else None
+    if ndim == 2:
+        if array.ndim < 2 or any(d != 1 for d in array.shape[2:]):
+            return None
+        return array.reshape(array.shape[:2]).T
+    return array if array.ndim == ndim else None
+
+
+def convert(state_dict: Mapping[str, np.ndarray], abstract: Any, module: UNet) -> dict:
+    """A diffusers UNet2DConditionModel state dict -> ``module``'s ``"params"`` tree (NumPy
+    arrays in the dtypes of ``abstract``, its abstract parameters).
+
+    Raises:
+      ConversionError: one line naming the first tensor (in the checkpoint's order) that does
+        not fit, both shapes (checkpoint layout) and the option that likely fixes it.
+    """
+    if not module.context_dim or not module.use_spatial_transformer:
+        raise ConversionError("diffusers' UNet2DConditionModel is SD's context-conditioned "
+                              "UNet: set model.context_dim > 0 and "
+                              "model.use_spatial_transformer=True")
+    flat = traverse_util.flatten_dict(abstract)
+    names = diffusers_names(abstract, module)
+    out = {}
+    for name, array in state_dict.items():
+        array = np.asarray(array)
+        if name not in names:
+            raise _mismatch(name, tuple(array.shape), None)
+        path = names[name]
+        target = flat[path]
+        want = _torch_shape(name, tuple(target.shape), module, array.ndim)
+        value = array if path[-1] == "embedding" else _layout(array, len(target.shape))
+        if value is None or value.shape != tuple(target.shape) or (
+                _proj(name) and array.ndim != len(want)):
+            raise _mismatch(name, tuple(array.shape), want)
+        out[path] = np.ascontiguousarray(value.astype(target.dtype))
+    for name, path in names.items():
+        if path not in out:
+            raise _mismatch(name, None, _torch_shape(name, tuple(flat[path].shape), module, 0))
+    return traverse_util.unflatten_dict(out)
+
+
+def convert_state_dict(state_dict: Mapping[str, np.ndarray], module: UNet,
+                       image_shape: tuple[int, int, int], param_dtype: Any = None) -> dict:
+    """:func:`convert` for ``module`` on inputs of ``image_shape`` (H, W, C); param_dtype:
+    the arrays' dtype (default ``module.param_dtype``)."""
+    abstract = abstract_params(module, image_shape)
+    if param_dtype is not None:
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.dtype(param_dtype)),
+                                abstract)
+    return convert(state_dict, abstract, module)
+
+
+def load_checkpoint(path: str | os.PathLike, config: Any, key: str | None = None) -> dict:
+    """The diffjax parameters of a diffusers SD UNet weight file (``.safetensors``, or
+    ``.bin`` / ``.pt`` read without torch) for ``config``: a resolved Experiment or its Task
+    (anything with ``.task.abstract_params()`` or ``.abstract_params()`` and ``.model``).
+
+    Raises:
+      WeightFileError: a missing, corrupt or unsafe file; ConversionError (a subclass): a
+        state dict of another architecture (one line: the first mismatching tensor).
+    """
+    task = getattr(config, "task", config)
+    return convert(torch_file.load_state_dict(path, key), task.abstract_params(), task.model)
+
+
+def module_from_diffusers_config(config: Mapping[str, Any], **options: Any) -> UNet:
+    """The UNet of a diffusers UNet2DConditionModel ``config.json`` (a dict); options:
+    dtype, remat, ... Attention sits at the latent resolutions sample_size / 2**i of the
+    ``CrossAttnDownBlock2D`` levels. Raises ConversionError (one line) for options diffjax
+    does not build."""
+    boc = tuple(int(c) for c in config.get("block_out_channels", (320, 640, 1280, 1280)))
+    n = len(boc)
+    downs = tuple(config.get("down_block_types", ("CrossAttnDownBlock2D",) * (n - 1)
+                             + ("DownBlock2D",)))
+    cross = tuple(d == "CrossAttnDownBlock2D" for d in downs)
+    ups = tuple("CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(cross))
+    unsupported = {"up_block_types": ups, "mid_block_type": "UNetMidBlock2DCrossAttn",
+                   "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0,
+                   "norm_eps": 1e-5, "class_embed_type": None, "addition_embed_type": None,
+                   "time_embedding_type": "positional", "only_cross_attention": False,
+                   "dual_cross_attention": False, "resnet_time_scale_shift": "default",
+                   "encoder_hid_dim": None, "time_cond_proj_dim": None,
+                   "conv_in_kernel": 3, "conv_out_kernel": 3, "center_input_sample": False}
+    for name, want in unsupported.items():
+        got = config.get(name, want)
+        if (tuple(got) if isinstance(got, (list, tuple)) else got) != want:
+            raise ConversionError(f"diffusers config has {name}={got!r}; diffjax's UNet "
+                                  f"builds only {name}={want!r}")
+    if set(downs) - {"CrossAttnDownBlock2D", "DownBlock2D"}:
+        raise ConversionError(f"diffusers config has down_block_types={downs!r}; diffjax "
+                              "builds CrossAttnDownBlock2D / DownBlock2D")
+    # attention_head_dim is diffusers' legacy name of the head count (num_attention_heads).
+    heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
+    heads = tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * n
+    head_channels = {c // h for c, h, x in zip(boc, heads, cross) if x}
+    kwargs: dict[str, Any] = {"num_heads": int(heads[0]), "num_head_channels": -1}
+    if len(set(heads)) > 1:
+        if len(head_channels) != 1:
+            raise ConversionError(f"diffusers config's attention_head_dim={heads!r} gives "
+                                  "neither one head count nor one head width")
+        kwargs = {"num_heads": -1, "num_head_channels": head_channels.pop()}
+    depth = config.get("transformer_layers_per_block", 1)
+    if isinstance(depth, (list, tuple)):
+        if len(set(depth)) != 1:
+            raise ConversionError(f"diffusers config has transformer_layers_per_block={depth!r}"
+                                  "; diffjax builds one depth for every level")
+        depth = depth[0]
+    size = int(config.get("sample_size", 64))
+    return UNet(out_channels=int(config.get("out_channels", 4)), model_channels=boc[0],
+                num_res_blocks=int(config.get("layers_per_block", 2)),
+                channel_mult=tuple(c // boc[0] for c in boc),
+                attention_resolutions=tuple(size // 2 ** i for i, x in enumerate(cross) if x),
+                norm_groups=int(config.get("norm_num_groups", 32)),
+                context_dim=int(config.get("cross_attention_dim", 768)),
+                use_spatial_transformer=True, transformer_depth=int(depth),
+                use_linear_in_transformer=bool(config.get("use_linear_projection", False)),
+                num_classes=config.get("num_class_embeds"), **kwargs, **options)
