@@ -236,17 +236,6 @@ def _order(name: str) -> tuple:
                  for p in name.split("."))
 
 
-def _layout(array: np.ndarray, ndim: int) -> np.ndarray | None:
-    """The tensor in diffjax's layout for a parameter of rank ``ndim``, None if impossible."""
-    if ndim == 4:
-        return array.transpose(2, 3, 1, 0) if array.ndim == 4 else None
-    if ndim == 2:
-        if array.ndim < 2 or any(d != 1 for d in array.shape[2:]):
-            return None
-        return array.reshape(array.shape[:2]).T
-    return array if array.ndim == ndim else None
-
-
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], module: AutoencoderKL,
                        param_dtype: Any = None) -> dict:
     """A diffusers or CompVis VAE state dict -> ``module``'s ``"params"`` tree (NumPy arrays).
@@ -268,7 +257,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], module: Autoencoder
         if name not in names:
             raise _mismatch(name, original, tuple(array.shape), None, names, used)
         target = flat[names[name]]
-        value = _layout(array, len(target.shape))
+        value = torch_file.flax_layout(array, len(target.shape))
         if value is None or value.shape != tuple(target.shape):
             raise _mismatch(name, original, tuple(array.shape),
                             _torch_shape(tuple(target.shape), array.ndim), names, used)

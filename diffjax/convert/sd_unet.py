@@ -188,17 +188,6 @@ def abstract_params(module: UNet, image_shape: tuple[int, int, int]) -> dict:
                           x, t, y, ctx)["params"]
 
 
-def _layout(array: np.ndarray, ndim: int) -> np.ndarray | None:
-    """The tensor in diffjax's layout for a parameter of rank ``ndim``, None if impossible."""
-    if ndim == 4:
-        return array.transpose(2, 3, 1, 0) if array.ndim == 4 else None
-    if ndim == 2:
-        if array.ndim < 2 or any(d != 1 for d in array.shape[2:]):
-            return None
-        return array.reshape(array.shape[:2]).T
-    return array if array.ndim == ndim else None
-
-
 def convert(state_dict: Mapping[str, np.ndarray], abstract: Any, module: UNet) -> dict:
     """A diffusers UNet2DConditionModel state dict -> ``module``'s ``"params"`` tree (NumPy
     arrays in the dtypes of ``abstract``, its abstract parameters).
@@ -221,7 +210,8 @@ def convert(state_dict: Mapping[str, np.ndarray], abstract: Any, module: UNet) -
         path = names[name]
         target = flat[path]
         want = _torch_shape(name, tuple(target.shape), module, array.ndim)
-        value = array if path[-1] == "embedding" else _layout(array, len(target.shape))
+        value = (array if path[-1] == "embedding"
+                 else torch_file.flax_layout(array, len(target.shape)))
         if value is None or value.shape != tuple(target.shape) or (
                 _proj(name) and array.ndim != len(want)):
             raise _mismatch(name, tuple(array.shape), want)

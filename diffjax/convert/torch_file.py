@@ -374,6 +374,19 @@ def _names(keys) -> str:
     return ", ".join(keys[:12]) + (", ..." if len(keys) > 12 else "")
 
 
+def flax_layout(array: np.ndarray, ndim: int) -> np.ndarray | None:
+    """A PyTorch tensor in the layout of a Flax parameter of rank ``ndim``, None if impossible:
+    a conv kernel [O, I, kh, kw] -> [kh, kw, I, O], a Linear weight [O, I] (or a 1x1 conv's
+    [O, I, 1, 1]) -> [I, O], anything else unchanged when the ranks agree."""
+    if ndim == 4:
+        return array.transpose(2, 3, 1, 0) if array.ndim == 4 else None
+    if ndim == 2:
+        if array.ndim < 2 or any(d != 1 for d in array.shape[2:]):
+            return None
+        return array.reshape(array.shape[:2]).T
+    return array if array.ndim == ndim else None
+
+
 def load_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str, np.ndarray]:
     """``state_dict(load(path), key)``: a weight file's flat ``{name: array}``."""
     return state_dict(load(path), key, source=os.fspath(path))
