@@ -79,7 +79,7 @@ class Task(abc.ABC):
 
     def abstract_params(self) -> Any:
         """Shapes and dtypes of the parameters (``jax.eval_shape``, nothing allocated)."""
-        return jax.eval_shape(self.init_params, jax.random.PRNGKey(0))
+        return jax.eval_shape(lambda: self.init_params(jax.random.PRNGKey(0)))
 
     @abc.abstractmethod
     def init_inputs(self, batch: int = 1) -> tuple[tuple, dict[str, Array]]:

@@ -287,9 +287,9 @@ def test_summary_prints_state_bytes_per_device(data_dir, mesh):
 
     for mode in ("replicated", "fsdp"):
         exp = experiment.build(_config(data_dir, mode), num_devices=8, mode="summary")
-        texts[mode] = summary.run(exp, mesh)
         jax.monitoring.register_event_duration_secs_listener(listen)
         try:
+            texts[mode] = summary.run(exp, mesh)
             sizes[mode] = summary.state_bytes(exp, mesh)
         finally:
             jax.monitoring.unregister_event_duration_listener(listen)
