@@ -70,20 +70,6 @@ def create_sharded_state(
     return jax.jit(make, out_shardings=sharding)()
 
 
-def abstract_state(
-    init_fn: Callable[[jax.Array], Any],
-    tx: optax.GradientTransformation,
-    seed: int,
-    num_ema: int,
-    num_timesteps: int,
-    sharding: jax.sharding.Sharding,
-) -> TrainState:
-    """Shapes, dtypes and shardings of the state, nothing allocated (for restoring).
-
-    sharding: one Sharding for every array, or a tree of them matching the state."""
-    return with_sharding(state_shapes(init_fn, tx, seed, num_ema, num_timesteps), sharding)
-
-
 def state_shapes(
     init_fn: Callable[[jax.Array], Any],
     tx: optax.GradientTransformation,
