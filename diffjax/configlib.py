@@ -113,8 +113,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.cpu_fast_conv = "auto"
     # Context conditioning of the UNet (issue 13; names of CompVis/LDM's UNetModel): width D
     # of a context [B, L, D] (e.g. text tokens) every attention block attends to; 0 = none.
-    # The context source (a text encoder) is not wired yet: such a model has --mode summary
-    # and diffjax.convert only.
+    # Its source: the text encoder of section text (else --mode summary and diffjax.convert
+    # only).
     c.model.context_dim = 0
     # with context: False = GLIDE's form (context keys/values beside each attention block's
     # own), True = LDM / Stable Diffusion's transformer blocks (self-attn, cross-attn, GEGLU)
@@ -226,6 +226,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampler.num_samples = 64
     c.sampler.batch_size = 64
     c.sampler.seed = 0
+    # a text model's --mode sample / eval prompts (sample: one grid row each); None = the
+    # captioner's defaults
+    c.sampler.prompts = ml_collections.FieldReference(None, field_type=tuple)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 2e-4
@@ -282,6 +285,25 @@ def base_config() -> ml_collections.ConfigDict:
     # "nll": clip x0_hat to [-1, 1] in the VLB terms, as ADM's image_nll.py (its default)
     c.eval.nll_clip_denoised = True
 
+    # Text conditioning (issue 13; GLIDE's jointly trained text transformer): encoder
+    # "transformer" encodes each example's caption (data.captions) into the context [B, L,
+    # width] of a UNet (model.context_dim = 0 or width); classifier-free guidance drops it to
+    # a learned null sequence with probability guidance.label_dropout. The tokenizer (word or
+    # byte level) is built from the training captions and kept in WORKDIR/tokenizer.json.
+    c.text = ml_collections.ConfigDict()
+    c.text.encoder = "none"  # none / transformer
+    c.text.tokenizer = "word"  # word / byte
+    c.text.context_length = 16  # tokens per caption or prompt (L)
+    c.text.vocab_size = 256  # rows of the token embedding (word: known words + padding)
+    c.text.width = 64
+    c.text.layers = 2
+    c.text.heads = 4
+    # where captions come from: "fashion_mnist_attributes" (class + measured brightness and
+    # size, diffjax.data.captions)
+    c.text.captions = ""
+    c.text.caption_seed = 0
+    c.text.caption_keep_prob = 0.75  # each attribute word kept in an example's caption
+
     c.condition = ml_collections.ConfigDict()
     c.condition.type = "none"  # none / img2img / inpaint / superres / invert
     c.condition.strength = 0.5  # img2img (SDEdit): fraction of the sampling steps that run
@@ -320,6 +342,8 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         c.model.num_head_channels = 32
     if c.model.name == "dit":  # the paper's patch size, a CPU-sized transformer
         c.model.dit.depth, c.model.dit.hidden_size, c.model.dit.num_heads = 2, 64, 2
+    if c.text.encoder != "none":  # a one-layer text transformer of width 32
+        c.text.width, c.text.layers, c.text.heads = 32, 1, 2
     c.data.batch_size = 8
     c.diffusion.num_timesteps = min(c.diffusion.num_timesteps, 100)
     c.sampler.num_steps = 4
@@ -445,9 +469,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         raise ConfigError("model.name='classifier' needs labelled data: set data.num_classes > 0")
     if conditional and c.data.num_classes <= 0:
         raise ConfigError("model.class_cond=True needs labelled data: set data.num_classes > 0")
-    if c.guidance.type == "classifier_free" and not conditional:
-        raise ConfigError("guidance.type='classifier_free' needs a class-conditional model: set "
-                          "model.class_cond=True and guidance.label_dropout > 0 for training")
+    if c.guidance.type == "classifier_free" and not (conditional or c.text.encoder != "none"):
+        raise ConfigError("guidance.type='classifier_free' needs a class-conditional model (or "
+                          "a text model): set model.class_cond=True and guidance.label_dropout "
+                          "> 0 for training")
     if c.guidance.type == "classifier_free" and c.guidance.label_dropout <= 0:
         raise ConfigError("guidance.type='classifier_free' needs guidance.label_dropout > 0 so "
                           "the model also learns the unconditional (null-label) denoiser")

@@ -4,7 +4,8 @@
 one name -> factory table per concept, into an :class:`diffjax.specs.Experiment` of small
 frozen specs and a :class:`diffjax.tasks.Task`:
 
-  TASKS        what is trained          (diffusion / superres / classifier / autoencoder)
+  TASKS        what is trained          (diffusion / superres / text / classifier /
+                                         autoencoder)
   MODELS       the network              (``model.name``: unet / classifier / dit /
                                          autoencoder_kl)
   SCHEDULES    the noise schedule       (``diffusion.schedule``)
@@ -41,12 +42,12 @@ from PIL import Image
 from diffjax import configlib, generate, specs, tasks
 from diffjax import data as data_lib
 from diffjax.configlib import ConfigError
-from diffjax.data import latent_cache
+from diffjax.data import latent_cache, text_source
 from diffjax.diffusion import conditional, guidance, samplers, schedules
 from diffjax.diffusion import sigmas as sigma_lib
 from diffjax.diffusion import superres
 from diffjax.evaluation import sample_metrics
-from diffjax.models import autoencoder, classifier, dit, layers, unet
+from diffjax.models import autoencoder, classifier, dit, layers, text_encoder, unet
 from diffjax.train import posthoc_ema
 from diffjax.train.step import LossSpec
 
@@ -101,7 +102,7 @@ def build(c: ml_collections.ConfigDict, *, num_devices: int = 1,
         model_name=c.model.name, data=data, task=task, schedule=ds,
         sampling=_sampling(net_c, task, ds), optim=_optim(c), train=_train(c),
         eval=_eval(c, mode, ds), resolved=c.to_dict(), config_text=str(c), latent=latent,
-        ema_sigma_rel=float(c.ema.sigma_rel))
+        ema_sigma_rel=float(c.ema.sigma_rel), text=_text(c))
 
 
 def load(path: str, *, num_devices: int = 1, mode: str = "train") -> specs.Experiment:
@@ -213,11 +214,16 @@ def _latent(c: ml_collections.ConfigDict, mode: str) -> specs.LatentSpec | None:
 
 
 def _check_context(c: ml_collections.ConfigDict, mode: str) -> None:
-    """ConfigError for context conditioning (model.context_dim) where it cannot run yet."""
+    """ConfigError for context conditioning (model.context_dim, section text) where it
+    cannot run."""
     m = c.model
     if m.context_dim < 0 or m.transformer_depth < 1:
         raise ConfigError(f"model.context_dim={m.context_dim} must be >= 0 and "
                           f"model.transformer_depth={m.transformer_depth} >= 1")
+    configlib.check_name("text.encoder", c.text.encoder, TEXT_ENCODERS)
+    if is_text_model(c):
+        _check_text(c)
+        return
     if m.context_dim == 0:
         return
     if m.name != "unet":
@@ -225,9 +231,47 @@ def _check_context(c: ml_collections.ConfigDict, mode: str) -> None:
                           f"to 0 for model.name={m.name!r}")
     if mode not in ("summary", "encode", "convert"):
         raise ConfigError(f"--mode {mode} of a context-conditioned UNet (model.context_dim="
-                          f"{m.context_dim}) needs a context source (e.g. a text encoder), "
-                          "which diffjax does not have yet (issue 13 part 2); --mode summary "
-                          "and python -m diffjax.convert work")
+                          f"{m.context_dim}) needs a context source: a text encoder trained "
+                          "with it (--config.text.encoder=transformer, text.captions), or use "
+                          "--mode summary / python -m diffjax.convert")
+
+
+# text.encoder: "none", or "transformer" (GLIDE's text transformer trained with the model)
+TEXT_ENCODERS = ("none", "transformer")
+
+
+def is_text_model(c: ml_collections.ConfigDict) -> bool:
+    return c.text.encoder != "none"
+
+
+def _check_text(c: ml_collections.ConfigDict) -> None:
+    """ConfigError for a text-conditioned model's options (section text) and what it cannot
+    be combined with."""
+    t, m = c.text, c.model
+    configlib.check_name("text.tokenizer", t.tokenizer, ("word", "byte"))
+    configlib.check_name("text.captions", t.captions, tuple(text_source.CAPTIONERS))
+    if t.context_length < 1 or t.width < 1 or t.layers < 0 or t.heads < 1 or t.width % t.heads:
+        raise ConfigError(f"text.context_length={t.context_length} and text.width={t.width} "
+                          f"must be >= 1, text.layers={t.layers} >= 0, and text.heads="
+                          f"{t.heads} must divide the width")
+    least = 257 if t.tokenizer == "byte" else 2
+    if t.vocab_size < least:
+        raise ConfigError(f"text.vocab_size={t.vocab_size} is too small for the "
+                          f"{t.tokenizer} tokenizer; it needs >= {least}")
+    if m.name != "unet" or m.context_dim not in (0, t.width):
+        raise ConfigError(f"text.encoder={t.encoder!r} conditions a UNet (model.name='unet', "
+                          f"have {m.name!r}) through a context of text.width={t.width}: set "
+                          f"model.context_dim to 0 or {t.width} (have {m.context_dim})")
+    if m.class_cond:
+        raise ConfigError("a text model is conditioned on captions, which name the class: "
+                          "set model.class_cond=False")
+    if c.guidance.type not in ("none", "classifier_free"):
+        raise ConfigError(f"guidance.type={c.guidance.type!r} is not available for a text "
+                          "model; use 'classifier_free' (against the learned null caption) "
+                          "or 'none'")
+    if c.condition.type != "none" or c.data.latent.workdir or c.data.latent.config:
+        raise ConfigError("a text model samples from noise in pixel space here: set "
+                          "condition.type='none' and no data.latent")
 
 
 def _check_model(c: ml_collections.ConfigDict) -> None:
@@ -363,8 +407,20 @@ MODELS: dict[str, Callable[[ml_collections.ConfigDict], Any]] = {
 
 
 def build_model(c: ml_collections.ConfigDict):
-    """The Flax module of ``model.name`` with the ADM options of ``c.model``."""
-    return MODELS[c.model.name](c)
+    """The Flax module of ``model.name`` with the ADM options of ``c.model``; a text model
+    (``text.encoder``): that UNet with context width ``text.width`` behind its text
+    encoder."""
+    if not is_text_model(c):
+        return MODELS[c.model.name](c)
+    t = c.text
+    inner = copy.deepcopy(c)
+    inner.model.context_dim = t.width
+    vocab = 257 if t.tokenizer == "byte" else t.vocab_size
+    encoder = text_encoder.TextEncoder(
+        vocab_size=vocab, context_length=t.context_length, width=t.width, layers=t.layers,
+        heads=t.heads, dtype=jnp.dtype(c.model.dtype), param_dtype=jnp.dtype(c.model.param_dtype),
+        attention_impl=c.model.attention_impl)
+    return text_encoder.TextConditioned(denoiser=_unet(inner), encoder=encoder)
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -380,7 +436,8 @@ def _loss(c: ml_collections.ConfigDict) -> LossSpec:
         weighting=d.weighting, loss_kwargs=tuple(sorted(kwargs.items())),
         timestep_sampler=d.timestep_sampler,
         label_dropout=c.guidance.label_dropout if cfg else 0.0,
-        null_label=c.data.num_classes, sigma_data=float(d.sigma_data),
+        null_label=-1 if is_text_model(c) else c.data.num_classes,
+        cond_key="tokens" if is_text_model(c) else "label", sigma_data=float(d.sigma_data),
         p_mean=float(d.P_mean), p_std=float(d.P_std),
     )
 
@@ -395,6 +452,32 @@ def _diffusion_task(c, data: specs.DataSpec, ds) -> tasks.DiffusionTask:
         model=build_model(c), image_shape=data.image_shape, num_classes=data.num_classes,
         schedule=ds, time_scale=_time_scale(c), class_cond=c.model.class_cond, loss=_loss(c),
         learned_variance=learns_variance(c), context_dim=c.model.context_dim)
+
+
+def _text_task(c, data: specs.DataSpec, ds) -> tasks.TextDiffusionTask:
+    return tasks.TextDiffusionTask(
+        model=build_model(c), image_shape=data.image_shape, num_classes=data.num_classes,
+        schedule=ds, time_scale=_time_scale(c), loss=_loss(c),
+        learned_variance=learns_variance(c), context_length=c.text.context_length)
+
+
+def _text(c: ml_collections.ConfigDict) -> specs.TextSpec | None:
+    prompts = c.sampler.prompts
+    if not is_text_model(c):
+        if prompts is not None:
+            raise ConfigError("sampler.prompts are for a text model (text.encoder="
+                              "'transformer'); this one takes none")
+        return None
+    t = c.text
+    if prompts is not None and not prompts:
+        raise ConfigError("sampler.prompts is empty: give at least one prompt, e.g. "
+                          "--config.sampler.prompts='(\"a dark sneaker\",)', or leave it "
+                          "unset for the captioner's defaults")
+    return specs.TextSpec(tokenizer=t.tokenizer, context_length=t.context_length,
+                          vocab_size=t.vocab_size, captions=t.captions,
+                          caption_seed=int(t.caption_seed),
+                          caption_keep_prob=float(t.caption_keep_prob),
+                          prompts=tuple(str(p) for p in prompts or ()))
 
 
 def _superres_task(c, data: specs.DataSpec, ds) -> tasks.SuperResTask:
@@ -425,6 +508,7 @@ def _autoencoder_task(c, data: specs.DataSpec, ds) -> tasks.AutoencoderTask:
 TASKS: dict[str, Callable[..., tasks.Task]] = {
     "diffusion": _diffusion_task,
     "superres": _superres_task,
+    "text": _text_task,
     "classifier": _classifier_task,
     "autoencoder": _autoencoder_task,
 }
@@ -434,6 +518,8 @@ def _task_kind(c: ml_collections.ConfigDict) -> str:
     """The TASKS key: a classifier model, else a (super-resolution) diffusion model."""
     if c.model.name in ("classifier", "autoencoder_kl"):
         return {"classifier": "classifier", "autoencoder_kl": "autoencoder"}[c.model.name]
+    if is_text_model(c):
+        return "text"
     return "superres" if c.condition.type == "superres" else "diffusion"
 
 
@@ -528,7 +614,7 @@ def _no_guidance(c: ml_collections.ConfigDict) -> generate.GuidanceSpec:
 
 def _classifier_free(c: ml_collections.ConfigDict) -> generate.GuidanceSpec:
     g = c.guidance
-    static = {"null_cond": c.data.num_classes}
+    static = {"null_cond": -1 if is_text_model(c) else c.data.num_classes}
     if g.channels:
         static["channels"] = int(g.channels)
     return generate.GuidanceSpec(
@@ -841,9 +927,13 @@ def _check_eval(c: ml_collections.ConfigDict, domain: str) -> specs.Experiment |
                           f"valid: {', '.join(valid)}")
     if e.num_samples < 2 or e.batch_size < 1:
         raise ConfigError("eval.num_samples must be >= 2 and eval.batch_size >= 1")
-    if "class_accuracy" in names and not c.model.class_cond:
+    if "class_accuracy" in names and not (c.model.class_cond or is_text_model(c)):
         raise ConfigError("class_accuracy needs a class-conditional model "
-                          "(model.class_cond=True); remove it from eval.metrics")
+                          "(model.class_cond=True) or a text model; remove it from "
+                          "eval.metrics")
+    if "attribute_accuracy" in names and not is_text_model(c):
+        raise ConfigError("attribute_accuracy scores a text model's prompts (text.encoder="
+                          "'transformer'); remove it from eval.metrics")
     if e.sweep_guidance_scales and c.guidance.type == "none":
         raise ConfigError("eval.sweep_guidance_scales needs guidance.type "
                           "'classifier_free' or 'classifier'")

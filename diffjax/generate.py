@@ -236,10 +236,10 @@ def sampler_guidance(sampling: Sampling, knobs, classifier_params=None) -> dict[
 
 
 def _cond(task, sampling: Sampling, labels):
-    """What the denoiser and guidance see as cond: the labels when the network is
-    class-conditional or a classifier guides (an unconditional network ignores them, the
+    """What the denoiser and guidance see as cond: the labels (a text model's tokens [B, L])
+    when the network takes them or a classifier guides (an unconditional network ignores them, the
     classifier's log p(y | x) needs them: ADM's guided unconditional 256x256 model)."""
-    return labels if task.class_cond or sampling.guidance.classifier is not None else None
+    return labels if task.takes_cond or sampling.guidance.classifier is not None else None
 
 
 def make_sample_program(task, sampling: Sampling, mesh, batch: int, with_inputs: bool):
@@ -379,7 +379,8 @@ class Generator:
     def __call__(self, params, num_samples: int, key, labels: np.ndarray | None = None,
                  grouped: bool = False, inputs: np.ndarray | None = None,
                  knobs: Mapping[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``num_samples`` images [N, H, W, C] in [-1, 1] (NumPy) and their labels [N].
+        """``num_samples`` images [N, H, W, C] in [-1, 1] (NumPy) and their labels [N] (a
+        text model's: the tokens [N, L] of each sample's prompt, which it needs).
 
         inputs ([N, ...] in [-1, 1]): the images to condition on (img2img, inpaint, invert:
         [N, H, W, C]; superres: the low-resolution images). Without them a config with
@@ -388,6 +389,9 @@ class Generator:
         e.g. ``{"guidance_scale": 3.0, "eta": 0.5}``.
         """
         if labels is None:
+            if getattr(self.task, "samples_from_prompts", False):
+                raise ValueError("a text model samples from prompts: pass labels = their "
+                                 "tokens [N, L] (Tokenizer.encode)")
             labels = balanced_labels(num_samples, self.task.num_classes, grouped)
         if inputs is None and self.task.needs_inputs:
             raise ValueError("a super-resolution model samples from low-resolution inputs: "
@@ -417,7 +421,7 @@ class Generator:
         out = []
         for i in range(math.ceil(num_samples / self.batch)):
             chunk = labels[i * self.batch:(i + 1) * self.batch]
-            padded = np.pad(chunk, (0, self.batch - len(chunk)))
+            padded = np.pad(chunk, ((0, self.batch - len(chunk)),) + ((0, 0),) * (chunk.ndim - 1))
             part = None
             if inputs is not None:
                 part = inputs[i * self.batch:(i + 1) * self.batch]

@@ -150,6 +150,26 @@ class LatentSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class TextSpec:
+    """Where a text-conditioned model's captions come from (config section ``text``).
+
+    tokenizer: "word" / "byte" (:class:`diffjax.text.Tokenizer`, built from the training
+    captions); context_length: L, tokens per caption or prompt; vocab_size: rows of the
+    encoder's token embedding; captions: the captioner's name
+    (:data:`diffjax.data.text_source.CAPTIONERS`) with its seed and the probability of keeping
+    each attribute word; prompts: ``sampler.prompts`` (() = the captioner's defaults).
+    """
+
+    tokenizer: str
+    context_length: int
+    vocab_size: int
+    captions: str
+    caption_seed: int
+    caption_keep_prob: float
+    prompts: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
     """One experiment, resolved: what to train or sample, and how.
 
@@ -176,3 +196,4 @@ class Experiment:
     latent: LatentSpec | None = None  # a latent diffusion model's autoencoder and cache
     # ema.sigma_rel: sample / eval with the post-hoc EMA of this profile (0 = first EMA copy)
     ema_sigma_rel: float = 0.0
+    text: TextSpec | None = None  # a text-conditioned model's captions and tokenizer

@@ -7,6 +7,8 @@ and the app tier call the interface and never ask which task they hold.
 
 - :class:`DiffusionTask`: a denoising network (eps / x0 / v prediction, optionally learned
   variance and class labels); sampled through its denoiser, evaluated on its samples.
+- :class:`TextDiffusionTask`: a diffusion task conditioned on a caption through a text
+  encoder trained with it (GLIDE).
 - :class:`SuperResTask`: a diffusion task whose network also sees a low-resolution image
   (ADM's upsampler, cascaded diffusion's noise-conditioning augmentation).
 - :class:`LatentDiffusionTask`: a diffusion task on an autoencoder's latents (latent
@@ -130,9 +132,15 @@ class DiffusionTask(Task):
             return {"context": jnp.zeros((batch, 1, self.context_dim))}
         return {}
 
+    @property
+    def takes_cond(self) -> bool:
+        """Whether the network takes a condition (labels, or a text model's tokens)."""
+        return self.class_cond
+
     def apply(self, params, x, t, y, train, rngs=None, **inputs):
         return self.model.apply({"params": params}, x, self._time(t),
-                                y if self.class_cond else None, train=train, rngs=rngs, **inputs)
+                                y if self.takes_cond else None, train=train, rngs=rngs,
+                                **inputs)
 
     def train_inputs(self) -> Callable[[Array, Array], dict[str, Array]] | None:
         """``(x0, key) -> extra network inputs`` of a training batch, or None."""
@@ -169,6 +177,31 @@ class DiffusionTask(Task):
         return process.make_denoiser(model_fn, self.schedule, prediction=self.prediction,
                                      learned_variance=self.learned_variance,
                                      sigma_data=self.loss.sigma_data)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TextDiffusionTask(DiffusionTask):
+    """A denoising network conditioned on a caption (``model``: a
+    :class:`diffjax.models.text_encoder.TextConditioned`, its text encoder trained with it).
+
+    Its condition (the ``y`` of :meth:`apply`, the ``cond`` of its denoiser) is tokens [B, L]
+    int32 (0 = padding); a row of -1 is the null caption (the learned null sequence) that
+    classifier-free guidance drops to in training and guides against at sampling. Batches
+    hold it as ``"tokens"`` (:class:`diffjax.data.text_source.CaptionedSource`).
+    """
+
+    context_length: int
+
+    samples_from_prompts = True
+
+    @property
+    def takes_cond(self) -> bool:
+        return True
+
+    def init_inputs(self, batch: int = 1):
+        x = jnp.zeros((batch, *self.image_shape))
+        tokens = jnp.ones((batch, self.context_length), jnp.int32)
+        return (x, jnp.zeros((batch,)), tokens), {}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from diffjax import checkpoint, configlib, experiment
+from diffjax import text as text_lib
 from diffjax import main as cli
 from diffjax.app import common
 
@@ -29,6 +30,7 @@ CLS = "experiments/classifier_fashion_mnist.py:smoke"
 DIT = "experiments/dit_fashion_mnist.py:smoke"
 AE = "experiments/fashion_mnist_autoencoder.py:smoke"
 EDM = "experiments/fashion_mnist_edm.py:smoke"
+TXT = "experiments/fashion_mnist_text.py:smoke"
 TIMES: dict[str, float] = {}
 
 
@@ -204,6 +206,18 @@ CONFIG_CASES = [
     ("sigma_rel_zero_rels", EDM, {"ema.sigma_rels": (0.05, 0.05)}, "twice"),
     ("no_ema", EDM, {"ema.sigma_rels": (), "ema.snapshot_every": 0}, "no EMA"),
     ("snapshots_without_rels", FM, {"ema.snapshot_every": 5}, "ema.snapshot_every=5"),
+    # text models (issue 13)
+    ("text_encoder", TXT, {"text.encoder": "bert"}, "config.text.encoder='bert'"),
+    ("text_tokenizer", TXT, {"text.tokenizer": "bpe"}, "config.text.tokenizer='bpe'"),
+    ("text_captions", TXT, {"text.captions": "coco"}, "config.text.captions='coco'"),
+    ("text_heads", TXT, {"text.heads": 3}, "must divide the width"),
+    ("text_byte_vocab", TXT, {"text.tokenizer": "byte"}, "needs >= 257"),
+    ("text_context_dim", TXT, {"model.context_dim": 16}, "model.context_dim to 0 or 32"),
+    ("text_class_cond", TXT, {"model.class_cond": True}, "model.class_cond=False"),
+    ("text_dit", TXT, {"model.name": "dit"}, "model.name='unet'"),
+    ("text_inpaint", TXT, {"condition.type": "inpaint"}, "condition.type='none'"),
+    ("prompts_empty", TXT, {"sampler.prompts": ()}, "sampler.prompts is empty"),
+    ("prompts_untext", FM, {"sampler.prompts": ("a coat",)}, "for a text model"),
 ]
 
 
@@ -211,6 +225,41 @@ CONFIG_CASES = [
                          ids=[c[0] for c in CONFIG_CASES])
 def test_bad_config_value(tmp_path, name, base, overrides, expect):
     _expect_user_error(name, _config(base, overrides), "train", _workdir(tmp_path), expect)
+
+
+def test_attribute_accuracy_of_a_model_without_text(tmp_path):
+    _expect_user_error("attribute_metric", _config(FM, {"eval.metrics": ("attribute_accuracy",)}),
+                       "eval", _workdir(tmp_path), "attribute_accuracy scores a text model")
+
+
+# A text model's run: its tokenizer (15 words, context length 8) and no checkpoint, so a
+# prompt error must come before any checkpoint is looked for.
+_VOCAB = ("a", "bag", "boot", "bright", "coat", "dark", "dress", "large", "pullover", "sandal",
+          "shirt", "small", "sneaker", "t-shirt", "trousers")
+
+
+@pytest.mark.parametrize("mode, prompts, tokenizer, expect", [
+    ("sample", ("a dark shoe",), "ok", "word 'shoe' of prompt 'a dark shoe' is not in the"),
+    ("sample", ("a dark small sneaker a bright large bag a",), "ok", "more than the context "
+     "length 8"),
+    ("sample", ("a coat", " "), "ok", "empty"),
+    ("sample", None, "missing", "tokenizer.json not found"),
+    ("sample", None, "corrupt", "tokenizer.json"),
+    ("eval", ("a dark",), "ok", "no class"),
+    ("eval", ("a coat", "a dark dress bright"), "ok", "bright"),
+], ids=["unknown_word", "too_long", "empty_prompt", "no_tokenizer", "corrupt_tokenizer",
+        "eval_no_class", "eval_contradiction"])
+def test_bad_prompts(tmp_path, mode, prompts, tokenizer, expect):
+    w = _workdir(tmp_path)
+    if tokenizer == "ok":
+        text_lib.Tokenizer(kind="word", context_length=8, vocab=_VOCAB).save(
+            str(w / "tokenizer.json"))
+    elif tokenizer == "corrupt":
+        (w / "tokenizer.json").write_text('{"format": "diffjax.tokenizer", "version": 1, ')
+    overrides = {"eval.metrics": ("attribute_accuracy",)}
+    if prompts is not None:
+        overrides["sampler.prompts"] = prompts
+    _expect_user_error(f"prompt_{expect[:12]}", _config(TXT, overrides), mode, w, expect)
 
 
 def test_bad_variant_is_a_config_error():

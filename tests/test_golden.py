@@ -93,6 +93,7 @@ _YAML = {"eta": "0.0", "s_churn": "0.0", "s_noise": "1.0", "s_tmax": ".inf", "s_
 # stated) are left out of the comparison. diffusion.rescale_timesteps (issue 11): False is
 # the recorded time input.
 _ADDED = {("guidance", "classifier_mode"): ("auto",),
+          ("sampler", "prompts"): (None,),
           ("eval", "nll_clip_denoised"): (True, False),
           ("diffusion", "rescale_timesteps"): (False,),
           ("guidance", "channels"): (0,),
@@ -120,8 +121,9 @@ _ADDED = {("guidance", "classifier_mode"): ("auto",),
 # case uses): removed whole before comparing.
 _ADDED_SECTIONS = (("model", "dit"), ("model", "autoencoder"), ("data", "latent"))
 # Top-level sections added after the recording: EDM2's power-function EMA (issue 16), whose
-# defaults track no such EMA; parallel (issue 15: shard_state, "replicated" as recorded).
-_ADDED_TOP_SECTIONS = ("ema", "parallel")
+# defaults track no such EMA; parallel (issue 15: shard_state, "replicated" as recorded);
+# text (issue 13: encoder "none").
+_ADDED_TOP_SECTIONS = ("ema", "parallel", "text")
 # Lines that --mode summary prints after the recorded text (issue 15: the train state's bytes
 # per device): removed before comparing.
 _ADDED_SUMMARY_TAIL = r"\n# train state per device [^\n]*\n[^\n]*$"

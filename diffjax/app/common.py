@@ -16,6 +16,7 @@ from diffjax import checkpoint, parallel
 from diffjax.convert.torch_file import WeightFileError
 from diffjax.data import DataError
 from diffjax.errors import ConfigError
+from diffjax.text import TextError
 from diffjax.evaluation.metrics import MetricError
 from diffjax.train import ema_snapshots
 from diffjax.train.loop import NonFiniteLossError
@@ -24,7 +25,8 @@ from diffjax.train.loop import NonFiniteLossError
 # The last two: a condition.input that is not an image / not an .npz.
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError, checkpoint.CheckpointError, DataError, MetricError, WeightFileError,
-    FileNotFoundError, NonFiniteLossError, PIL.UnidentifiedImageError, zipfile.BadZipFile)
+    FileNotFoundError, NonFiniteLossError, PIL.UnidentifiedImageError, zipfile.BadZipFile,
+    TextError)
 
 
 def abstract_params(task, mesh) -> Any:

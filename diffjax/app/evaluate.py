@@ -36,6 +36,7 @@ from jax.experimental import multihost_utils
 from diffjax import checkpoint, data, generate, parallel, tasks
 from diffjax.app import common, records, references
 from diffjax.app import sample as sample_lib
+from diffjax.app import text as text_app
 from diffjax.diffusion import process
 from diffjax.errors import ConfigError
 from diffjax.evaluation import convert_inception
@@ -110,19 +111,38 @@ def run(experiment: Experiment, workdir: str, mesh, *, checkpoint: str = "",
     """Samples and metrics of ``eval`` into ``WORKDIR/eval/``; returns the records written."""
     evaluate, check = _for_task(experiment.task)
     check(experiment)
+    extra = {}
+    if experiment.text is not None:  # its prompts, checked before the checkpoint is read
+        tokenizer = text_app.load_tokenizer(experiment, checkpoint or workdir)
+        prompts = text_app.prompts_for(experiment, "eval")
+        extra["prompted"] = text_app.prompt_samples(tokenizer, prompts,
+                                                    experiment.eval.num_samples)
+        text_app.captioner(experiment).targets(prompts)  # each names what it is scored on
     params, got = common.model_params(experiment, mesh, checkpoint or workdir, step)
     if experiment.ema_sigma_rel and not experiment.eval.name:  # records named per profile
         experiment = dataclasses.replace(experiment, eval=dataclasses.replace(
             experiment.eval, name=f"ema-{experiment.ema_sigma_rel:g}"))
     return evaluate(experiment, workdir, mesh, params, got,
-                    experiment.eval.seed if seed is None else seed)
+                    experiment.eval.seed if seed is None else seed, **extra)
 
 
 def evaluate_samples(experiment: Experiment, workdir: str, mesh, params, checkpoint_step: int,
-                     seed: int) -> list[dict[str, Any]]:
-    """Runs every sweep point; returns the records written to WORKDIR/eval/<name>.json."""
+                     seed: int, prompted=None) -> list[dict[str, Any]]:
+    """Runs every sweep point; returns the records written to WORKDIR/eval/<name>.json.
+
+    prompted: a text model's (prompt of each sample, their tokens [N, L], samples per
+    prompt) (:func:`diffjax.app.text.prompt_samples`): its samples are drawn from them,
+    ``class_accuracy`` is against each prompt's class and ``attribute_accuracy`` gives
+    ``<attribute>_accuracy`` per attribute the prompts name (``text.captions``' scoring)."""
     e, task, sampling = experiment.eval, experiment.task, experiment.sampling
     names = e.metrics
+    labels = num = None
+    if prompted is not None:
+        per_sample, labels, per = prompted
+        cap = text_app.captioner(experiment)
+        targets = [t["label"] for t in cap.targets(per_sample)]
+        class_labels = np.asarray([-1 if t is None else t for t in targets], np.int32)
+        num = len(labels)
     out = epath.Path(workdir) / "eval"
     net = fd_ref = inc_params = inc_ref = None
     if sample_metrics.needs_features(names):
@@ -151,18 +171,25 @@ def evaluate_samples(experiment: Experiment, workdir: str, mesh, params, checkpo
     fs_params, _ = common.first_stage_params(experiment, mesh)
     scales = e.sweep_guidance_scales or (sampling.guidance.scale,)
     per_row = task.num_classes if task.class_cond else 0
+    if prompted is not None:
+        per_row = per
     written = []
     for sampler in e.samplers:
         generator = generate.Generator(task, sampling.with_steps(sampler), mesh, cls_params,
                                        batch_size=e.batch_size, first_stage_params=fs_params)
         for scale in scales:
             start = time.perf_counter()
-            images, labels = generator(params, e.num_samples, key,
-                                       knobs={"guidance_scale": scale})
+            images, got_labels = generator(params, num or e.num_samples, key, labels=labels,
+                                           knobs={"guidance_scale": scale})
             values = sample_metrics.sample_metrics(
-                names, images, labels, domain=e.domain, net=net, fd_ref=fd_ref,
+                names, images, got_labels if prompted is None else class_labels,
+                domain=e.domain, net=net, fd_ref=fd_ref,
                 inception_params=inc_params, inception_ref=inc_ref, mesh=mesh,
                 batch_size=e.batch_size, inception_size=e.inception_size)
+            if prompted is not None and "attribute_accuracy" in names:
+                scores = cap.score(images, per_sample, None)
+                values.update({k: v for k, v in scores.items()
+                               if k.endswith("_accuracy") and k != "class_accuracy"})
             record = records.make_record(sampler.name, sampler.num_steps, sampling.guidance.name,
                                          scale, e.name, {**values, **shared}, checkpoint_step,
                                          time.perf_counter() - start, settings)

@@ -19,6 +19,7 @@ from PIL import Image
 
 from diffjax import generate
 from diffjax.app import common
+from diffjax.app import text as text_app
 from diffjax.errors import ConfigError
 from diffjax.evaluation import grid
 from diffjax.specs import Experiment
@@ -115,6 +116,11 @@ def run(experiment: Experiment, workdir: str, mesh, *, checkpoint: str = "",
         size, _, channels = task.input_shape
         inputs = load_inputs(sampling.condition_input, size, channels)
         labels = load_input_labels(sampling.condition_input, len(inputs), task.num_classes)
+    if experiment.text is not None:  # prompts checked before the checkpoint is read
+        tokenizer = text_app.load_tokenizer(experiment, checkpoint or workdir)
+        prompts = text_app.prompts_for(experiment, "grid")
+        per_sample, labels, per = text_app.prompt_samples(tokenizer, prompts,
+                                                          sampling.num_samples)
     params, got = common.model_params(experiment, mesh, checkpoint or workdir, step)
     seed = sampling.seed if seed is None else seed
     generator = generate.Generator(task, sampling, mesh,
@@ -126,6 +132,9 @@ def run(experiment: Experiment, workdir: str, mesh, *, checkpoint: str = "",
     if inputs is not None:
         return sample_with_inputs(sampling, workdir, generator, params, inputs, got, seed,
                                   labels)
+    if experiment.text is not None:
+        return sample_prompts(sampling, workdir, generator, params, prompts, per_sample,
+                              labels, per, got, seed)
     start = time.perf_counter()
     images, labels = generator(params, sampling.num_samples, jax.random.PRNGKey(seed),
                                grouped=True)
@@ -138,6 +147,27 @@ def run(experiment: Experiment, workdir: str, mesh, *, checkpoint: str = "",
                f"{sampling.sampler.name} ({sampling.sampler.num_steps} steps, seed {seed}) in "
                f"{wall:.1f}s to {out}/samples.npz and samples.png")
     return images, labels
+
+
+def sample_prompts(sampling, workdir: str, generator, params, prompts, per_sample,
+                   tokens: np.ndarray, per: int, step: int, seed: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """A text model's samples, ``per`` for each prompt: ``WORKDIR/samples.npz`` (images,
+    tokens, prompts: each sample's) and ``samples.png`` (one row per prompt, labelled)."""
+    start = time.perf_counter()
+    images, _ = generator(params, len(tokens), jax.random.PRNGKey(seed), labels=tokens)
+    wall = time.perf_counter() - start
+    out = common.write_samples(workdir, images=images, tokens=tokens,
+                               prompts=np.asarray(per_sample, dtype=str), step=step, seed=seed)
+    if jax.process_index() == 0:
+        grid.save_grid(images, str(out / "samples.png"), ncol=per, scale=2,
+                       row_labels=list(prompts))
+    guidance = sampling.guidance
+    common.say(f"wrote {len(images)} samples ({per} per prompt, {len(prompts)} prompts) from "
+               f"checkpoint step {step} with {sampling.sampler.name} "
+               f"({sampling.sampler.num_steps} steps, {guidance.name} {guidance.scale:g}, seed "
+               f"{seed}) in {wall:.1f}s to {out}/samples.npz and samples.png")
+    return images, tokens
 
 
 def sample_with_inputs(sampling, workdir: str, generator, params, inputs: np.ndarray,

@@ -54,6 +54,11 @@ def run(experiment: Experiment, mesh) -> str:
         "# model",
         f"{experiment.model_name}: {n:,} parameters ({n / 1e6:.2f}M)",
     ]
+    if experiment.text is not None:  # TextConditioned: text_encoder, null_context, denoiser
+        parts = {k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v))
+                 for k, v in experiment.task.abstract_params().items()}
+        lines.append(f"of which the text encoder {parts['text_encoder']:,}, the learned null "
+                     f"caption {parts['null_context']:,}, the UNet {parts['denoiser']:,}")
     if experiment.latent is not None:
         lat = experiment.latent
         m = param_count(lat.autoencoder)

@@ -9,6 +9,7 @@ import numpy as np
 from diffjax import data, generate, parallel
 from diffjax.app import common, references
 from diffjax.app import encode as encode_lib
+from diffjax.app import text as text_app
 from diffjax.app import sample as sample_lib
 from diffjax.data import latent_cache
 from diffjax.specs import DataSpec, Experiment
@@ -77,10 +78,11 @@ def reconstruction_drawer(experiment: Experiment, mesh):
     return draw
 
 
-def grid_drawer(experiment: Experiment, mesh, first_stage_params=None):
-    """``ema_params -> (images, classes per row)`` of the training grids, or None for a task
-    that draws no samples without inputs (a classifier, a super-resolution model);
-    first_stage_params: a latent model's autoencoder (its samples are decoded)."""
+def grid_drawer(experiment: Experiment, mesh, first_stage_params=None, tokenizer=None):
+    """``ema_params -> (images, rows)`` of the training grids (rows: classes or a text
+    model's prompts; 0 = unlabelled), or None for a task that draws no samples without inputs
+    (a classifier, a super-resolution model); first_stage_params: a latent model's
+    autoencoder (its samples are decoded); tokenizer: a text model's."""
     task, t = experiment.task, experiment.train
     if t.sample_every > 0 and task.reconstructs:
         return reconstruction_drawer(experiment, mesh)
@@ -92,9 +94,15 @@ def grid_drawer(experiment: Experiment, mesh, first_stage_params=None):
                                                   t.num_sample_images),
                                    first_stage_params=first_stage_params)
     per_row = task.num_classes if task.class_cond else 0
+    tokens = None
+    if tokenizer is not None:  # a text model: one row per prompt
+        prompts = text_app.prompts_for(experiment, "grid")
+        _, tokens, per = text_app.prompt_samples(tokenizer, prompts, t.num_sample_images)
+        tokens, per_row = tokens[:per * len(prompts)], len(prompts)
 
     def draw(ema_params):
-        images, _ = generator(ema_params, t.num_sample_images, jax.random.PRNGKey(t.seed + 1),
+        n = t.num_sample_images if tokens is None else len(tokens)
+        images, _ = generator(ema_params, n, jax.random.PRNGKey(t.seed + 1), labels=tokens,
                               grouped=True)
         return images, per_row
 
@@ -106,8 +114,14 @@ def run(experiment: Experiment, workdir: str, mesh, *, allow_config_change: bool
     """Trains to ``train.num_steps``, resuming from ``WORKDIR/checkpoints`` if it has any."""
     loop.check_workdir_config(workdir, experiment.resolved, allow_config_change)
     fs_params, ae_step = common.first_stage_params(experiment, mesh)
+    tokenizer = None
+    if experiment.text is not None:
+        tokenizer = text_app.training_tokenizer(experiment, workdir)
     if data_iterator is not None:
         it = data_iterator
+    elif tokenizer is not None:
+        it = text_app.train_iterator(experiment, tokenizer, jax.process_index(),
+                                     jax.process_count())
     elif experiment.latent is not None:
         it = latent_train_iterator(experiment, mesh, fs_params, ae_step, jax.process_index(),
                                    jax.process_count())
@@ -116,4 +130,5 @@ def run(experiment: Experiment, workdir: str, mesh, *, allow_config_change: bool
                             jax.process_count())
     return loop.train(experiment.task, experiment.optim, experiment.train, workdir, mesh, it,
                       resolved=experiment.resolved, global_batch=experiment.data.batch_size,
-                      draw_grid=grid_drawer(experiment, mesh, fs_params), started=started)
+                      draw_grid=grid_drawer(experiment, mesh, fs_params, tokenizer),
+                      started=started)

@@ -14,7 +14,8 @@ Output: {"image": float32 [B, S, S, C] in [-1, 1] (uint8 / 127.5 - 1), "label": 
 with drop_remainder=False the last global batch is padded to full size and every batch also
 has "mask": bool [B] (False on padding rows, whose image is -1 and label 0). A source of
 arrays (``yields_arrays``: a latent cache, :mod:`diffjax.data.latent_cache`) gives its own
-dict instead ({"mean", "std", "label"}), padding rows zero, never flipped.
+dict instead ({"mean", "std", "label"}), padding rows zero, never flipped. A source with
+``read_columns(indices)`` adds its columns (a captioned source's "tokens" [B, L] int32).
 
 Checkpointing. The returned iterators are grain `DatasetIterator`s: `it.get_state()` is a small
 JSON-able dict and `it.set_state(state)` makes the next batch the first one not yet seen. With
@@ -109,10 +110,24 @@ class _LocalBatchReader:
             flips = flips[self.process_index * b:(self.process_index + 1) * b]
             images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
         batch = {"image": to_model_range(images), "label": np.asarray(labels, dtype=np.int32)}
+        if hasattr(self.source, "read_columns"):  # e.g. tokenized captions (text_source)
+            batch.update(self._columns(local, mask))
         if self.with_mask:
             batch["mask"] = mask
         return batch
 
+
+    def _columns(self, local: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        """The source's columns beyond image and label (``read_columns(indices) -> {name:
+        [b, ...]}``) of the unflipped examples; padding rows zero."""
+        got = self.source.read_columns(local[mask])
+        if mask.all():
+            return dict(got)
+        out = {}
+        for key, value in got.items():
+            out[key] = np.zeros((len(local),) + value.shape[1:], value.dtype)
+            out[key][mask] = value
+        return out
 
     def _arrays(self, local: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         """A batch of a source of arrays (a latent cache): its dict as read, padding rows

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from etils import epath
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -28,8 +29,26 @@ def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2) -> np.n
     return grid
 
 
-def save_grid(images: np.ndarray, path: str, ncol: int | None = None, scale: int = 1) -> str:
-    """Writes images in [-1, 1] as one PNG grid, local or ``gs://`` (``scale`` enlarges).
+def label_rows(img: Image.Image, labels: Sequence[str], row_height: int) -> Image.Image:
+    """``img`` with a white margin on the left holding ``labels[r]`` beside row r (rows of
+    ``row_height`` pixels from the top), in PIL's built-in font."""
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(img)
+    width = max((int(draw.textlength(t, font=font)) for t in labels), default=0) + 8
+    out = Image.new(img.mode, (img.width + width, img.height), 255 if img.mode == "L" else
+                    (255, 255, 255))
+    out.paste(img, (width, 0))
+    draw = ImageDraw.Draw(out)
+    for r, text in enumerate(labels):
+        draw.text((4, r * row_height + row_height // 2), text, fill=0 if img.mode == "L" else
+                  (0, 0, 0), font=font, anchor="lm")
+    return out
+
+
+def save_grid(images: np.ndarray, path: str, ncol: int | None = None, scale: int = 1,
+              row_labels: Sequence[str] | None = None) -> str:
+    """Writes images in [-1, 1] as one PNG grid, local or ``gs://`` (``scale`` enlarges);
+    ``row_labels``: a text written left of each row (e.g. its prompt).
 
     Images of 1 channel are grey, of 3 RGB; others (e.g. 4-channel latents) show their
     first three channels as RGB (one channel: grey)."""
@@ -41,6 +60,8 @@ def save_grid(images: np.ndarray, path: str, ncol: int | None = None, scale: int
     img = Image.fromarray(grid[..., 0] if mode == "L" else grid, mode)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    if row_labels:
+        img = label_rows(img, row_labels, (images.shape[1] + 2) * scale)
     out = epath.Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("wb") as f:

@@ -9,6 +9,8 @@ Metric names (``eval.metrics``):
                     samples).
   brightness        mean intensity of the samples in [0, 1] (the attribute that
                     :mod:`diffjax.guides.fashion_mnist` steers by gradient guidance).
+  attribute_accuracy  a text model's: how often samples have the attributes their prompts
+                    name (-> <attribute>_accuracy; scored by its captioner in the app tier).
   fid, sfid, inception_score, precision_recall (-> precision, recall), kid (-> kid, kid_std)
                     on Inception features (:mod:`diffjax.evaluation.inception`).
 Orchestration (which samples, which references, where results go) is the app tier's
@@ -30,7 +32,7 @@ from diffjax.evaluation.metrics import MetricError
 from diffjax.guides import fashion_mnist as fmnist_guides
 
 INCEPTION_METRICS = ("fid", "sfid", "inception_score", "precision_recall", "kid")
-OTHER_METRICS = ("class_accuracy", "nll", "brightness")
+OTHER_METRICS = ("class_accuracy", "nll", "brightness", "attribute_accuracy")
 
 
 def needs_features(names: Iterable[str]) -> bool:

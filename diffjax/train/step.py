@@ -40,6 +40,9 @@ class LossSpec:
     timestep_sampler: str = "uniform"
     label_dropout: float = 0.0
     null_label: int = -1  # the extra embedding row used for classifier-free guidance
+    # the batch entry the network is conditioned on: "label" [B], or "tokens" [B, L] of a
+    # text model (a dropped row becomes all null_label: -1, the learned null caption)
+    cond_key: str = "label"
     sigma_data: float = 0.5  # EDM's preconditioning ("edm" prediction)
     # timestep_sampler "lognormal" (EDM): ln sigma ~ N(p_mean, p_std^2), continuous sigma
     p_mean: float = -1.2
@@ -86,7 +89,8 @@ def make_diffusion_loss(apply_fn, ds: DiscreteSchedule, spec: LossSpec,
 
     Per example: a timestep (uniform or importance-sampled) or, for ``timestep_sampler``
     "lognormal", a continuous EDM noise level (x = x0 + sigma n, no table), the noise, and for
-    classifier-free guidance whether the label is replaced by the null label. ``model_inputs(x0, key) ->
+    classifier-free guidance whether the label (a text model's whole token row) is replaced by
+    the null label. ``model_inputs(x0, key) ->
     {name: array}`` gives extra network inputs of the batch (a super-resolution model's
     augmented low-resolution images), drawn from fold_in(key, 1) so that every other draw is
     the same as without it.
@@ -95,7 +99,7 @@ def make_diffusion_loss(apply_fn, ds: DiscreteSchedule, spec: LossSpec,
     continuous = spec.timestep_sampler == "lognormal"
 
     def loss_fn(params, state, batch, key):
-        x0, labels = batch["image"], batch.get("label")
+        x0, labels = batch["image"], batch.get(spec.cond_key)
         k_t, k_noise, k_drop, k_label = jax.random.split(key, 4)
         noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
         if continuous:  # EDM: x = x0 + sigma n at ln sigma ~ N(P_mean, P_std^2), no table
@@ -111,7 +115,8 @@ def make_diffusion_loss(apply_fn, ds: DiscreteSchedule, spec: LossSpec,
             x_in, c_noise = process.discrete_model_input(ds, x_t, t, prediction=spec.prediction,
                                                          sigma_data=spec.sigma_data)
         if labels is not None and spec.label_dropout > 0:
-            drop = jax.random.bernoulli(k_label, spec.label_dropout, labels.shape)
+            drop = jax.random.bernoulli(k_label, spec.label_dropout, labels.shape[:1])
+            drop = drop.reshape(drop.shape + (1,) * (labels.ndim - 1))  # whole rows
             labels = jnp.where(drop, spec.null_label, labels)
         extra = {} if model_inputs is None else model_inputs(x0, jax.random.fold_in(key, 1))
         out = apply_fn(params, x_in, c_noise, labels, True, {"dropout": k_drop}, **extra)

@@ -1,6 +1,6 @@
 """Runs the real training loop in a subprocess, for the kill -9 and multi-process tests.
 
-    python driver.py DATA_DIR WORKDIR STEPS DEVICES [--kill-at-batch K]
+    python driver.py DATA_DIR WORKDIR STEPS DEVICES [--kill-at-batch K] [--text]
         [--process-id I --num-processes N --coordinator HOST:PORT]
 
 Writes WORKDIR/final_params.npz (process 0) when training completes. With --kill-at-batch K
@@ -25,6 +25,7 @@ parser.add_argument("--kill-at-batch", type=int, default=0)
 parser.add_argument("--process-id", type=int, default=0)
 parser.add_argument("--num-processes", type=int, default=1)
 parser.add_argument("--coordinator", default="")
+parser.add_argument("--text", action="store_true", help="tiny.text_config (a caption model)")
 args = parser.parse_args()
 
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
@@ -42,6 +43,7 @@ jax.config.update("jax_compilation_cache_dir", cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 from diffjax import checkpoint, experiment, parallel  # noqa: E402
+from diffjax.app import text as text_app  # noqa: E402
 from diffjax.app import train as app_train  # noqa: E402
 
 spec = importlib.util.spec_from_file_location("tiny", os.path.join(os.path.dirname(__file__),
@@ -86,9 +88,15 @@ parallel.maybe_initialize_distributed(
     heartbeat_timeout_s=600, shutdown_timeout_s=600, barrier_timeout_s=600,
     collective_timeout_s=600)
 mesh = parallel.make_mesh()
-exp = experiment.build(tiny.config(args.data_dir, **{"train.num_steps": args.steps}),
+make_config = tiny.text_config if args.text else tiny.config
+exp = experiment.build(make_config(args.data_dir, **{"train.num_steps": args.steps}),
                        num_devices=parallel.num_data_shards(mesh))
-it = app_train.train_iterator(exp.data, exp.train.seed, jax.process_index(), jax.process_count())
+if args.text:
+    it = text_app.train_iterator(exp, text_app.training_tokenizer(exp, args.workdir),
+                                 jax.process_index(), jax.process_count())
+else:
+    it = app_train.train_iterator(exp.data, exp.train.seed, jax.process_index(),
+                                  jax.process_count())
 ckpts = checkpoint.checkpoint_dir(args.workdir)
 start = max([int(d) for d in os.listdir(ckpts) if d.isdigit()], default=0) \
     if os.path.isdir(ckpts) else 0

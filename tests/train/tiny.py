@@ -102,3 +102,43 @@ def save_run(config, workdir: str, mesh, seed: int) -> str:
     checkpoint.save(manager, 2, state, None, config.to_dict())
     manager.wait_until_finished()
     return workdir
+
+
+TEXT_CLASSES = 10  # the fashion_mnist_attributes captioner's
+
+
+def write_text_dataset(directory: str) -> str:
+    """40 8x8 images in 10 classes (4 each) for a text model: a bright square on black whose
+    side (2..7 pixels) and value (60..250) vary, so captions differ in brightness and size."""
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(1)
+    n = 4 * TEXT_CLASSES
+    labels = np.arange(n) % TEXT_CLASSES
+    images = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    for i in range(n):
+        side = int(rng.integers(2, IMAGE_SIZE))
+        top, left = rng.integers(0, IMAGE_SIZE - side + 1, 2)
+        images[i, top:top + side, left:left + side] = int(rng.integers(60, 251))
+    for prefix in ("train", "t10k"):
+        write_idx(os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz"), images)
+        write_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz"), labels)
+    return directory
+
+
+def text_config(data_dir: str, **overrides):
+    """A caption-conditioned model (experiments/fashion_mnist_text.py's options) on
+    :func:`write_text_dataset`, small enough for CPU tests."""
+    c = config(data_dir)
+    c.data.num_classes = TEXT_CLASSES
+    c.model.class_cond = False
+    c.model.context_pool = "mean"
+    c.diffusion.loss = "simple"
+    c.diffusion.variance_type = "fixed_small"
+    c.diffusion.timestep_sampler = "uniform"
+    c.text.encoder = "transformer"
+    c.text.captions = "fashion_mnist_attributes"
+    c.text.context_length = 6
+    c.text.vocab_size = 32
+    c.text.width, c.text.layers, c.text.heads = 16, 1, 2
+    c.update_from_flattened_dict(overrides)
+    return c

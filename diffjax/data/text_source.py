@@ -1,0 +1,125 @@
+"""Captioned image sources: each example's caption, tokenized, as the batch's "tokens" column.
+
+A captioner (``text.captions``, table :data:`CAPTIONERS`) says what each example's caption
+is, which prompts a model of its data is shown by default, and how to score whether samples
+follow a prompt. One today:
+
+  "fashion_mnist_attributes"  Fashion-MNIST: the class word and the garment's measured
+                              brightness and size, each split at its class's median over the
+                              train split (:mod:`diffjax.data.captions`), e.g. "a dark small
+                              sneaker"; each attribute word kept with probability
+                              ``text.caption_keep_prob``, fixed per example.
+
+:class:`CaptionedSource` wraps an image source and adds ``read_columns(indices) ->
+{"tokens": int32 [b, L]}``, which :mod:`diffjax.data.pipeline` puts in every batch; the
+tokens of the whole split are computed once, so reading them is a gather.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from diffjax.data import captions as captions_lib
+from diffjax.data import sources
+from diffjax.data.errors import DataError
+from diffjax.text import TextError
+
+
+def _all_examples(source: sources.ImageSource) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, S, S, C], labels [N]) of a whole split."""
+    return source.read_batch(np.arange(len(source)))
+
+
+class FashionMnistAttributes:
+    """Captions of Fashion-MNIST from the label and measured attributes.
+
+    train: the train split (its per-class medians are the attribute thresholds of every
+    split); seed / keep_prob: which attribute words each example's caption keeps.
+    """
+
+    name = "fashion_mnist_attributes"
+
+    def __init__(self, train: sources.ImageSource, seed: int = 0, keep_prob: float = 0.75):
+        if train.num_classes != len(captions_lib.CLASS_WORDS) or train.image_shape[-1] != 1:
+            raise DataError(
+                f"text.captions='{self.name}' captions Fashion-MNIST (10 classes, 1 channel); "
+                f"{train.name} has {train.num_classes} classes and {train.image_shape[-1]} "
+                "channel(s): use data.source='fashion_mnist_idx' or another captioner")
+        if not 0.0 <= keep_prob <= 1.0:
+            raise DataError(f"text.caption_keep_prob={keep_prob} must be in [0, 1]")
+        images, labels = _all_examples(train)
+        self.thresholds = captions_lib.thresholds_from(images, labels, train.num_classes)
+        self.seed, self.keep_prob = int(seed), float(keep_prob)
+
+    def captions(self, source: sources.ImageSource) -> list[str]:
+        """The caption of every example of ``source`` (a split of the same data), in order."""
+        images, labels = _all_examples(source)
+        return captions_lib.captions_for(images, labels, np.arange(len(source)),
+                                         self.thresholds, seed=self.seed,
+                                         keep_prob=self.keep_prob)
+
+    def grid_prompts(self) -> tuple[str, ...]:
+        """The default rows of a sample grid: one prompt per class, attributes alternating."""
+        bright, size = ({a.name: (a.low, a.high) for a in captions_lib.ATTRIBUTES}[k]
+                        for k in ("brightness", "size"))
+        return tuple(f"a {bright[k % 2]} {size[(k // 2) % 2]} {word}"
+                     for k, word in enumerate(captions_lib.CLASS_WORDS))
+
+    def eval_prompts(self) -> tuple[str, ...]:
+        """The prompts of ``--mode eval``: every class with every attribute combination."""
+        return tuple(captions_lib.default_prompts())
+
+    def targets(self, prompts: Sequence[str]) -> list[dict[str, Any]]:
+        """What each prompt asks for ({"label", "brightness", "size"}, None = not named);
+        TextError for a prompt it cannot score (no class, an unknown or contradictory word)."""
+        try:
+            return [captions_lib.parse_prompt(p) for p in prompts]
+        except ValueError as e:
+            raise TextError(f"{e} (text.captions='{self.name}' scores prompts of its own "
+                            "words)") from None
+
+    def score(self, images: np.ndarray, prompts: Sequence[str],
+              predicted_labels: np.ndarray | None) -> dict[str, float]:
+        """How often samples [N, H, W, 1] in [-1, 1] drawn from ``prompts`` [N] have what
+        their prompt names: {"class_accuracy" (from the feature classifier's
+        ``predicted_labels``), "brightness_accuracy", "size_accuracy"} and their counts."""
+        got = captions_lib.score(images, self.targets(prompts), predicted_labels,
+                                 self.thresholds)
+        return {k: v for k, v in got.items() if v is not None}
+
+
+CAPTIONERS = {"fashion_mnist_attributes": FashionMnistAttributes}
+
+
+class CaptionedSource:
+    """``inner`` plus each example's caption as tokens [L] (``read_columns``).
+
+    tokens: [N, L] int32 of every example of ``inner`` in order (``Tokenizer.encode`` of the
+    captioner's captions)."""
+
+    def __init__(self, inner: sources.ImageSource, tokens: np.ndarray):
+        if tokens.ndim != 2 or len(tokens) != len(inner):
+            raise DataError(f"{inner.name}: {len(inner)} examples but tokens of shape "
+                            f"{tokens.shape}")
+        self.inner, self.tokens = inner, np.asarray(tokens, np.int32)
+        self.name = f"{inner.name}+captions"
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.inner.image_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.inner.num_classes
+
+    def read_batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.inner.read_batch(indices)
+
+    def read_columns(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        return {"tokens": self.tokens[indices]}

@@ -1,0 +1,210 @@
+"""A caption-conditioned model end to end on a tiny captioned data set: batches carry each
+image's own caption, label dropout drops whole captions, the text encoder is trained and
+resumed exactly after kill -9, and sampling / eval take prompts (classifier-free guidance
+against the learned null caption)."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffjax import experiment, generate
+from diffjax import main as cli
+from diffjax import text as text_lib
+from diffjax.app import text as text_app
+from diffjax.data import captions
+from diffjax.train import step as step_lib
+from diffjax.train.step import LossSpec
+
+DRIVER = os.path.join(os.path.dirname(__file__), "driver.py")
+
+
+def _env():
+    env = dict(os.environ)
+    env.setdefault("DIFFJAX_TEST_CACHE", os.path.expanduser("~/.cache/diffjax-jax-tests"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _drive(args, check=True):
+    proc = subprocess.run([sys.executable, DRIVER, *map(str, args), "--text"], env=_env(),
+                          capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"driver {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _params(workdir):
+    with np.load(os.path.join(workdir, "final_params.npz")) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def text_data(tiny, tmp_path_factory):
+    return tiny.write_text_dataset(str(tmp_path_factory.mktemp("text_data")))
+
+
+@pytest.fixture(scope="module")
+def straight(text_data, tmp_path_factory):
+    """6 steps of the tiny caption model without interruption on 2 devices."""
+    workdir = str(tmp_path_factory.mktemp("text_straight"))
+    _drive([text_data, workdir, 6, 2])
+    return workdir
+
+
+def _experiment(tiny, text_data, **overrides):
+    return experiment.build(tiny.text_config(text_data, **overrides), num_devices=8)
+
+
+def test_batches_carry_each_images_own_caption(tiny, text_data, tmp_path):
+    exp = _experiment(tiny, text_data)
+    tokenizer = text_app.training_tokenizer(exp, str(tmp_path))
+    assert text_lib.Tokenizer.load(str(tmp_path / "tokenizer.json")) == tokenizer
+    train = text_app.data_lib.make_source(**exp.data.source_kwargs("train"))
+    images, labels = train.read_batch(np.arange(len(train)))
+    thresholds = captions.thresholds_from(images, labels, tiny.TEXT_CLASSES)
+    it = text_app.train_iterator(exp, tokenizer, 0, 1)
+    for _ in range(5):  # 40 examples, batches of 8: more than one epoch, shuffled
+        batch = next(it)
+        x = batch["image"]
+        values = captions.attribute_values(captions.measure(x), batch["label"], thresholds)
+        for i, text in enumerate(tokenizer.decode(batch["tokens"])):
+            words = text.split()
+            assert words[-1] == captions.CLASS_WORDS[batch["label"][i]], text
+            for attr in captions.ATTRIBUTES:
+                said = [w for w in words if w in attr.words]
+                if said:  # a kept attribute word is the image's own
+                    assert said == [attr.words[values[attr.name][i]]], (text, attr.name)
+
+
+def test_a_resumed_run_with_other_captions_is_refused(tiny, text_data, tmp_path):
+    exp = _experiment(tiny, text_data)
+    text_app.training_tokenizer(exp, str(tmp_path))
+    before = (tmp_path / "tokenizer.json").read_bytes()
+    other = _experiment(tiny, text_data, **{"text.caption_keep_prob": 0.0})  # class words only
+    with pytest.raises(text_lib.TextError, match="other captions"):
+        text_app.training_tokenizer(other, str(tmp_path))
+    assert (tmp_path / "tokenizer.json").read_bytes() == before
+
+
+def test_a_vocabulary_larger_than_the_embedding_is_refused(tiny, text_data, tmp_path):
+    exp = _experiment(tiny, text_data, **{"text.vocab_size": 8})
+    with pytest.raises(text_lib.TextError, match="text.vocab_size=8"):
+        text_app.training_tokenizer(exp, str(tmp_path))
+    assert not os.listdir(tmp_path)
+
+
+def test_label_dropout_drops_whole_captions_and_leaves_labels_as_they_were(tiny, text_data):
+    seen = {}
+
+    def apply_fn(params, x, t, y, train, rngs):
+        seen["y"] = y
+        return jnp.zeros_like(x)
+
+    ds = _experiment(tiny, text_data).schedule
+    x0 = jnp.zeros((64, 4, 4, 1))
+    tokens = jnp.tile(jnp.arange(1, 7, dtype=jnp.int32), (64, 1))
+    key = jax.random.PRNGKey(3)
+    spec = LossSpec(label_dropout=0.5, null_label=-1, cond_key="tokens")
+    state = types.SimpleNamespace(loss_count=jnp.zeros((ds.num_timesteps,), jnp.int32))
+    step_lib.make_diffusion_loss(apply_fn, ds, spec)(None, state,
+                                                     {"image": x0, "tokens": tokens}, key)
+    y = np.asarray(seen["y"])
+    dropped = (y == -1).all(axis=1)
+    assert ((y == -1).any(axis=1) == dropped).all()  # rows, never single tokens
+    np.testing.assert_array_equal(y[~dropped], np.asarray(tokens)[~dropped])
+    assert 10 < dropped.sum() < 54
+    # labels [B]: the drop is drawn as before ([B] bernoullis of the same key)
+    labels = jnp.arange(64, dtype=jnp.int32) % 10
+    spec = LossSpec(label_dropout=0.5, null_label=10)
+    step_lib.make_diffusion_loss(apply_fn, ds, spec)(None, state,
+                                                     {"image": x0, "label": labels}, key)
+    k_label = jax.random.split(key, 4)[3]
+    want = jnp.where(jax.random.bernoulli(k_label, 0.5, (64,)), 10, labels)
+    np.testing.assert_array_equal(np.asarray(seen["y"]), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(seen["y"]) == 10, dropped)
+
+
+def test_kill_9_and_resume_trains_the_text_encoder_exactly(text_data, straight, tmp_path):
+    workdir = str(tmp_path / "killed")
+    killed = _drive([text_data, workdir, 6, 2, "--kill-at-batch", 7], check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not os.path.exists(os.path.join(workdir, "final_params.npz"))
+    _drive([text_data, workdir, 6, 2])
+    resumed, want = _params(workdir), _params(straight)
+    assert resumed.keys() == want.keys()
+    names = list(want)
+    assert any("text_encoder" in n for n in names) and any("null_context" in n for n in names)
+    for name in names:
+        np.testing.assert_array_equal(resumed[name], want[name], err_msg=name)
+    with open(os.path.join(workdir, "tokenizer.json")) as f, \
+            open(os.path.join(straight, "tokenizer.json")) as g:
+        assert json.load(f) == json.load(g)
+
+
+def _sample(tiny, text_data, workdir, prompts, **overrides):
+    config = tiny.text_config(text_data, **{"sampler.prompts": prompts, **overrides})
+    cli.run(config, "sample", workdir)
+    with np.load(os.path.join(workdir, "samples.npz")) as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_sample_from_prompts_with_guidance_against_the_null_caption(tiny, text_data, straight):
+    prompts = ("a dark small sneaker", "a bright bag")
+    got = _sample(tiny, text_data, straight, prompts, **{"sampler.num_samples": 8,
+                                                        "guidance.scale": 1.0})
+    assert list(got["prompts"]) == [prompts[0]] * 4 + [prompts[1]] * 4
+    tokenizer = text_lib.Tokenizer.load(os.path.join(straight, "tokenizer.json"))
+    np.testing.assert_array_equal(got["tokens"], tokenizer.encode(list(got["prompts"])))
+    grid = Image.open(os.path.join(straight, "samples.png"))
+    assert grid.width > 2 * (4 * (8 + 2) + 2) and grid.height == 2 * (2 * (8 + 2) + 2)
+    # w = 0 is the conditional model alone: what guidance "none" draws from the same noise
+    plain = _sample(tiny, text_data, straight, prompts, **{
+        "sampler.num_samples": 8, "guidance.type": "none"})
+    w0 = _sample(tiny, text_data, straight, prompts, **{"sampler.num_samples": 8,
+                                                       "guidance.scale": 0.0})
+    np.testing.assert_allclose(w0["images"], plain["images"], atol=1e-5)
+
+
+def test_guidance_is_against_the_learned_null_caption(tiny, text_data):
+    exp = _experiment(tiny, text_data, **{"sampler.thresholding": "none"})
+    task, sampling = exp.task, exp.sampling
+    params = task.init_params(jax.random.PRNGKey(0))  # zero-initialised output layers:
+    leaves, tree = jax.tree.flatten(params)  # perturbed so that the context reaches the output
+    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+    params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape)
+                                       for p, k in zip(leaves, keys)])
+    tokens = jnp.asarray([[1, 6, 12, 13, 0, 0], [1, 4, 0, 0, 0, 0]], jnp.int32)
+    x = 2.0 * jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
+    guided = generate.guided_denoiser(sampling, task.denoiser(params),
+                                      sampling.knobs(guidance_scale=2.0))
+    plain = task.denoiser(params)
+    d_c, d_u = plain(x, 2.0, tokens), plain(x, 2.0, jnp.full_like(tokens, -1))
+    np.testing.assert_allclose(guided(x, 2.0, tokens), d_c + 2.0 * (d_c - d_u), atol=1e-5)
+    assert np.abs(d_c - d_u).max() > 1e-3  # the null caption is not the captions
+
+
+def test_eval_scores_attributes_per_guidance_scale(tiny, text_data, straight):
+    config = tiny.text_config(text_data, **{
+        "eval.metrics": ("attribute_accuracy",), "eval.num_samples": 16, "eval.batch_size": 8,
+        "eval.sweep_guidance_scales": (0.0, 3.0),
+        "sampler.prompts": ("a dark small sneaker", "a bright large bag")})
+    cli.run(config, "eval", straight)
+    out = os.path.join(straight, "eval")
+    records = [json.load(open(os.path.join(out, f))) for f in sorted(os.listdir(out))
+               if f.endswith(".json")]
+    assert [r["guidance"]["scale"] for r in records] == [0.0, 3.0]
+    for r in records:
+        m = r["metrics"]
+        assert sorted(m) == ["brightness_accuracy", "size_accuracy"]
+        for k in m:  # a fraction of the 16 samples, every prompt naming both
+            assert 0.0 <= m[k] <= 1.0 and (m[k] * 16).is_integer()
+    assert os.path.exists(os.path.join(out, "sweep_vs_guidance_scale.png"))
