@@ -286,12 +286,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.nll_clip_denoised = True
 
     # Text conditioning (issue 13; GLIDE's jointly trained text transformer): encoder
-    # "transformer" encodes each example's caption (data.captions) into the context [B, L,
+    # "transformer" encodes each example's caption (text.captions) into the context [B, L,
     # width] of a UNet (model.context_dim = 0 or width); classifier-free guidance drops it to
     # a learned null sequence with probability guidance.label_dropout. The tokenizer (word or
     # byte level) is built from the training captions and kept in WORKDIR/tokenizer.json.
     c.text = ml_collections.ConfigDict()
-    c.text.encoder = "none"  # none / transformer
+    c.text.encoder = "none"  # none / transformer / embeddings (precomputed, text.embeddings)
     c.text.tokenizer = "word"  # word / byte
     c.text.context_length = 16  # tokens per caption or prompt (L)
     c.text.vocab_size = 256  # rows of the token embedding (word: known words + padding)
@@ -303,6 +303,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.text.captions = ""
     c.text.caption_seed = 0
     c.text.caption_keep_prob = 0.75  # each attribute word kept in an example's caption
+    # encoder "embeddings": a user's precomputed embeddings (e.g. T5, CLIP) of the train
+    # split, one row per example in its order: .npz with context [N, L, width], mask [N, L];
+    # and those of the prompts that --mode sample and the training grids draw (.npz of the
+    # same layout, optional prompts [N] as the grid's row labels)
+    c.text.embeddings = ""
+    c.text.sample_embeddings = ""
 
     c.condition = ml_collections.ConfigDict()
     c.condition.type = "none"  # none / img2img / inpaint / superres / invert

@@ -222,7 +222,7 @@ def _check_context(c: ml_collections.ConfigDict, mode: str) -> None:
                           f"model.transformer_depth={m.transformer_depth} >= 1")
     configlib.check_name("text.encoder", c.text.encoder, TEXT_ENCODERS)
     if is_text_model(c):
-        _check_text(c)
+        _check_text(c, mode)
         return
     if m.context_dim == 0:
         return
@@ -236,26 +236,41 @@ def _check_context(c: ml_collections.ConfigDict, mode: str) -> None:
                           "--mode summary / python -m diffjax.convert")
 
 
-# text.encoder: "none", or "transformer" (GLIDE's text transformer trained with the model)
-TEXT_ENCODERS = ("none", "transformer")
+# text.encoder: "none", "transformer" (GLIDE's text transformer trained with the model) or
+# "embeddings" (a user's precomputed embeddings stored with the data)
+TEXT_ENCODERS = ("none", "transformer", "embeddings")
 
 
 def is_text_model(c: ml_collections.ConfigDict) -> bool:
     return c.text.encoder != "none"
 
 
-def _check_text(c: ml_collections.ConfigDict) -> None:
+def _precomputed(c: ml_collections.ConfigDict) -> bool:
+    return c.text.encoder == "embeddings"
+
+
+def _check_text(c: ml_collections.ConfigDict, mode: str) -> None:
     """ConfigError for a text-conditioned model's options (section text) and what it cannot
     be combined with."""
     t, m = c.text, c.model
-    configlib.check_name("text.tokenizer", t.tokenizer, ("word", "byte"))
-    configlib.check_name("text.captions", t.captions, tuple(text_source.CAPTIONERS))
+    if _precomputed(c):
+        if not t.embeddings:
+            raise ConfigError("text.encoder='embeddings' reads the context from the data: set "
+                              "--config.text.embeddings=FILE.npz (context [N, L, width], mask "
+                              "[N, L], one row per training example)")
+        if mode == "eval":
+            raise ConfigError("--mode eval scores prompts by their text, which precomputed "
+                              "embeddings do not carry; draw samples with --mode sample "
+                              "(text.sample_embeddings) instead")
+    else:
+        configlib.check_name("text.tokenizer", t.tokenizer, ("word", "byte"))
+        configlib.check_name("text.captions", t.captions, tuple(text_source.CAPTIONERS))
     if t.context_length < 1 or t.width < 1 or t.layers < 0 or t.heads < 1 or t.width % t.heads:
         raise ConfigError(f"text.context_length={t.context_length} and text.width={t.width} "
                           f"must be >= 1, text.layers={t.layers} >= 0, and text.heads="
                           f"{t.heads} must divide the width")
     least = 257 if t.tokenizer == "byte" else 2
-    if t.vocab_size < least:
+    if not _precomputed(c) and t.vocab_size < least:
         raise ConfigError(f"text.vocab_size={t.vocab_size} is too small for the "
                           f"{t.tokenizer} tokenizer; it needs >= {least}")
     if m.name != "unet" or m.context_dim not in (0, t.width):
@@ -415,6 +430,10 @@ def build_model(c: ml_collections.ConfigDict):
     t = c.text
     inner = copy.deepcopy(c)
     inner.model.context_dim = t.width
+    if _precomputed(c):
+        return text_encoder.EmbeddingConditioned(
+            denoiser=_unet(inner), context_length=t.context_length, width=t.width,
+            param_dtype=jnp.dtype(c.model.param_dtype))
     vocab = 257 if t.tokenizer == "byte" else t.vocab_size
     encoder = text_encoder.TextEncoder(
         vocab_size=vocab, context_length=t.context_length, width=t.width, layers=t.layers,
@@ -436,10 +455,24 @@ def _loss(c: ml_collections.ConfigDict) -> LossSpec:
         weighting=d.weighting, loss_kwargs=tuple(sorted(kwargs.items())),
         timestep_sampler=d.timestep_sampler,
         label_dropout=c.guidance.label_dropout if cfg else 0.0,
-        null_label=-1 if is_text_model(c) else c.data.num_classes,
-        cond_key="tokens" if is_text_model(c) else "label", sigma_data=float(d.sigma_data),
+        null_label=_null_cond(c), cond_key=_cond_key(c), sigma_data=float(d.sigma_data),
         p_mean=float(d.P_mean), p_std=float(d.P_std),
     )
+
+
+def _cond_key(c: ml_collections.ConfigDict) -> str:
+    """The batch entry the network is conditioned on."""
+    if not is_text_model(c):
+        return "label"
+    return "context" if _precomputed(c) else "tokens"
+
+
+def _null_cond(c: ml_collections.ConfigDict) -> int:
+    """What classifier-free guidance drops the condition to: the null label, a caption row
+    of -1 (the learned null caption) or an all-masked (zero) row of embeddings."""
+    if not is_text_model(c):
+        return c.data.num_classes
+    return 0 if _precomputed(c) else -1
 
 
 def _time_scale(c: ml_collections.ConfigDict) -> float:
@@ -458,7 +491,8 @@ def _text_task(c, data: specs.DataSpec, ds) -> tasks.TextDiffusionTask:
     return tasks.TextDiffusionTask(
         model=build_model(c), image_shape=data.image_shape, num_classes=data.num_classes,
         schedule=ds, time_scale=_time_scale(c), loss=_loss(c),
-        learned_variance=learns_variance(c), context_length=c.text.context_length)
+        learned_variance=learns_variance(c), context_length=c.text.context_length,
+        context_width=c.text.width if _precomputed(c) else 0)
 
 
 def _text(c: ml_collections.ConfigDict) -> specs.TextSpec | None:
@@ -469,6 +503,9 @@ def _text(c: ml_collections.ConfigDict) -> specs.TextSpec | None:
                               "'transformer'); this one takes none")
         return None
     t = c.text
+    if _precomputed(c) and prompts is not None:
+        raise ConfigError("sampler.prompts are texts; a model of precomputed embeddings "
+                          "samples from text.sample_embeddings=FILE.npz")
     if prompts is not None and not prompts:
         raise ConfigError("sampler.prompts is empty: give at least one prompt, e.g. "
                           "--config.sampler.prompts='(\"a dark sneaker\",)', or leave it "
@@ -477,7 +514,9 @@ def _text(c: ml_collections.ConfigDict) -> specs.TextSpec | None:
                           vocab_size=t.vocab_size, captions=t.captions,
                           caption_seed=int(t.caption_seed),
                           caption_keep_prob=float(t.caption_keep_prob),
-                          prompts=tuple(str(p) for p in prompts or ()))
+                          prompts=tuple(str(p) for p in prompts or ()), encoder=t.encoder,
+                          width=int(t.width), embeddings=t.embeddings,
+                          sample_embeddings=t.sample_embeddings)
 
 
 def _superres_task(c, data: specs.DataSpec, ds) -> tasks.SuperResTask:
@@ -614,7 +653,7 @@ def _no_guidance(c: ml_collections.ConfigDict) -> generate.GuidanceSpec:
 
 def _classifier_free(c: ml_collections.ConfigDict) -> generate.GuidanceSpec:
     g = c.guidance
-    static = {"null_cond": -1 if is_text_model(c) else c.data.num_classes}
+    static = {"null_cond": _null_cond(c)}
     if g.channels:
         static["channels"] = int(g.channels)
     return generate.GuidanceSpec(

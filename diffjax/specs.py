@@ -157,7 +157,9 @@ class TextSpec:
     captions); context_length: L, tokens per caption or prompt; vocab_size: rows of the
     encoder's token embedding; captions: the captioner's name
     (:data:`diffjax.data.text_source.CAPTIONERS`) with its seed and the probability of keeping
-    each attribute word; prompts: ``sampler.prompts`` (() = the captioner's defaults).
+    each attribute word; prompts: ``sampler.prompts`` (() = the captioner's defaults);
+    encoder "embeddings" (``precomputed``): the context is read from ``embeddings`` (training)
+    and ``sample_embeddings`` (sampling), of width ``width``.
     """
 
     tokenizer: str
@@ -167,6 +169,14 @@ class TextSpec:
     caption_seed: int
     caption_keep_prob: float
     prompts: tuple[str, ...] = ()
+    encoder: str = "transformer"  # or "embeddings": precomputed, read from files
+    width: int = 0
+    embeddings: str = ""  # the train split's .npz (encoder "embeddings")
+    sample_embeddings: str = ""  # the prompts' .npz of --mode sample (encoder "embeddings")
+
+    @property
+    def precomputed(self) -> bool:
+        return self.encoder == "embeddings"
 
 
 @dataclasses.dataclass(frozen=True)

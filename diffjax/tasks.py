@@ -187,10 +187,16 @@ class TextDiffusionTask(DiffusionTask):
     Its condition (the ``y`` of :meth:`apply`, the ``cond`` of its denoiser) is tokens [B, L]
     int32 (0 = padding); a row of -1 is the null caption (the learned null sequence) that
     classifier-free guidance drops to in training and guides against at sampling. Batches
-    hold it as ``"tokens"`` (:class:`diffjax.data.text_source.CaptionedSource`).
+    hold it as ``"tokens"`` (:class:`diffjax.data.text_source.CaptionedSource`). With
+    ``context_width`` > 0 (``model``: an ``EmbeddingConditioned``) it is instead precomputed
+    embeddings and their mask [B, L, context_width + 1], a row of zeros the null condition,
+    held as ``"context"`` (:class:`diffjax.data.text_source.EmbeddingSource`).
     """
 
     context_length: int
+    # > 0: the condition is precomputed embeddings of this width with their mask, packed as
+    # [B, L, width + 1] float (models.text_encoder.pack_context; a row of zeros is null)
+    context_width: int = 0
 
     samples_from_prompts = True
 
@@ -200,8 +206,11 @@ class TextDiffusionTask(DiffusionTask):
 
     def init_inputs(self, batch: int = 1):
         x = jnp.zeros((batch, *self.image_shape))
-        tokens = jnp.ones((batch, self.context_length), jnp.int32)
-        return (x, jnp.zeros((batch,)), tokens), {}
+        if self.context_width:
+            cond = jnp.ones((batch, self.context_length, self.context_width + 1))
+        else:
+            cond = jnp.ones((batch, self.context_length), jnp.int32)
+        return (x, jnp.zeros((batch,)), cond), {}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

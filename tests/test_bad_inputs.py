@@ -217,6 +217,9 @@ CONFIG_CASES = [
     ("text_dit", TXT, {"model.name": "dit"}, "model.name='unet'"),
     ("text_inpaint", TXT, {"condition.type": "inpaint"}, "condition.type='none'"),
     ("prompts_empty", TXT, {"sampler.prompts": ()}, "sampler.prompts is empty"),
+    ("embeddings_unset", TXT, {"text.encoder": "embeddings"}, "text.embeddings=FILE.npz"),
+    ("embeddings_prompts", TXT, {"text.encoder": "embeddings", "text.embeddings": "e.npz",
+                                 "sampler.prompts": ("a coat",)}, "text.sample_embeddings"),
     ("prompts_untext", FM, {"sampler.prompts": ("a coat",)}, "for a text model"),
 ]
 
@@ -230,6 +233,11 @@ def test_bad_config_value(tmp_path, name, base, overrides, expect):
 def test_attribute_accuracy_of_a_model_without_text(tmp_path):
     _expect_user_error("attribute_metric", _config(FM, {"eval.metrics": ("attribute_accuracy",)}),
                        "eval", _workdir(tmp_path), "attribute_accuracy scores a text model")
+
+
+def test_eval_of_precomputed_embeddings(tmp_path):
+    c = _config(TXT, {"text.encoder": "embeddings", "text.embeddings": "e.npz"})
+    _expect_user_error("eval_embeddings", c, "eval", _workdir(tmp_path), "--mode sample")
 
 
 # A text model's run: its tokenizer (15 words, context length 8) and no checkpoint, so a

@@ -117,10 +117,11 @@ def run(experiment: Experiment, workdir: str, mesh, *, checkpoint: str = "",
         inputs = load_inputs(sampling.condition_input, size, channels)
         labels = load_input_labels(sampling.condition_input, len(inputs), task.num_classes)
     if experiment.text is not None:  # prompts checked before the checkpoint is read
-        tokenizer = text_app.load_tokenizer(experiment, checkpoint or workdir)
-        prompts = text_app.prompts_for(experiment, "grid")
-        per_sample, labels, per = text_app.prompt_samples(tokenizer, prompts,
-                                                          sampling.num_samples)
+        tokenizer = None
+        if not experiment.text.precomputed:
+            tokenizer = text_app.load_tokenizer(experiment, checkpoint or workdir)
+        prompts, per_sample, labels, per = text_app.conditions(
+            experiment, tokenizer, sampling.num_samples, "grid")
     params, got = common.model_params(experiment, mesh, checkpoint or workdir, step)
     seed = sampling.seed if seed is None else seed
     generator = generate.Generator(task, sampling, mesh,
@@ -153,11 +154,13 @@ def sample_prompts(sampling, workdir: str, generator, params, prompts, per_sampl
                    tokens: np.ndarray, per: int, step: int, seed: int
                    ) -> tuple[np.ndarray, np.ndarray]:
     """A text model's samples, ``per`` for each prompt: ``WORKDIR/samples.npz`` (images,
-    tokens, prompts: each sample's) and ``samples.png`` (one row per prompt, labelled)."""
+    tokens (or the packed embeddings, context), prompts: each sample's) and ``samples.png``
+    (one row per prompt, labelled)."""
     start = time.perf_counter()
     images, _ = generator(params, len(tokens), jax.random.PRNGKey(seed), labels=tokens)
     wall = time.perf_counter() - start
-    out = common.write_samples(workdir, images=images, tokens=tokens,
+    key = "context" if tokens.ndim == 3 else "tokens"  # precomputed embeddings, or tokens
+    out = common.write_samples(workdir, images=images, **{key: tokens},
                                prompts=np.asarray(per_sample, dtype=str), step=step, seed=seed)
     if jax.process_index() == 0:
         grid.save_grid(images, str(out / "samples.png"), ncol=per, scale=2,

@@ -1,4 +1,5 @@
-"""A text model's captions, tokenizer and prompts (``text.encoder`` != "none").
+"""A text model's captions, tokenizer and prompts (``text.encoder`` != "none"), or its
+precomputed embeddings (``text.encoder`` "embeddings").
 
 Training builds the tokenizer from the train split's captions and keeps it in
 ``WORKDIR/tokenizer.json`` (a resumed run checks that its data still gives the same one);
@@ -103,6 +104,54 @@ def train_iterator(experiment: Experiment, tokenizer: text_lib.Tokenizer,
         source, global_batch_size=d.batch_size, seed=seed, shuffle=True,
         random_flip=d.random_flip, process_index=process_index, process_count=process_count,
         num_epochs=None, drop_remainder=True, num_workers=d.num_workers))
+
+
+def embedding_train_iterator(experiment: Experiment, process_index: int, process_count: int):
+    """Training batches {"image", "label", "context"} of a model of precomputed embeddings
+    (``text.embeddings``, checked against the data before any work)."""
+    d, t = experiment.data, experiment.text
+    train = data_lib.make_source(**d.source_kwargs())
+    context, mask, _ = text_source.load_embeddings(t.embeddings, t.width, t.context_length,
+                                                   count=len(train))
+    source = text_source.EmbeddingSource(train, context, mask)
+    return iter(data_lib.build_dataset(
+        source, global_batch_size=d.batch_size, seed=experiment.train.seed, shuffle=True,
+        random_flip=d.random_flip, process_index=process_index, process_count=process_count,
+        num_epochs=None, drop_remainder=True, num_workers=d.num_workers))
+
+
+def _sample_embeddings(experiment: Experiment, rows: int | None = None
+                       ) -> tuple[list[str], np.ndarray]:
+    """(row labels, packed conditions [P, L, D + 1]) of ``text.sample_embeddings``, or of the
+    first ``rows`` training examples when it is unset (only with ``rows``)."""
+    t = experiment.text
+    path = t.sample_embeddings
+    if not path and rows is None:
+        raise text_lib.TextError("a model of precomputed embeddings samples from the "
+                                 "prompts' embeddings: set --config.text.sample_embeddings="
+                                 "FILE.npz (context [P, L, width], mask, optional prompts)")
+    context, mask, prompts = text_source.load_embeddings(path or t.embeddings, t.width,
+                                                         t.context_length)
+    if not path:
+        context, mask, prompts = context[:rows], mask[:rows], None
+    labels = list(prompts) if prompts is not None else [f"#{i}" for i in range(len(context))]
+    return labels, text_source.pack(context, mask)
+
+
+def conditions(experiment: Experiment, tokenizer: text_lib.Tokenizer | None, num_samples: int,
+               purpose: str) -> tuple[list[str], list[str], np.ndarray, int]:
+    """What a text model samples from: (row labels [P], each sample's label [N'], their
+    conditions [N', ...] (tokens, or packed embeddings), samples per row), every row repeated
+    ceil(num_samples / P) times in a row. ``purpose``: "grid" (training grids, --mode
+    sample) or "eval"."""
+    if experiment.text.precomputed:
+        rows, cond = _sample_embeddings(experiment, 8 if purpose == "grid" else None)
+        per = max(1, -(-num_samples // len(rows)))
+        order = np.repeat(np.arange(len(rows)), per)
+        return rows, [rows[i] for i in order], cond[order], per
+    prompts = prompts_for(experiment, purpose)
+    per_sample, tokens, per = prompt_samples(tokenizer, prompts, num_samples)
+    return list(prompts), per_sample, tokens, per
 
 
 def prompts_for(experiment: Experiment, purpose: str) -> tuple[str, ...]:

@@ -95,10 +95,10 @@ def grid_drawer(experiment: Experiment, mesh, first_stage_params=None, tokenizer
                                    first_stage_params=first_stage_params)
     per_row = task.num_classes if task.class_cond else 0
     tokens = None
-    if tokenizer is not None:  # a text model: one row per prompt
-        prompts = text_app.prompts_for(experiment, "grid")
-        _, tokens, per = text_app.prompt_samples(tokenizer, prompts, t.num_sample_images)
-        tokens, per_row = tokens[:per * len(prompts)], len(prompts)
+    if experiment.text is not None:  # a text model: one row per prompt
+        rows, _, tokens, _ = text_app.conditions(experiment, tokenizer, t.num_sample_images,
+                                                 "grid")
+        per_row = len(rows)
 
     def draw(ema_params):
         n = t.num_sample_images if tokens is None else len(tokens)
@@ -115,13 +115,16 @@ def run(experiment: Experiment, workdir: str, mesh, *, allow_config_change: bool
     loop.check_workdir_config(workdir, experiment.resolved, allow_config_change)
     fs_params, ae_step = common.first_stage_params(experiment, mesh)
     tokenizer = None
-    if experiment.text is not None:
+    if experiment.text is not None and not experiment.text.precomputed:
         tokenizer = text_app.training_tokenizer(experiment, workdir)
     if data_iterator is not None:
         it = data_iterator
     elif tokenizer is not None:
         it = text_app.train_iterator(experiment, tokenizer, jax.process_index(),
                                      jax.process_count())
+    elif experiment.text is not None:
+        it = text_app.embedding_train_iterator(experiment, jax.process_index(),
+                                               jax.process_count())
     elif experiment.latent is not None:
         it = latent_train_iterator(experiment, mesh, fs_params, ae_step, jax.process_index(),
                                    jax.process_count())

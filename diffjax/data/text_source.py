@@ -123,3 +123,75 @@ class CaptionedSource:
 
     def read_columns(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         return {"tokens": self.tokens[indices]}
+
+
+def load_embeddings(path: str, width: int, context_length: int, count: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(context [N, L, D] float32, mask [N, L] bool, prompts [N] str or None) of an .npz of
+    precomputed embeddings: arrays "context" [N, L, D] (float), optionally "mask" [N, L]
+    (bool or 0/1; default all valid) and "prompts" [N] (their texts, for grid labels).
+    One-line DataError if the file or its "context" column is missing, D != ``width``,
+    L > ``context_length``, N != ``count`` (when given), or a row has no valid entry."""
+    if not path:
+        raise DataError("text.encoder='embeddings' needs the embeddings file: set "
+                        "--config.text.embeddings=FILE.npz (arrays context [N, L, D], mask)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise DataError(f"embeddings file {path} not found") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} is not a readable .npz of embeddings ({e})") from None
+    if "context" not in arrays:
+        raise DataError(f"{path} has no 'context' column (it has {sorted(arrays)}); store "
+                        "the embeddings as context [N, L, D] and their mask as mask [N, L]")
+    context = arrays["context"]
+    if context.ndim != 3 or not np.issubdtype(context.dtype, np.floating):
+        raise DataError(f"{path}: context must be floats of shape [N, L, D], got "
+                        f"{context.dtype} {context.shape}")
+    n, length, dim = context.shape
+    if dim != width:
+        raise DataError(f"{path}: embeddings of width {dim} but text.width={width}: set "
+                        f"--config.text.width={dim} (the model's context width)")
+    if length > context_length:
+        raise DataError(f"{path}: {length} embeddings per example but text.context_length="
+                        f"{context_length}: set --config.text.context_length={length}")
+    if count is not None and n != count:
+        raise DataError(f"{path} holds {n} rows of embeddings but the data has {count} "
+                        "examples: give one row per example, in the data's order")
+    mask = arrays.get("mask")
+    if mask is None:
+        mask = np.ones((n, length), bool)
+    elif mask.shape != (n, length):
+        raise DataError(f"{path}: mask must have shape [N, L] = {(n, length)}, got "
+                        f"{mask.shape}")
+    mask = np.asarray(mask).astype(bool)
+    empty = np.flatnonzero(~mask.any(axis=1))
+    if len(empty):
+        raise DataError(f"{path}: row {empty[0]} has no valid embedding (its mask is all "
+                        "False, which is the null condition); give every row at least one")
+    prompts = arrays.get("prompts")
+    if prompts is not None and prompts.shape != (n,):
+        raise DataError(f"{path}: prompts must have shape [N] = ({n},), got {prompts.shape}")
+    return context.astype(np.float32), mask, None if prompts is None else prompts.astype(str)
+
+
+def pack(context: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """[N, L, D] and [N, L] -> [N, L, D + 1] float32, the mask in the last channel (the
+    condition of :class:`diffjax.models.text_encoder.EmbeddingConditioned`)."""
+    return np.concatenate([context, mask.astype(np.float32)[..., None]], axis=-1)
+
+
+class EmbeddingSource(CaptionedSource):
+    """``inner`` plus each example's precomputed embeddings and mask, packed as the
+    "context" column [b, L, D + 1] (:func:`pack`)."""
+
+    def __init__(self, inner: sources.ImageSource, context: np.ndarray, mask: np.ndarray):
+        if len(context) != len(inner):
+            raise DataError(f"{inner.name}: {len(inner)} examples but {len(context)} rows of "
+                            "embeddings")
+        self.inner, self.packed = inner, pack(context, mask)
+        self.name = f"{inner.name}+embeddings"
+
+    def read_columns(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        return {"context": self.packed[indices]}

@@ -138,3 +138,49 @@ class TextConditioned(nn.Module):
         context = jnp.where(null[..., None], nulls, encoded)
         return self.denoiser(x, t, None, train=train, context=context, context_mask=mask,
                              **kwargs)
+
+
+def pack_context(context: Array, mask: Array | None = None) -> Array:
+    """Precomputed embeddings [B, L, D] and their mask [B, L] (bool; None = all valid) as the
+    one conditioning array of :class:`EmbeddingConditioned`: [B, L, D + 1] float32, the mask
+    in the last channel. A row of zeros (every entry masked) is the null condition."""
+    context = jnp.asarray(context, jnp.float32)
+    if mask is None:
+        mask = jnp.ones(context.shape[:2], bool)
+    return jnp.concatenate([context, jnp.asarray(mask, jnp.float32)[..., None]], axis=-1)
+
+
+class EmbeddingConditioned(nn.Module):
+    """A denoiser conditioned on precomputed embeddings stored with the data (a user's T5 or
+    CLIP outputs, read by :class:`diffjax.data.text_source.EmbeddingSource`).
+
+    (x, t, y, ...) -> denoiser(x, t, None, context=..., context_mask=..., ...), with y:
+    [B, L, width + 1] float (:func:`pack_context`: the embeddings and, in the last channel,
+    their mask). A row with every entry masked is the null condition of classifier-free
+    guidance: its context is the learned ``null_context`` [context_length, width] (every entry
+    attended). Parameters: ``null_context`` and ``denoiser``.
+    """
+
+    denoiser: nn.Module
+    context_length: int
+    width: int
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, t: Array, y: Array | None, *, train: bool = False,
+                 **kwargs: Any) -> Array:
+        """x: [B, H, W, C], t: [B], y: [B, L, width + 1] -> the denoiser's output."""
+        if y is None or y.ndim != 3 or y.shape[0] != x.shape[0] or \
+                y.shape[2] != self.width + 1 or y.shape[1] > self.context_length:
+            raise ValueError(f"EmbeddingConditioned expects y of shape [B, L, width + 1] = "
+                             f"({x.shape[0]}, <= {self.context_length}, {self.width + 1}), got "
+                             f"{None if y is None else y.shape}")
+        null_context = self.param("null_context", nn.initializers.normal(0.02),
+                                  (self.context_length, self.width), self.param_dtype)
+        y = y.astype(jnp.float32)
+        mask = y[..., -1] > 0.5
+        null = ~jnp.any(mask, axis=1, keepdims=True)  # [B, 1]
+        nulls = null_context[:y.shape[1]].astype(jnp.float32)[None]
+        context = jnp.where(null[..., None], nulls, y[..., :-1])
+        return self.denoiser(x, t, None, train=train, context=context,
+                             context_mask=mask | null, **kwargs)

@@ -188,7 +188,8 @@ def test_guidance_is_against_the_learned_null_caption(tiny, text_data):
                                       sampling.knobs(guidance_scale=2.0))
     plain = task.denoiser(params)
     d_c, d_u = plain(x, 2.0, tokens), plain(x, 2.0, jnp.full_like(tokens, -1))
-    np.testing.assert_allclose(guided(x, 2.0, tokens), d_c + 2.0 * (d_c - d_u), atol=1e-5)
+    np.testing.assert_allclose(guided(x, 2.0, tokens), d_c + 2.0 * (d_c - d_u), rtol=1e-5,
+                               atol=1e-5)  # float32, batches of 2B vs B: as below
     assert np.abs(d_c - d_u).max() > 1e-3  # the null caption is not the captions
 
 
@@ -208,3 +209,131 @@ def test_eval_scores_attributes_per_guidance_scale(tiny, text_data, straight):
         for k in m:  # a fraction of the 16 samples, every prompt naming both
             assert 0.0 <= m[k] <= 1.0 and (m[k] * 16).is_integer()
     assert os.path.exists(os.path.join(out, "sweep_vs_guidance_scale.png"))
+
+
+# ----------------------------------------------------------------------- precomputed embeddings
+
+WIDTH, LENGTH = 12, 5
+
+
+def _embeddings_for(images, labels, rng):
+    """Embeddings [N, LENGTH, WIDTH] that encode each example's label (channel 0) and mean
+    pixel (channel 1), the rest noise; a mask of 1..LENGTH valid entries."""
+    n = len(labels)
+    context = rng.standard_normal((n, LENGTH, WIDTH)).astype(np.float32)
+    context[:, :, 0] = labels[:, None]
+    context[:, :, 1] = images.reshape(n, -1).mean(axis=1)[:, None] / 255.0
+    mask = np.arange(LENGTH)[None] < rng.integers(1, LENGTH + 1, n)[:, None]
+    return context, mask
+
+
+@pytest.fixture(scope="module")
+def embeddings(tiny, text_data, tmp_path_factory):
+    """(train .npz, sample .npz) of precomputed embeddings for the tiny captioned data."""
+    exp = _experiment(tiny, text_data)
+    train = text_app.data_lib.make_source(**exp.data.source_kwargs("train"))
+    images, labels = train.read_batch(np.arange(len(train)))
+    rng = np.random.default_rng(0)
+    context, mask = _embeddings_for(images, labels, rng)
+    d = tmp_path_factory.mktemp("embeddings")
+    np.savez(d / "train.npz", context=context, mask=mask)
+    np.savez(d / "prompts.npz", context=context[:2], mask=mask[:2],
+             prompts=np.asarray(["first", "second"]))
+    return str(d / "train.npz"), str(d / "prompts.npz")
+
+
+def _embedding_config(tiny, text_data, train_npz, **overrides):
+    return tiny.text_config(text_data, **{
+        "text.encoder": "embeddings", "text.embeddings": train_npz, "text.width": WIDTH,
+        "text.context_length": LENGTH + 1, **overrides})
+
+
+def test_batches_carry_each_images_own_embeddings(tiny, text_data, embeddings):
+    exp = experiment.build(_embedding_config(tiny, text_data, embeddings[0]), num_devices=8)
+    assert exp.task.loss.cond_key == "context" and exp.task.loss.null_label == 0
+    it = text_app.embedding_train_iterator(exp, 0, 1)
+    for _ in range(6):
+        batch = next(it)
+        c = batch["context"]  # [B, LENGTH, WIDTH + 1], the mask last
+        assert c.shape == (8, LENGTH, WIDTH + 1)
+        np.testing.assert_array_equal(c[:, 0, 0], batch["label"])
+        mean = (batch["image"].reshape(8, -1).mean(axis=1) + 1.0) * 127.5 / 255.0
+        np.testing.assert_allclose(c[:, 0, 1], mean, atol=1e-5)
+        assert set(np.unique(c[..., -1])) <= {0.0, 1.0} and (c[:, 0, -1] == 1).all()
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("missing_file", "not found"),
+    ("no_context_column", "no 'context' column"),
+    ("wrong_width", "embeddings of width 10 but text.width=12"),
+    ("wrong_rows", "holds 30 rows of embeddings but the data has 40"),
+    ("too_long", "text.context_length=6"),
+    ("empty_row", "row 3 has no valid embedding"),
+])
+def test_bad_embeddings_are_one_line_before_any_work(tiny, text_data, embeddings, tmp_path,
+                                                     case, expect):
+    with np.load(embeddings[0]) as f:
+        context, mask = f["context"], f["mask"]
+    path = str(tmp_path / "bad.npz")
+    if case == "no_context_column":
+        np.savez(path, ctx=context, mask=mask)
+    elif case == "wrong_width":
+        np.savez(path, context=context[..., :10], mask=mask)
+    elif case == "wrong_rows":
+        np.savez(path, context=context[:30], mask=mask[:30])
+    elif case == "too_long":
+        np.savez(path, context=np.concatenate([context, context], 1),
+                 mask=np.concatenate([mask, mask], 1))
+    elif case == "empty_row":
+        mask = mask.copy()
+        mask[3] = False
+        np.savez(path, context=context, mask=mask)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("keep me\n")
+    with pytest.raises(text_app.data_lib.DataError) as info:
+        cli.run(_embedding_config(tiny, text_data, path), "train", str(workdir))
+    message = str(info.value)
+    assert expect in message and "\n" not in message, message
+    assert sorted(os.listdir(workdir)) == ["config.json", "notes.txt"] or \
+        sorted(os.listdir(workdir)) == ["notes.txt"]
+
+
+def test_embedding_model_trains_samples_and_guides_against_its_null_row(
+        tiny, text_data, embeddings, tmp_path):
+    train_npz, prompts_npz = embeddings
+    config = _embedding_config(tiny, text_data, train_npz, **{
+        "train.num_steps": 2, "train.checkpoint_every": 2, "guidance.scale": 2.0,
+        "text.sample_embeddings": prompts_npz, "sampler.num_samples": 8,
+        "sampler.thresholding": "none"})
+    workdir = str(tmp_path / "run")
+    cli.run(config, "train", workdir)
+    cli.run(config, "sample", workdir)
+    with np.load(os.path.join(workdir, "samples.npz")) as f:
+        assert list(f["prompts"]) == ["first"] * 4 + ["second"] * 4
+        assert f["context"].shape == (8, LENGTH, WIDTH + 1)
+        assert np.isfinite(f["images"]).all()
+    exp = experiment.build(config, num_devices=8)
+    task, sampling = exp.task, exp.sampling
+    params = task.init_params(jax.random.PRNGKey(0))
+    leaves, tree = jax.tree.flatten(params)  # zero-initialised outputs perturbed, as above
+    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+    params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape)
+                                       for p, k in zip(leaves, keys)])
+    with np.load(prompts_npz) as f:
+        cond = jnp.asarray(np.concatenate([f["context"], f["mask"][..., None]], -1),
+                           jnp.float32)
+    x = 2.0 * jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
+    guided = generate.guided_denoiser(sampling, task.denoiser(params),
+                                      sampling.knobs(guidance_scale=2.0))
+    plain = task.denoiser(params)
+    d_c, d_u = plain(x, 2.0, cond), plain(x, 2.0, jnp.zeros_like(cond))
+    # float32 outputs of a batch of 2B vs B differ by ~2e-6 relative; the mix 3 d_c - 2 d_u
+    # carries five times that
+    np.testing.assert_allclose(guided(x, 2.0, cond), d_c + 2.0 * (d_c - d_u), rtol=1e-5,
+                               atol=1e-5)
+    assert np.abs(d_c - d_u).max() > 1e-3
+    # the null row is the learned null sequence, whatever the embeddings under its mask
+    noise = jnp.concatenate([jax.random.normal(jax.random.PRNGKey(4), cond.shape[:-1] + (WIDTH,)),
+                             jnp.zeros(cond.shape[:-1] + (1,))], -1)
+    np.testing.assert_allclose(plain(x, 2.0, noise), d_u, atol=1e-6)
