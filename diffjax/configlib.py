@@ -294,7 +294,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.text.encoder = "none"  # none / transformer / embeddings (precomputed, text.embeddings)
     c.text.tokenizer = "word"  # word / byte
     c.text.context_length = 16  # tokens per caption or prompt (L)
-    c.text.vocab_size = 256  # rows of the token embedding (word: known words + padding)
+    c.text.vocab_size = 256  # word tokenizer: rows of the token embedding (words + padding)
     c.text.width = 64
     c.text.layers = 2
     c.text.heads = 4

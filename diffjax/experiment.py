@@ -269,10 +269,9 @@ def _check_text(c: ml_collections.ConfigDict, mode: str) -> None:
         raise ConfigError(f"text.context_length={t.context_length} and text.width={t.width} "
                           f"must be >= 1, text.layers={t.layers} >= 0, and text.heads="
                           f"{t.heads} must divide the width")
-    least = 257 if t.tokenizer == "byte" else 2
-    if not _precomputed(c) and t.vocab_size < least:
-        raise ConfigError(f"text.vocab_size={t.vocab_size} is too small for the "
-                          f"{t.tokenizer} tokenizer; it needs >= {least}")
+    if not _precomputed(c) and t.tokenizer == "word" and t.vocab_size < 2:
+        raise ConfigError(f"text.vocab_size={t.vocab_size} must be >= 2 (padding and a word; "
+                          "a byte tokenizer has its own 257)")
     if m.name != "unet" or m.context_dim not in (0, t.width):
         raise ConfigError(f"text.encoder={t.encoder!r} conditions a UNet (model.name='unet', "
                           f"have {m.name!r}) through a context of text.width={t.width}: set "

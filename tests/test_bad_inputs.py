@@ -211,7 +211,7 @@ CONFIG_CASES = [
     ("text_tokenizer", TXT, {"text.tokenizer": "bpe"}, "config.text.tokenizer='bpe'"),
     ("text_captions", TXT, {"text.captions": "coco"}, "config.text.captions='coco'"),
     ("text_heads", TXT, {"text.heads": 3}, "must divide the width"),
-    ("text_byte_vocab", TXT, {"text.tokenizer": "byte"}, "needs >= 257"),
+    ("text_vocab", TXT, {"text.vocab_size": 1}, "text.vocab_size=1 must be >= 2"),
     ("text_context_dim", TXT, {"model.context_dim": 16}, "model.context_dim to 0 or 32"),
     ("text_class_cond", TXT, {"model.class_cond": True}, "model.class_cond=False"),
     ("text_dit", TXT, {"model.name": "dit"}, "model.name='unet'"),

@@ -64,8 +64,10 @@ def _experiment(tiny, text_data, **overrides):
     return experiment.build(tiny.text_config(text_data, **overrides), num_devices=8)
 
 
-def test_batches_carry_each_images_own_caption(tiny, text_data, tmp_path):
-    exp = _experiment(tiny, text_data)
+@pytest.mark.parametrize("kind", ["word", "byte"])
+def test_batches_carry_each_images_own_caption(tiny, text_data, tmp_path, kind):
+    exp = _experiment(tiny, text_data, **{"text.tokenizer": kind, "text.context_length": 24})
+    assert exp.task.model.encoder.vocab_size == (257 if kind == "byte" else 32)
     tokenizer = text_app.training_tokenizer(exp, str(tmp_path))
     assert text_lib.Tokenizer.load(str(tmp_path / "tokenizer.json")) == tokenizer
     train = text_app.data_lib.make_source(**exp.data.source_kwargs("train"))
