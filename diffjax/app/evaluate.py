@@ -10,6 +10,12 @@ records of :mod:`diffjax.app.records`; for a sweep of several points also
 by all points (reference statistics, NLL) is not in it. The sampling program is compiled once
 per step count: the guidance scale is one of its traced arguments.
 
+A text model's samples come from ``sampler.prompts`` (default: its captioner's evaluation
+prompts, every class with every attribute combination), ``eval.num_samples / len(prompts)``
+each; ``class_accuracy`` is against the class each prompt names and ``attribute_accuracy``
+reports ``<attribute>_accuracy``: the fraction of samples whose measured attribute is the
+prompted one, over the prompts naming it (:mod:`diffjax.data.captions`).
+
 ``nll`` alone draws no samples: one ``WORKDIR/eval/nll.json`` (``eval.name`` when set) holds
 it with the split and image count. Records with ``nll`` state
 ``settings.nll_clip_denoised`` (``eval.nll_clip_denoised``, default True as ADM's

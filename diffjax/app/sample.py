@@ -4,7 +4,10 @@ With ``condition.type`` set each sample starts from an input image of ``conditio
 (img2img, inpaint) or is conditioned on it (superres: the low-resolution image); an .npz
 input may carry the class ``labels`` of its images. ``invert`` (DDIM inversion) writes
 each input's x_T (``latents``, at ``sigma_max``) and its reconstruction decoded from it,
-with the round trip's PSNR per image (``psnr``, dB, data range [-1, 1]).
+with the round trip's PSNR per image (``psnr``, dB, data range [-1, 1]). A text model draws
+``sampler.num_samples / len(prompts)`` samples per prompt of ``sampler.prompts`` (or its
+captioner's defaults; a model of precomputed embeddings: the rows of
+``text.sample_embeddings``) into a grid with one labelled row per prompt.
 """
 
 from __future__ import annotations
