@@ -906,8 +906,10 @@ def domain_name(source: str) -> str:
     return re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_").lower()
 
 
-def valid_metrics(domain: str) -> tuple[str, ...]:
-    return (f"fd_{domain}", *sample_metrics.OTHER_METRICS, *sample_metrics.INCEPTION_METRICS)
+def valid_metrics(domain: str, text: bool = False) -> tuple[str, ...]:
+    """The eval.metrics of a model of data ``domain`` (``text``: a text model's too)."""
+    return (f"fd_{domain}", *sample_metrics.OTHER_METRICS, *sample_metrics.INCEPTION_METRICS,
+            *(sample_metrics.TEXT_METRICS if text else ()))
 
 
 def _eval(c: ml_collections.ConfigDict, mode: str, ds) -> specs.EvalSpec:
@@ -941,7 +943,7 @@ def _check_eval(c: ml_collections.ConfigDict, domain: str) -> specs.Experiment |
     classifier's experiment when a metric needs it. Files (checkpoints, weights, data) are
     checked by the app before any checkpoint is read."""
     e = c.eval
-    names, valid = tuple(e.metrics), valid_metrics(domain)
+    names, valid = tuple(e.metrics), valid_metrics(domain, is_text_model(c))
     if c.model.name == "classifier":
         if e.batch_size < 1:
             raise ConfigError("eval.batch_size must be >= 1")
@@ -959,19 +961,23 @@ def _check_eval(c: ml_collections.ConfigDict, domain: str) -> specs.Experiment |
             "--mode eval draws samples without inputs, and a superres model needs a "
             "low-resolution input per sample; upsample given inputs with --mode sample "
             "--config.condition.input=FILE instead")
+    if "attribute_accuracy" in names and not is_text_model(c):
+        raise ConfigError("attribute_accuracy scores a text model's prompts (text.encoder="
+                          "'transformer'); remove it from eval.metrics")
     unknown = [m for m in names if m not in valid]
     if not names or unknown:
         raise ConfigError(f"eval.metrics has unknown metric(s) {unknown or '(none given)'}; "
                           f"valid: {', '.join(valid)}")
     if e.num_samples < 2 or e.batch_size < 1:
         raise ConfigError("eval.num_samples must be >= 2 and eval.batch_size >= 1")
+    if "nll" in names and is_text_model(c):
+        raise ConfigError("nll of a text model would need each test image's caption, which "
+                          "the likelihood evaluation does not pass yet; remove it from "
+                          "eval.metrics")
     if "class_accuracy" in names and not (c.model.class_cond or is_text_model(c)):
         raise ConfigError("class_accuracy needs a class-conditional model "
                           "(model.class_cond=True) or a text model; remove it from "
                           "eval.metrics")
-    if "attribute_accuracy" in names and not is_text_model(c):
-        raise ConfigError("attribute_accuracy scores a text model's prompts (text.encoder="
-                          "'transformer'); remove it from eval.metrics")
     if e.sweep_guidance_scales and c.guidance.type == "none":
         raise ConfigError("eval.sweep_guidance_scales needs guidance.type "
                           "'classifier_free' or 'classifier'")

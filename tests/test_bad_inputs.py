@@ -235,6 +235,11 @@ def test_attribute_accuracy_of_a_model_without_text(tmp_path):
                        "eval", _workdir(tmp_path), "attribute_accuracy scores a text model")
 
 
+def test_nll_of_a_text_model(tmp_path):
+    _expect_user_error("nll_text", _config(TXT, {"eval.metrics": ("nll",)}), "eval",
+                       _workdir(tmp_path), "nll of a text model")
+
+
 def test_eval_of_precomputed_embeddings(tmp_path):
     c = _config(TXT, {"text.encoder": "embeddings", "text.embeddings": "e.npz"})
     _expect_user_error("eval_embeddings", c, "eval", _workdir(tmp_path), "--mode sample")

@@ -32,7 +32,8 @@ from diffjax.evaluation.metrics import MetricError
 from diffjax.guides import fashion_mnist as fmnist_guides
 
 INCEPTION_METRICS = ("fid", "sfid", "inception_score", "precision_recall", "kid")
-OTHER_METRICS = ("class_accuracy", "nll", "brightness", "attribute_accuracy")
+OTHER_METRICS = ("class_accuracy", "nll", "brightness")
+TEXT_METRICS = ("attribute_accuracy",)  # a text model's only (scored in the app tier)
 
 
 def needs_features(names: Iterable[str]) -> bool:
