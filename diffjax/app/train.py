@@ -79,8 +79,8 @@ def reconstruction_drawer(experiment: Experiment, mesh):
 
 
 def grid_drawer(experiment: Experiment, mesh, first_stage_params=None, tokenizer=None):
-    """``ema_params -> (images, rows)`` of the training grids (rows: classes or a text
-    model's prompts; 0 = unlabelled), or None for a task that draws no samples without inputs
+    """``ema_params -> (images, rows)`` of the training grids (rows: the number of classes,
+    0 = unlabelled, or a text model's prompts), or None for a task that draws no samples without inputs
     (a classifier, a super-resolution model); first_stage_params: a latent model's
     autoencoder (its samples are decoded); tokenizer: a text model's."""
     task, t = experiment.task, experiment.train
@@ -96,9 +96,8 @@ def grid_drawer(experiment: Experiment, mesh, first_stage_params=None, tokenizer
     per_row = task.num_classes if task.class_cond else 0
     tokens = None
     if experiment.text is not None:  # a text model: one row per prompt
-        rows, _, tokens, _ = text_app.conditions(experiment, tokenizer, t.num_sample_images,
-                                                 "grid")
-        per_row = len(rows)
+        per_row, _, tokens, _ = text_app.conditions(experiment, tokenizer,
+                                                    t.num_sample_images, "grid")
 
     def draw(ema_params):
         n = t.num_sample_images if tokens is None else len(tokens)

@@ -117,14 +117,15 @@ def check_workdir_config(workdir: str, resolved: dict, allow_change: bool) -> No
 
 def train(task: Task, optim_spec: OptimSpec, t: TrainSpec, workdir: str, mesh, data_iterator,
           *, resolved: dict[str, Any], global_batch: int,
-          draw_grid: Callable[[Any], tuple[np.ndarray, int]] | None = None,
+          draw_grid: Callable[[Any], tuple[np.ndarray, Any]] | None = None,
           started: float | None = None) -> TrainState:
     """Trains to ``t.num_steps``, resuming from ``workdir/checkpoints`` if it has any.
 
     data_iterator: this process's iterator of local batches; resolved: the config as a dict
     (written to WORKDIR/config.json and saved with every checkpoint; the caller checks it
     against an existing run first, :func:`check_workdir_config`); draw_grid:
-    ``ema_params -> (images [N, H, W, C] in [-1, 1], classes per row or 0)``, called every
+    ``ema_params -> (images [N, H, W, C] in [-1, 1], rows)`` (rows: the number of classes, 0
+    = unlabelled, or a text model's prompts, one row each), called every
     ``t.sample_every`` steps (None: no grids); started: ``time.time()`` when the process
     started (default: now), from which the time to the first step is reported.
     """

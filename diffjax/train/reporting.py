@@ -5,6 +5,8 @@ Only the process constructed with ``enabled=True`` (process 0) writes anything.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import json
 import sys
 import time
@@ -74,14 +76,19 @@ class Reporter:
         for name, value in seconds.items():
             self._tb.add_scalar(f"startup/{name.replace(' ', '_')}_s", value, step)
 
-    def image_grid(self, step: int, images: np.ndarray, num_classes: int) -> str | None:
-        """Writes ``samples/step_<7-digit step>.png``; one row per class when class-conditional."""
+    def image_grid(self, step: int, images: np.ndarray,
+                   rows: int | Sequence[str]) -> str | None:
+        """Writes ``samples/step_<7-digit step>.png``; one row per class when class-conditional
+        (``rows``: their number), per prompt of a text model (``rows``: the prompts, written
+        beside their rows)."""
         if not self.enabled:
             return None
         path = str(self.workdir / "samples" / f"step_{step:07d}.png")
-        ncol = len(images) // num_classes if num_classes and len(images) % num_classes == 0 \
-            else None
-        grid.save_grid(np.asarray(images), path, ncol=ncol, scale=2)
+        labels = None if isinstance(rows, int) else list(rows)
+        num_rows = rows if labels is None else len(labels)
+        ncol = len(images) // num_rows if num_rows and len(images) % num_rows == 0 else None
+        grid.save_grid(np.asarray(images), path, ncol=ncol, scale=2,
+                       row_labels=labels if ncol else None)
         self._tb.add_image("samples", grid.make_grid(grid.to_uint8(images), ncol), step,
                            dataformats="HWC")
         return path
