@@ -1,15 +1,13 @@
 """Captions from label + measured attributes, prompt parsing and prompt-following scores,
-against hand-computed values (and the real Fashion-MNIST IDX files where installed)."""
+against hand-computed values and the real Fashion-MNIST IDX files."""
 
 import json
-import os
 
 import numpy as np
 import pytest
 
 from diffjax.data import captions as C
 
-FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 PIXELS = 28 * 28
 
 
@@ -221,8 +219,9 @@ def test_score_exact_fractions_against_prompted_class():
     assert only_class["brightness_n"] == 0 and only_class["brightness_accuracy"] is None
 
 
-@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST), reason="Fashion-MNIST IDX files absent")
 def test_attributes_half_and_half_within_each_class_on_real_data():
+    # The embedded default's data (launch/install.sh installs it): a missing copy fails here
+    # rather than skipping the check of the figures in captions.py's docstring.
     from diffjax.data import sources
     source = sources.make_source("fashion_mnist_idx", split="train")
     images, labels = source.read_batch(np.arange(5000))

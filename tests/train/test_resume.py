@@ -10,55 +10,32 @@ import numpy as np
 import portpicker
 import pytest
 
-DRIVER = os.path.join(os.path.dirname(__file__), "driver.py")
-
-
-def _env():
-    env = dict(os.environ)
-    env.setdefault("DIFFJAX_TEST_CACHE", os.path.expanduser("~/.cache/diffjax-jax-tests"))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
-    env.pop("XLA_FLAGS", None)
-    return env
-
-
-def _run(args, check=True):
-    proc = subprocess.run([sys.executable, DRIVER, *map(str, args)], env=_env(),
-                          capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"driver {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def _params(workdir):
-    with np.load(os.path.join(workdir, "final_params.npz")) as f:
-        return {k: f[k] for k in f.files}
-
-
 @pytest.fixture(scope="module")
 def data_dir(tiny_data):
     return tiny_data
 
 
 @pytest.fixture(scope="module")
-def straight(data_dir, tmp_path_factory):
+def straight(tiny, data_dir, tmp_path_factory):
     """6 steps without interruption on 2 devices."""
     workdir = str(tmp_path_factory.mktemp("straight"))
-    _run([data_dir, workdir, 6, 2])
-    return _params(workdir)
+    tiny.run_driver([data_dir, workdir, 6, 2])
+    return tiny.final_params(workdir)
 
 
-def test_kill_9_and_resume_follows_the_uninterrupted_trajectory(data_dir, straight, tmp_path):
+def test_kill_9_and_resume_follows_the_uninterrupted_trajectory(tiny, data_dir, straight,
+                                                                tmp_path):
     workdir = str(tmp_path / "killed")
     # The loop reads 2 batches ahead: the 7th request comes after step 4 was dispatched, so
     # step 2 is surely checkpointed and later saves may be half-written.
-    killed = _run([data_dir, workdir, 6, 2, "--kill-at-batch", 7], check=False)
+    killed = tiny.run_driver([data_dir, workdir, 6, 2, "--kill-at-batch", 7], check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not os.path.exists(os.path.join(workdir, "final_params.npz"))
     complete = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
                       if d.isdigit())
     assert complete and max(complete) < 6
-    _run([data_dir, workdir, 6, 2])
-    resumed = _params(workdir)
+    tiny.run_driver([data_dir, workdir, 6, 2])
+    resumed = tiny.final_params(workdir)
     assert int(resumed.pop("step")) == 6
     want = dict(straight)
     assert int(want.pop("step")) == 6
@@ -67,32 +44,33 @@ def test_kill_9_and_resume_follows_the_uninterrupted_trajectory(data_dir, straig
         np.testing.assert_array_equal(resumed[name], want[name], err_msg=name)
 
 
-def _two_processes(data_dir, workdir, steps):
+def _two_processes(tiny, data_dir, workdir, steps):
     """Runs the driver as processes 0 and 1 of a 2-process run."""
     port = portpicker.pick_unused_port()
-    cmd = lambda i: [sys.executable, DRIVER, data_dir, workdir, steps, 2,  # noqa: E731
+    cmd = lambda i: [sys.executable, tiny.DRIVER, data_dir, workdir, steps, 2,  # noqa: E731
                      "--process-id", i, "--num-processes", 2, "--coordinator", f"localhost:{port}"]
-    procs = [subprocess.Popen(list(map(str, cmd(i))), env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [subprocess.Popen(list(map(str, cmd(i))), env=tiny.driver_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
     outs = [p.communicate(timeout=900) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-4000:]
     return [out for out, _ in outs]
 
 
-def test_two_processes_match_one_process_with_as_many_devices(data_dir, tmp_path):
+def test_two_processes_match_one_process_with_as_many_devices(tiny, data_dir, tmp_path):
     """The multi-host path on one machine: 2 processes x 2 devices through jax.distributed."""
     one = str(tmp_path / "one")
-    _run([data_dir, one, 4, 4])
+    tiny.run_driver([data_dir, one, 4, 4])
     two = str(tmp_path / "two")
     # On a busy machine one process can reach its first collective more than the fixed 30 s
     # gloo waits after the other; parallel.maybe_initialize_distributed connects the groups at
     # start-up, together (the driver passes timeouts sized for shared cores).
-    first = _two_processes(data_dir, two, 2)
+    first = _two_processes(tiny, data_dir, two, 2)
     assert ["process 0 starts at step 0" in first[0], "process 1 starts at step 0" in first[1]] \
         == [True, True]
     # Every host resumes and agrees on the step.
-    second = _two_processes(data_dir, two, 4)
+    second = _two_processes(tiny, data_dir, two, 4)
     for i, out in enumerate(second):
         assert f"process {i} starts at step 2" in out, out
     # Each host read its own half of the global batch.
@@ -104,7 +82,7 @@ def test_two_processes_match_one_process_with_as_many_devices(data_dir, tmp_path
     # Only process 0 writes logs: one line per logged step, not one per process.
     with open(os.path.join(two, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == [2, 4]
-    a, b = _params(one), _params(two)
+    a, b = tiny.final_params(one), tiny.final_params(two)
     assert int(a.pop("step")) == int(b.pop("step")) == 4
     assert a.keys() == b.keys()
     # Equal up to the order of the cross-process gradient sum: Adam turns a float32 rounding

@@ -5,8 +5,6 @@ against the learned null caption)."""
 
 import json
 import os
-import subprocess
-import sys
 import types
 
 import jax
@@ -23,40 +21,16 @@ from diffjax.data import captions
 from diffjax.train import step as step_lib
 from diffjax.train.step import LossSpec
 
-DRIVER = os.path.join(os.path.dirname(__file__), "driver.py")
-
-
-def _env():
-    env = dict(os.environ)
-    env.setdefault("DIFFJAX_TEST_CACHE", os.path.expanduser("~/.cache/diffjax-jax-tests"))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
-    env.pop("XLA_FLAGS", None)
-    return env
-
-
-def _drive(args, check=True):
-    proc = subprocess.run([sys.executable, DRIVER, *map(str, args), "--text"], env=_env(),
-                          capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"driver {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def _params(workdir):
-    with np.load(os.path.join(workdir, "final_params.npz")) as f:
-        return {k: f[k] for k in f.files}
-
-
 @pytest.fixture(scope="module")
 def text_data(tiny, tmp_path_factory):
     return tiny.write_text_dataset(str(tmp_path_factory.mktemp("text_data")))
 
 
 @pytest.fixture(scope="module")
-def straight(text_data, tmp_path_factory):
+def straight(tiny, text_data, tmp_path_factory):
     """6 steps of the tiny caption model without interruption on 2 devices."""
     workdir = str(tmp_path_factory.mktemp("text_straight"))
-    _drive([text_data, workdir, 6, 2])
+    tiny.run_driver([text_data, workdir, 6, 2, "--text"])
     return workdir
 
 
@@ -135,13 +109,15 @@ def test_label_dropout_drops_whole_captions_and_leaves_labels_as_they_were(tiny,
     np.testing.assert_array_equal(np.asarray(seen["y"]) == 10, dropped)
 
 
-def test_kill_9_and_resume_trains_the_text_encoder_exactly(text_data, straight, tmp_path):
+def test_kill_9_and_resume_trains_the_text_encoder_exactly(tiny, text_data, straight,
+                                                            tmp_path):
     workdir = str(tmp_path / "killed")
-    killed = _drive([text_data, workdir, 6, 2, "--kill-at-batch", 7], check=False)
+    killed = tiny.run_driver([text_data, workdir, 6, 2, "--kill-at-batch", 7, "--text"],
+                             check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not os.path.exists(os.path.join(workdir, "final_params.npz"))
-    _drive([text_data, workdir, 6, 2])
-    resumed, want = _params(workdir), _params(straight)
+    tiny.run_driver([text_data, workdir, 6, 2, "--text"])
+    resumed, want = tiny.final_params(workdir), tiny.final_params(straight)
     assert resumed.keys() == want.keys()
     names = list(want)
     assert any("text_encoder" in n for n in names) and any("null_context" in n for n in names)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -142,3 +144,32 @@ def text_config(data_dir: str, **overrides):
     c.text.width, c.text.layers, c.text.heads = 16, 1, 2
     c.update_from_flattened_dict(overrides)
     return c
+
+
+DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "driver.py")
+
+
+def driver_env() -> dict[str, str]:
+    """The environment of a driver.py subprocess: the shared test compilation cache, this
+    checkout importable, no inherited XLA_FLAGS (the driver sets its device count)."""
+    env = dict(os.environ)
+    env.setdefault("DIFFJAX_TEST_CACHE", os.path.expanduser("~/.cache/diffjax-jax-tests"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def run_driver(args, check: bool = True) -> subprocess.CompletedProcess:
+    """``python driver.py *args``; AssertionError with its stderr's tail if it fails and
+    ``check``."""
+    proc = subprocess.run([sys.executable, DRIVER, *map(str, args)], env=driver_env(),
+                          capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"driver {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def final_params(workdir: str) -> dict[str, np.ndarray]:
+    """The parameters driver.py wrote when its run completed (and its "step")."""
+    with np.load(os.path.join(workdir, "final_params.npz")) as f:
+        return {k: f[k] for k in f.files}
