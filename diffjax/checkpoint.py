@@ -225,8 +225,8 @@ def complete_steps(directory: str) -> list[int]:
 def _write_reason(e: BaseException) -> str:
     """The operating system's words when tensorstore quotes them ("File too large", "No space
     left on device", "Permission denied"), else the error's first line."""
-    found = re.findall(r":\s*([^:\[]+?)\s*\[os_error_code", str(e))
-    return found[-1] if found else _first_line(e)
+    codes = re.findall(r"os_error_code='?(\d+)", str(e))
+    return os.strerror(int(codes[-1])) if codes else _first_line(e)
 
 
 def _write_error(manager: ocp.CheckpointManager, e: BaseException) -> CheckpointError:

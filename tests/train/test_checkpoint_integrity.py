@@ -446,3 +446,14 @@ def test_disk_full_during_a_run_is_one_line_and_the_run_resumes(tmp_path):
     resumed = _train(workdir, 4, cache)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(os.listdir(ckpts)) == ["2", "3", "4"]
+
+
+@pytest.mark.parametrize("text", [
+    "OUT_OF_RANGE: Error writing local file \"/c/0\": Failed writing: \"/c/0.__lock\": Failed to "
+    "write 39000 bytes to file 4: File too large [os_error_code='27']",
+    # tensorstore may quote the spec (JSON, with colons) before the code
+    "OUT_OF_RANGE: Error writing \"d/x\": Failed to write 8 bytes [tensorstore_spec='{\"driver\":"
+    "\"file\",\"recheck\":true}'] [os_error_code='27']",
+])
+def test_the_reason_of_a_failed_write_is_the_operating_systems(text):
+    assert checkpoint._write_reason(RuntimeError(text)) == os.strerror(27) == "File too large"
