@@ -12,17 +12,19 @@ scale-shift/FiLM, dropout, zero-initialised last conv, optional BigGAN up/down r
 `classifier.EncoderClassifier`, with the same parameter names in both.
 
 CPU speed: `Conv` can compute its weight gradient as k*k shifted GEMMs under
-`jax.custom_vjp` (exact up to float32 rounding, tested against float64), to work around
-XLA:CPU's slow convolution weight gradient. It is only ever used on the CPU backend (decided
-at trace time), so TPU/GPU always run the native `lax.conv_general_dilated` and its
-gradients. Measured with `benchmarks/unet_ops.py` on the 2-core development machine (jax
-0.10.2, batch 64, otherwise idle): 3x3 conv 32x32x64 weight gradient 140-148 ms native vs
-104-106 ms (1.4x), input+weight gradients 1.25-1.5x, small UNet train step 1.61-1.67 s vs
-1.45-1.48 s (1.1x); compile time +30%. Under heavy contention (load ~7 on 2 cores) the
-native path measured faster instead (UNet step 2.3 s vs 4.0 s). `cpu_fast_conv="auto"`
-follows `CPU_FAST_CONV_AUTO` (True: GEMM path on CPU); re-run the benchmark on new hardware
-or jax versions. Parameters are identical in both paths, so checkpoints move freely between
-backends.
+`jax.custom_vjp` (exact up to float32 rounding, tested against float64), a workaround for
+XLA:CPU's convolution weight gradient. It is only ever used on the CPU backend (decided at
+trace time), so TPU/GPU always run the native `lax.conv_general_dilated` and its gradients.
+Which path is faster depends on the CPU: an earlier development machine (jax 0.10.2) measured
+the 3x3 conv 32x32x64 weight gradient (batch 64) at 140-148 ms native vs 104-106 ms shifted;
+the current one (2-core AMD EPYC, AVX2, same jax, XLA's YNNPACK convolutions, idle, one run
+of `benchmarks/unet_ops.py`) at 80.7 ms native vs 112.2 ms shifted, input + weight gradients
+133.9 vs 148.5 ms, a small UNet train step 1.40 s vs 1.64 s. The native path also needs less
+memory (no shifted copies of each activation: about 250 MB less on the Fashion-MNIST train
+step at batch 16). `cpu_fast_conv="auto"` follows `CPU_FAST_CONV_AUTO` (False: native); "on"
+selects the shifted GEMMs where they win - re-run the benchmark on new hardware or jax
+versions. Parameters are identical in both paths, so checkpoints move freely between them
+and between backends.
 """
 
 from __future__ import annotations
@@ -52,9 +54,9 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # outputs of its matrix products and convolutions (recomputes only norms, activations,
 # softmax: less recomputation for more memory).
 REMAT_POLICIES = ("block", "dots")
-# What "auto" picks on the CPU backend (True: the shifted-GEMM weight gradient, measured
-# faster on an idle machine; see the module docstring).
-CPU_FAST_CONV_AUTO = True
+# What "auto" picks on the CPU backend (False: XLA's native convolution gradient, measured
+# faster than the shifted GEMMs on the current development CPU; see the module docstring).
+CPU_FAST_CONV_AUTO = False
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
@@ -62,7 +64,7 @@ def use_fast_conv(option: str) -> bool:
     """Resolves the `cpu_fast_conv` option at trace time; never True off the CPU backend.
 
     "on": shifted-GEMM weight gradient when `jax.default_backend() == "cpu"`;
-    "auto": the same if `CPU_FAST_CONV_AUTO` (the measured-faster choice: True);
+    "auto": the same if `CPU_FAST_CONV_AUTO` (the measured-faster choice: now False);
     "off": always the native convolution gradient.
     """
     if option not in CPU_FAST_CONV_CHOICES:

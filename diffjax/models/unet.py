@@ -25,8 +25,9 @@ Notes:
   TimeEmbed ("aug_embed") added to the time embedding. Off by default (params unchanged).
 - `norm_groups` (32 in ADM) exists so that tiny test models can have few channels.
 - `cpu_fast_conv`: "on" computes conv weight gradients by shifted GEMMs on the CPU backend
-  (never on TPU/GPU); "auto" follows `layers.CPU_FAST_CONV_AUTO` (True: the GEMM path on
-  CPU, measured faster here); "off" is always native. See the `layers` module docstring.
+  (never on TPU/GPU); "auto" follows `layers.CPU_FAST_CONV_AUTO` (False: XLA's native
+  gradient, measured faster on the current development CPU); "off" is always native. See
+  the `layers` module docstring.
 - `remat`: every ResBlock and AttentionBlock is rematerialised (`nn.remat`); same params,
   same outputs and gradients, less activation memory. `remat_policy` "block" recomputes the
   whole block in the backward pass, "dots" keeps its convolution and matmul outputs
