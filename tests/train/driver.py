@@ -26,6 +26,7 @@ parser.add_argument("--process-id", type=int, default=0)
 parser.add_argument("--num-processes", type=int, default=1)
 parser.add_argument("--coordinator", default="")
 parser.add_argument("--text", action="store_true", help="tiny.text_config (a caption model)")
+parser.add_argument("--adam-eps", type=float, default=0.0, help="optim.eps (0: the config's)")
 args = parser.parse_args()
 
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
@@ -89,7 +90,10 @@ parallel.maybe_initialize_distributed(
     collective_timeout_s=600)
 mesh = parallel.make_mesh()
 make_config = tiny.text_config if args.text else tiny.config
-exp = experiment.build(make_config(args.data_dir, **{"train.num_steps": args.steps}),
+overrides = {"train.num_steps": args.steps}
+if args.adam_eps:
+    overrides["optim.eps"] = args.adam_eps
+exp = experiment.build(make_config(args.data_dir, **overrides),
                        num_devices=parallel.num_data_shards(mesh))
 if args.text:
     it = text_app.train_iterator(exp, text_app.training_tokenizer(exp, args.workdir),
