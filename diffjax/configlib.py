@@ -304,9 +304,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.text.caption_seed = 0
     c.text.caption_keep_prob = 0.75  # each attribute word kept in an example's caption
     # encoder "embeddings": a user's precomputed embeddings (e.g. T5, CLIP) of the train
-    # split, one row per example in its order: .npz with context [N, L, width], mask [N, L];
-    # and those of the prompts that --mode sample and the training grids draw (.npz of the
-    # same layout, optional prompts [N] as the grid's row labels)
+    # split, one row per example in its order: .npz with context [N, L, width], mask [N, L],
+    # or an .array_record file of one msgpack record per example (read per batch; see
+    # data/text_source.py); and those of the prompts that --mode sample and the training
+    # grids draw (same layouts, optional prompts [N] / "prompt" as the grid's row labels)
     c.text.embeddings = ""
     c.text.sample_embeddings = ""
 

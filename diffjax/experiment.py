@@ -257,7 +257,7 @@ def _check_text(c: ml_collections.ConfigDict, mode: str) -> None:
         if not t.embeddings:
             raise ConfigError("text.encoder='embeddings' reads the context from the data: set "
                               "--config.text.embeddings=FILE.npz (context [N, L, width], mask "
-                              "[N, L], one row per training example)")
+                              "[N, L], one row per training example) or FILE.array_record")
         if mode == "eval":
             raise ConfigError("--mode eval scores prompts by their text, which precomputed "
                               "embeddings do not carry; draw samples with --mode sample "

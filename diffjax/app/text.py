@@ -111,9 +111,13 @@ def embedding_train_iterator(experiment: Experiment, process_index: int, process
     (``text.embeddings``, checked against the data before any work)."""
     d, t = experiment.data, experiment.text
     train = data_lib.make_source(**d.source_kwargs())
-    context, mask, _ = text_source.load_embeddings(t.embeddings, t.width, t.context_length,
-                                                   count=len(train))
-    source = text_source.EmbeddingSource(train, context, mask)
+    if text_source.is_record_file(t.embeddings):  # read per batch
+        source = text_source.RecordEmbeddingSource(train, text_source.RecordEmbeddings(
+            t.embeddings, t.width, t.context_length, count=len(train)))
+    else:
+        context, mask, _ = text_source.load_embeddings(t.embeddings, t.width, t.context_length,
+                                                       count=len(train))
+        source = text_source.EmbeddingSource(train, context, mask)
     return iter(data_lib.build_dataset(
         source, global_batch_size=d.batch_size, seed=experiment.train.seed, shuffle=True,
         random_flip=d.random_flip, process_index=process_index, process_count=process_count,

@@ -13,14 +13,24 @@ follow a prompt. One today:
 :class:`CaptionedSource` wraps an image source and adds ``read_columns(indices) ->
 {"tokens": int32 [b, L]}``, which :mod:`diffjax.data.pipeline` puts in every batch; the
 tokens of the whole split are computed once, so reading them is a gather.
+
+Precomputed embeddings (``text.encoder="embeddings"``, ``text.embeddings``) come as an .npz
+(arrays "context" [N, L, D], "mask" [N, L], optional "prompts" [N]; read whole,
+:func:`load_embeddings`, :class:`EmbeddingSource`) or as an ArrayRecord file for datasets
+whose embeddings do not fit in memory (``*.array_record``: record i is example i's
+``flax.serialization.msgpack_serialize({"context": [L, D] float, "mask": [L] bool})``, an
+optional "prompt" string beside them; read per batch, :class:`RecordEmbeddings`,
+:class:`RecordEmbeddingSource`). msgpack decoding never runs code from the file.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from flax import serialization
 
 from diffjax.data import captions as captions_lib
 from diffjax.data import sources
@@ -125,16 +135,26 @@ class CaptionedSource:
         return {"tokens": self.tokens[indices]}
 
 
+def is_record_file(path: str) -> bool:
+    """Whether ``path`` names an ArrayRecord file of embeddings (by its suffix)."""
+    return path.endswith(".array_record")
+
+
 def load_embeddings(path: str, width: int, context_length: int, count: int | None = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(context [N, L, D] float32, mask [N, L] bool, prompts [N] str or None) of an .npz of
     precomputed embeddings: arrays "context" [N, L, D] (float), optionally "mask" [N, L]
-    (bool or 0/1; default all valid) and "prompts" [N] (their texts, for grid labels).
+    (bool or 0/1; default all valid) and "prompts" [N] (their texts, for grid labels); or of
+    every record of an ArrayRecord file (see the module docstring).
     One-line DataError if the file or its "context" column is missing, D != ``width``,
     L > ``context_length``, N != ``count`` (when given), or a row has no valid entry."""
     if not path:
         raise DataError("text.encoder='embeddings' needs the embeddings file: set "
                         "--config.text.embeddings=FILE.npz (arrays context [N, L, D], mask)")
+    if is_record_file(path):
+        records = RecordEmbeddings(path, width, context_length, count)
+        context, mask = records.read(np.arange(len(records)))
+        return context, mask, records.prompts()
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
@@ -195,3 +215,106 @@ class EmbeddingSource(CaptionedSource):
 
     def read_columns(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         return {"context": self.packed[indices]}
+
+
+class RecordEmbeddings:
+    """Precomputed embeddings in an ArrayRecord file, one record per example (see the module
+    docstring), read on demand. Opening checks the file, its record count against ``count``
+    and the first record (columns, D == ``width``, L <= ``context_length``); every record
+    read is checked to have the first one's L and at least one valid entry. Picklable (grain
+    workers reopen the file)."""
+
+    def __init__(self, path: str, width: int, context_length: int, count: int | None = None):
+        from array_record.python import array_record_data_source  # only for these files
+
+        if not os.path.isfile(path):
+            raise DataError(f"embeddings file {path} not found")
+        try:
+            self._records = array_record_data_source.ArrayRecordDataSource([path])
+            n = len(self._records)
+        except (RuntimeError, ValueError, OSError) as e:
+            raise DataError(f"{path} is not a readable ArrayRecord file of embeddings "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                            ) from None
+        self.path, self.width = path, width
+        if count is not None and n != count:
+            raise DataError(f"{path} holds {n} records of embeddings but the data has {count} "
+                            "examples: give one record per example, in the data's order")
+        if n == 0:
+            raise DataError(f"{path} holds no records of embeddings")
+        self._n = n
+        self.length = None
+        context, _ = self._decode(0)
+        length, dim = context.shape
+        if dim != width:
+            raise DataError(f"{path}: embeddings of width {dim} but text.width={width}: set "
+                            f"--config.text.width={dim} (the model's context width)")
+        if length > context_length:
+            raise DataError(f"{path}: {length} embeddings per example but text.context_length="
+                            f"{context_length}: set --config.text.context_length={length}")
+        self.length = length
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _record(self, i: int) -> dict[str, Any]:
+        try:
+            record = serialization.msgpack_restore(self._records[int(i)])
+        except Exception as e:  # noqa: BLE001  msgpack's and array_record's errors vary
+            raise DataError(f"{self.path}: record {i} is not a msgpack map of embeddings "
+                            f"({type(e).__name__}); write each with "
+                            "flax.serialization.msgpack_serialize({'context': ..., "
+                            "'mask': ...})") from None
+        if not isinstance(record, dict) or "context" not in record:
+            got = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{self.path}: record {i} has no 'context' column (it has {got}); "
+                            "store each example's embeddings as context [L, D] and their "
+                            "mask as mask [L]")
+        return record
+
+    def _decode(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        record = self._record(i)
+        context = np.asarray(record["context"])
+        if context.ndim != 2 or not np.issubdtype(context.dtype, np.floating):
+            raise DataError(f"{self.path}: record {i}: context must be floats of shape [L, D], "
+                            f"got {context.dtype} {context.shape}")
+        want = (self.length, self.width) if self.length is not None else context.shape
+        if context.shape != want:
+            raise DataError(f"{self.path}: record {i}: context of shape {context.shape}, but "
+                            f"record 0 has {want}: give every example the same [L, D]")
+        mask = record.get("mask")
+        mask = np.ones(len(context), bool) if mask is None else np.asarray(mask).astype(bool)
+        if mask.shape != (len(context),):
+            raise DataError(f"{self.path}: record {i}: mask must have shape [L] = "
+                            f"({len(context)},), got {mask.shape}")
+        if not mask.any():
+            raise DataError(f"{self.path}: record {i} has no valid embedding (its mask is all "
+                            "False, which is the null condition); give every row at least one")
+        return context.astype(np.float32), mask
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(context [b, L, D] float32, mask [b, L] bool) of the records ``indices``."""
+        rows = [self._decode(i) for i in indices]
+        return (np.stack([c for c, _ in rows]).reshape(len(rows), self.length, self.width),
+                np.stack([m for _, m in rows]).reshape(len(rows), self.length))
+
+    def prompts(self) -> np.ndarray | None:
+        """Every record's "prompt" string (grid labels), or None when the first has none."""
+        if "prompt" not in self._record(0):
+            return None
+        return np.array([str(self._record(i).get("prompt", f"#{i}")) for i in range(self._n)])
+
+
+class RecordEmbeddingSource(CaptionedSource):
+    """``inner`` plus each example's embeddings read from ``records`` (:class:`RecordEmbeddings`)
+    per batch, packed as the "context" column [b, L, D + 1] (:func:`pack`)."""
+
+    def __init__(self, inner: sources.ImageSource, records: RecordEmbeddings):
+        if len(records) != len(inner):
+            raise DataError(f"{inner.name}: {len(inner)} examples but {len(records)} records "
+                            "of embeddings")
+        self.inner, self.records = inner, records
+        self.name = f"{inner.name}+embeddings"
+
+    def read_columns(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        return {"context": pack(*self.records.read(indices))}

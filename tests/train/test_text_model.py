@@ -277,6 +277,104 @@ def test_bad_embeddings_are_one_line_before_any_work(tiny, text_data, embeddings
         sorted(os.listdir(workdir)) == ["notes.txt"]
 
 
+def _write_records(path, rows):
+    """An ArrayRecord file of one msgpack record per row (dicts, or raw bytes)."""
+    from array_record.python import array_record_module
+    from flax import serialization
+
+    writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
+    for row in rows:
+        writer.write(row if isinstance(row, bytes) else serialization.msgpack_serialize(row))
+    writer.close()
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def record_embeddings(embeddings, tmp_path_factory):
+    """The same embeddings as ``embeddings`` as ArrayRecord files (prompts as "prompt")."""
+    with np.load(embeddings[0]) as f:
+        context, mask = f["context"], f["mask"]
+    d = tmp_path_factory.mktemp("records")
+    train = _write_records(d / "train.array_record",
+                           [{"context": c, "mask": m} for c, m in zip(context, mask)])
+    prompts = _write_records(d / "prompts.array_record", [
+        {"context": context[i], "mask": mask[i], "prompt": p}
+        for i, p in enumerate(["first", "second"])])
+    return train, prompts
+
+
+def test_array_record_embeddings_are_the_npz_ones_batch_for_batch(tiny, text_data, embeddings,
+                                                                  record_embeddings):
+    from diffjax.data import text_source
+
+    want = text_source.load_embeddings(embeddings[1], WIDTH, LENGTH + 1)
+    got = text_source.load_embeddings(record_embeddings[1], WIDTH, LENGTH + 1)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    # (2 grain worker processes: the record reader travels to them)
+    configs = [_embedding_config(tiny, text_data, path, **{"data.num_workers": 2})
+               for path in (embeddings[0], record_embeddings[0])]
+    iterators = [text_app.embedding_train_iterator(experiment.build(c, num_devices=8), 0, 1)
+                 for c in configs]
+    for _ in range(6):
+        a, b = (next(it) for it in iterators)
+        assert a.keys() == b.keys() == {"image", "label", "context"}
+        for name in a:
+            np.testing.assert_array_equal(b[name], a[name], err_msg=name)
+
+
+@pytest.mark.parametrize("case, expect, when", [
+    ("missing_file", "not found", "open"),
+    ("not_array_record", "is not a readable ArrayRecord file", "open"),
+    ("wrong_rows", "holds 30 records of embeddings but the data has 40", "open"),
+    ("wrong_width", "embeddings of width 10 but text.width=12", "open"),
+    ("too_long", "text.context_length=6", "open"),
+    ("no_context_column", "record 0 has no 'context' column (it has ['ctx', 'mask'])", "open"),
+    ("not_msgpack", "record 0 is not a msgpack map of embeddings", "open"),
+    ("other_length", "record 3: context of shape (4, 12), but record 0 has (5, 12)", "read"),
+    ("empty_row", "record 3 has no valid embedding", "read"),
+])
+def test_bad_array_record_embeddings_are_one_line(tiny, text_data, embeddings, tmp_path, case,
+                                                  expect, when):
+    from diffjax.data import text_source
+
+    with np.load(embeddings[0]) as f:
+        rows = [{"context": c, "mask": m} for c, m in zip(f["context"], f["mask"])]
+    path = str(tmp_path / "bad.array_record")
+    if case == "not_array_record":
+        (tmp_path / "bad.array_record").write_bytes(b"not an array record" * 4000)
+    elif case == "wrong_rows":
+        _write_records(path, rows[:30])
+    elif case == "wrong_width":
+        _write_records(path, [{**r, "context": r["context"][:, :10]} for r in rows])
+    elif case == "too_long":
+        _write_records(path, [{"context": np.concatenate([r["context"]] * 2),
+                               "mask": np.concatenate([r["mask"]] * 2)} for r in rows])
+    elif case == "no_context_column":
+        _write_records(path, [{"ctx": r["context"], "mask": r["mask"]} for r in rows])
+    elif case == "not_msgpack":
+        _write_records(path, [b"\xc1 not msgpack"] * len(rows))
+    elif case == "other_length":
+        rows[3] = {"context": rows[3]["context"][:4], "mask": rows[3]["mask"][:4]}
+        _write_records(path, rows)
+    elif case == "empty_row":
+        rows[3] = {**rows[3], "mask": np.zeros(LENGTH, bool)}
+        _write_records(path, rows)
+    with pytest.raises(text_app.data_lib.DataError) as info:
+        records = text_source.RecordEmbeddings(path, WIDTH, LENGTH + 1, count=40)
+        assert when == "read", "opening should have failed"
+        records.read(np.arange(40))
+    message = str(info.value)
+    assert expect in message and "\n" not in message, message
+    if when == "open":  # the command line: one line before any work, the workdir kept
+        workdir = tmp_path / "run"
+        workdir.mkdir()
+        (workdir / "notes.txt").write_text("keep me\n")
+        with pytest.raises(text_app.data_lib.DataError, match="bad.array_record"):
+            cli.run(_embedding_config(tiny, text_data, path), "train", str(workdir))
+        assert sorted(os.listdir(workdir)) in (["config.json", "notes.txt"], ["notes.txt"])
+
+
 def test_embedding_model_trains_samples_and_guides_against_its_null_row(
         tiny, text_data, embeddings, tmp_path):
     train_npz, prompts_npz = embeddings
