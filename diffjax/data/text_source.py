@@ -140,6 +140,18 @@ def is_record_file(path: str) -> bool:
     return path.endswith(".array_record")
 
 
+def _check_fits(path: str, shape: tuple[int, int], width: int, context_length: int) -> None:
+    """One-line DataError unless embeddings [L, D] fit the model: D == ``width``,
+    L <= ``context_length``."""
+    length, dim = shape
+    if dim != width:
+        raise DataError(f"{path}: embeddings of width {dim} but text.width={width}: set "
+                        f"--config.text.width={dim} (the model's context width)")
+    if length > context_length:
+        raise DataError(f"{path}: {length} embeddings per example but text.context_length="
+                        f"{context_length}: set --config.text.context_length={length}")
+
+
 def load_embeddings(path: str, width: int, context_length: int, count: int | None = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(context [N, L, D] float32, mask [N, L] bool, prompts [N] str or None) of an .npz of
@@ -169,13 +181,8 @@ def load_embeddings(path: str, width: int, context_length: int, count: int | Non
     if context.ndim != 3 or not np.issubdtype(context.dtype, np.floating):
         raise DataError(f"{path}: context must be floats of shape [N, L, D], got "
                         f"{context.dtype} {context.shape}")
-    n, length, dim = context.shape
-    if dim != width:
-        raise DataError(f"{path}: embeddings of width {dim} but text.width={width}: set "
-                        f"--config.text.width={dim} (the model's context width)")
-    if length > context_length:
-        raise DataError(f"{path}: {length} embeddings per example but text.context_length="
-                        f"{context_length}: set --config.text.context_length={length}")
+    n, length, _ = context.shape
+    _check_fits(path, context.shape[1:], width, context_length)
     if count is not None and n != count:
         raise DataError(f"{path} holds {n} rows of embeddings but the data has {count} "
                         "examples: give one row per example, in the data's order")
@@ -245,14 +252,8 @@ class RecordEmbeddings:
         self._n = n
         self.length = None
         context, _ = self._decode(0)
-        length, dim = context.shape
-        if dim != width:
-            raise DataError(f"{path}: embeddings of width {dim} but text.width={width}: set "
-                            f"--config.text.width={dim} (the model's context width)")
-        if length > context_length:
-            raise DataError(f"{path}: {length} embeddings per example but text.context_length="
-                            f"{context_length}: set --config.text.context_length={length}")
-        self.length = length
+        _check_fits(path, context.shape, width, context_length)
+        self.length = len(context)
 
     def __len__(self) -> int:
         return self._n
