@@ -134,10 +134,10 @@ def _sample_embeddings(experiment: Experiment, rows: int | None = None
         raise text_lib.TextError("a model of precomputed embeddings samples from the "
                                  "prompts' embeddings: set --config.text.sample_embeddings="
                                  "FILE.npz (context [P, L, width], mask, optional prompts)")
-    context, mask, prompts = text_source.load_embeddings(path or t.embeddings, t.width,
-                                                         t.context_length)
+    context, mask, prompts = text_source.load_embeddings(
+        path or t.embeddings, t.width, t.context_length, rows=None if path else rows)
     if not path:
-        context, mask, prompts = context[:rows], mask[:rows], None
+        prompts = None
     labels = list(prompts) if prompts is not None else [f"#{i}" for i in range(len(context))]
     return labels, text_source.pack(context, mask)
 

@@ -152,12 +152,14 @@ def _check_fits(path: str, shape: tuple[int, int], width: int, context_length: i
                         f"{context_length}: set --config.text.context_length={length}")
 
 
-def load_embeddings(path: str, width: int, context_length: int, count: int | None = None
+def load_embeddings(path: str, width: int, context_length: int, count: int | None = None,
+                    rows: int | None = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(context [N, L, D] float32, mask [N, L] bool, prompts [N] str or None) of an .npz of
     precomputed embeddings: arrays "context" [N, L, D] (float), optionally "mask" [N, L]
     (bool or 0/1; default all valid) and "prompts" [N] (their texts, for grid labels); or of
-    every record of an ArrayRecord file (see the module docstring).
+    every record of an ArrayRecord file (see the module docstring); only the first ``rows``
+    when given (an ArrayRecord file is read no further).
     One-line DataError if the file or its "context" column is missing, D != ``width``,
     L > ``context_length``, N != ``count`` (when given), or a row has no valid entry."""
     if not path:
@@ -165,8 +167,9 @@ def load_embeddings(path: str, width: int, context_length: int, count: int | Non
                         "--config.text.embeddings=FILE.npz (arrays context [N, L, D], mask)")
     if is_record_file(path):
         records = RecordEmbeddings(path, width, context_length, count)
-        context, mask = records.read(np.arange(len(records)))
-        return context, mask, records.prompts()
+        n = len(records) if rows is None else min(rows, len(records))
+        context, mask = records.read(np.arange(n))
+        return context, mask, records.prompts(n)
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
@@ -200,7 +203,8 @@ def load_embeddings(path: str, width: int, context_length: int, count: int | Non
     prompts = arrays.get("prompts")
     if prompts is not None and prompts.shape != (n,):
         raise DataError(f"{path}: prompts must have shape [N] = ({n},), got {prompts.shape}")
-    return context.astype(np.float32), mask, None if prompts is None else prompts.astype(str)
+    prompts = None if prompts is None else prompts.astype(str)[:rows]
+    return context.astype(np.float32)[:rows], mask[:rows], prompts
 
 
 def pack(context: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -295,15 +299,18 @@ class RecordEmbeddings:
 
     def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(context [b, L, D] float32, mask [b, L] bool) of the records ``indices``."""
-        rows = [self._decode(i) for i in indices]
-        return (np.stack([c for c, _ in rows]).reshape(len(rows), self.length, self.width),
-                np.stack([m for _, m in rows]).reshape(len(rows), self.length))
+        context = np.empty((len(indices), self.length, self.width), np.float32)
+        mask = np.empty((len(indices), self.length), bool)
+        for k, i in enumerate(indices):
+            context[k], mask[k] = self._decode(i)
+        return context, mask
 
-    def prompts(self) -> np.ndarray | None:
-        """Every record's "prompt" string (grid labels), or None when the first has none."""
+    def prompts(self, n: int) -> np.ndarray | None:
+        """The "prompt" strings (grid labels) of the first ``n`` records, or None when record 0
+        has none."""
         if "prompt" not in self._record(0):
             return None
-        return np.array([str(self._record(i).get("prompt", f"#{i}")) for i in range(self._n)])
+        return np.array([str(self._record(i).get("prompt", f"#{i}")) for i in range(n)])
 
 
 class RecordEmbeddingSource(CaptionedSource):

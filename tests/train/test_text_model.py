@@ -304,13 +304,24 @@ def record_embeddings(embeddings, tmp_path_factory):
 
 
 def test_array_record_embeddings_are_the_npz_ones_batch_for_batch(tiny, text_data, embeddings,
-                                                                  record_embeddings):
+                                                                  record_embeddings, tmp_path):
     from diffjax.data import text_source
 
     want = text_source.load_embeddings(embeddings[1], WIDTH, LENGTH + 1)
     got = text_source.load_embeddings(record_embeddings[1], WIDTH, LENGTH + 1)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
+    # the first rows only (the training grids of a model without sample embeddings): a
+    # record file is read no further, so a bad record after them goes unread
+    with np.load(embeddings[0]) as f:
+        rows = [{"context": c, "mask": m} for c, m in zip(f["context"], f["mask"])]
+    rows[5] = {**rows[5], "mask": np.zeros(LENGTH, bool)}
+    bad_after = _write_records(tmp_path / "bad_after.array_record", rows)
+    head = text_source.load_embeddings(bad_after, WIDTH, LENGTH + 1, rows=3)
+    with np.load(embeddings[0]) as f:
+        np.testing.assert_array_equal(head[0], f["context"][:3])
+        np.testing.assert_array_equal(head[1], f["mask"][:3])
+    assert head[2] is None
     # (2 grain worker processes: the record reader travels to them)
     configs = [_embedding_config(tiny, text_data, path, **{"data.num_workers": 2})
                for path in (embeddings[0], record_embeddings[0])]
