@@ -37,9 +37,14 @@ if REPO not in sys.path:
 
 
 def setup_jax() -> None:
-    """Switches off the persistent compilation cache so compile times are real."""
+    """The XLA options ``python -m diffjax.main`` runs with (``parallel.xla_defaults``; call
+    this before any JAX computation), and the persistent compilation cache switched off so
+    compile times are real."""
     import jax
 
+    from diffjax import parallel
+
+    parallel.xla_defaults()
     jax.config.update("jax_enable_compilation_cache", False)
 
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffjax import parallel
 from diffjax.models import layers
 from diffjax.models.unet import UNet
 
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
+    parallel.xla_defaults()  # the XLA options diffjax.main runs with (before JAX starts)
     print(f"backend={jax.default_backend()} devices={jax.device_count()} batch={args.batch}")
     bench_conv(args.batch, args.reps)
     bench_unet_step(args.batch, args.reps)

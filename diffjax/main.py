@@ -117,16 +117,6 @@ def compilation_cache(directory: str | None) -> str:
     return directory
 
 
-def gpu_xla_defaults() -> None:
-    """XLA:GPU options diffjax's runs use unless XLA_FLAGS sets them: matrix products through
-    cuBLAS rather than autotuned Triton kernels (ADM-64 on one H100, benchmarks/
-    adm64_accelerator.py: a 4% faster train step and 20 s less compilation). Takes effect
-    only before the backend starts; harmless on other backends."""
-    flags_now = os.environ.get("XLA_FLAGS", "")
-    if "--xla_gpu_enable_triton_gemm" not in flags_now:
-        os.environ["XLA_FLAGS"] = (flags_now + " --xla_gpu_enable_triton_gemm=false").strip()
-
-
 def run(config, mode: str, workdir: str | None, *, checkpoint: str = "",
         step: int | None = None, seed: int | None = None,
         allow_config_change: bool = False) -> None:
@@ -197,7 +187,7 @@ def main(argv: list[str]) -> None:
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     _quiet_background_failures()
-    gpu_xla_defaults()
+    parallel.xla_defaults()
     compilation_cache(_CACHE_DIR.value)
     try:
         wait = _COORDINATION_TIMEOUT.value

@@ -1,4 +1,5 @@
-"""Shared test set-up: 8 fake CPU devices and JAX's persistent compilation cache.
+"""Shared test set-up: 8 fake CPU devices, the XLA options ``python -m diffjax.main`` runs
+with (``parallel.xla_defaults``), and JAX's persistent compilation cache.
 
 XLA_FLAGS must be set before JAX initialises its backends, which happens lazily on first
 use, so setting it here (at collection time) is early enough.
@@ -10,6 +11,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+
+from diffjax import parallel  # noqa: E402
+
+parallel.xla_defaults()
 
 _CACHE = os.environ.get(
     "DIFFJAX_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "diffjax-jax-tests")

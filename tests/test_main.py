@@ -146,16 +146,48 @@ def test_compilation_cache_switch(monkeypatch, tmp_path):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", before[2])
 
 
-def test_gpu_xla_defaults_keep_the_users_choice(monkeypatch):
-    from diffjax import main
-
+def test_xla_defaults_add_what_xla_flags_leaves_unset(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    main.gpu_xla_defaults()
-    assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=8 "
-                                       "--xla_gpu_enable_triton_gemm=false")
-    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true")
-    main.gpu_xla_defaults()
-    assert os.environ["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=true"
+    parallel.xla_defaults()
+    assert os.environ["XLA_FLAGS"].split() == [
+        "--xla_force_host_platform_device_count=8", "--xla_gpu_enable_triton_gemm=false",
+        "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"]
+    parallel.xla_defaults()  # twice: nothing added twice
+    assert len(os.environ["XLA_FLAGS"].split()) == 3
+    # the user's own settings, with or without a value, are kept and not repeated
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true "
+                       "--xla_cpu_experimental_ynn_fusion_type=")
+    parallel.xla_defaults()
+    assert os.environ["XLA_FLAGS"] == ("--xla_gpu_enable_triton_gemm=true "
+                                       "--xla_cpu_experimental_ynn_fusion_type=")
+    monkeypatch.delenv("XLA_FLAGS")
+    parallel.xla_defaults()
+    assert len(os.environ["XLA_FLAGS"].split()) == 2
+
+
+_CONV_PROGRAM = """
+import sys, jax, jax.numpy as jnp
+from diffjax import parallel
+if sys.argv[1] == "defaults":
+    parallel.xla_defaults()
+x, w = jnp.ones((16, 28, 28, 64)), jnp.ones((3, 3, 64, 64))  # big enough for YNNPACK
+conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+print(jax.jit(conv).lower(x, w).compile().as_text())
+"""
+
+
+@pytest.mark.parametrize("setup", ["defaults", "none"])
+def test_cpu_convolutions_leave_ynnpack_with_the_defaults(setup):
+    """XLA:CPU runs a YNNPACK convolution on one core; diffjax's default gives it to Eigen's
+    threaded kernel (which XLA picks by size: a small one stays with Eigen either way). The
+    control (no defaults) shows the compiled text tells them apart."""
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", _CONV_PROGRAM, setup], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "convolution(" in out.stdout
+    assert ("ynn" in out.stdout.lower()) == (setup == "none"), out.stdout[-2000:]
 
 
 def test_null_label_row_follows_training_label_dropout_not_the_sampling_guidance():

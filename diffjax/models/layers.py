@@ -17,14 +17,16 @@ XLA:CPU's convolution weight gradient. It is only ever used on the CPU backend (
 trace time), so TPU/GPU always run the native `lax.conv_general_dilated` and its gradients.
 Which path is faster depends on the CPU: an earlier development machine (jax 0.10.2) measured
 the 3x3 conv 32x32x64 weight gradient (batch 64) at 140-148 ms native vs 104-106 ms shifted;
-the current one (2-core AMD EPYC, AVX2, same jax, XLA's YNNPACK convolutions, idle, one run
-of `benchmarks/unet_ops.py`) at 80.7 ms native vs 112.2 ms shifted, input + weight gradients
-133.9 vs 148.5 ms, a small UNet train step 1.40 s vs 1.64 s. The native path also needs less
-memory (no shifted copies of each activation: about 250 MB less on the Fashion-MNIST train
-step at batch 16). `cpu_fast_conv="auto"` follows `CPU_FAST_CONV_AUTO` (False: native); "on"
-selects the shifted GEMMs where they win - re-run the benchmark on new hardware or jax
-versions. Parameters are identical in both paths, so checkpoints move freely between them
-and between backends.
+the current one (2-core AMD EPYC, AVX2, same jax, one run of `benchmarks/unet_ops.py`) at
+80.7 ms native vs 112.2 ms shifted with XLA's YNNPACK convolutions (input + weight gradients
+133.9 vs 148.5 ms, a small UNet train step 1.40 s vs 1.64 s), and at 53.7 ms vs 143.5 ms
+(113.9 vs 182.6 ms; 1.26 s vs 1.77 s) with its Eigen convolutions, which diffjax's runs use
+on CPU (`parallel.XLA_DEFAULTS`: YNNPACK runs each convolution on one core). The native
+path also needs less memory (no shifted copies of each activation: about 250 MB less on the
+Fashion-MNIST train step at batch 16). `cpu_fast_conv="auto"` follows `CPU_FAST_CONV_AUTO`
+(False: native); "on" selects the shifted GEMMs where they win - re-run the benchmark on new
+hardware or jax versions. Parameters are identical in both paths, so checkpoints move freely
+between them and between backends.
 """
 
 from __future__ import annotations
