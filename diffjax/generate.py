@@ -242,16 +242,57 @@ def _cond(task, sampling: Sampling, labels):
     return labels if task.takes_cond or sampling.guidance.classifier is not None else None
 
 
-def make_sample_program(task, sampling: Sampling, mesh, batch: int, with_inputs: bool):
+def param_sharding(task, mesh, shard_params: str = "replicated") -> Any:
+    """How the sampling programs take the model's parameters: ``shard_params`` "replicated",
+    one NamedSharding (whole on every device); "fsdp", the tree of the train state's fsdp
+    placement of them (:func:`diffjax.parallel.state_sharding`): each device keeps 1/N of
+    every large array, and the programs gather the weights inside each denoiser call
+    (:func:`_denoiser`), so the trainer's grids, sample and eval use the state as it lies,
+    with no whole copy beside it between calls."""
+    if shard_params == "replicated":
+        return parallel.replicated(mesh)
+    return parallel.state_sharding(mesh, task.abstract_params(), shard_params)
+
+
+def use_params(params, mesh, shard_params: str = "replicated") -> Any:
+    """Inside a program that takes ``params`` as :func:`param_sharding` places them: the
+    parameters as the network uses them (gathered whole under "fsdp",
+    :func:`diffjax.parallel.gathered`; themselves when replicated)."""
+    return params if shard_params == "replicated" else parallel.gathered(params, mesh)
+
+
+def _denoiser(task, params, mesh, shard_params: str, with_variance: bool, **inputs):
+    """``task.denoiser(params, ...)``; under "fsdp" one that gathers ``params`` anew in each
+    call (:func:`diffjax.parallel.gathered`: data-parallel on whole weights). The optimization
+    barrier ties the parameters to the call's input: without it XLA hoists the gathers of
+    loop-invariant parameters out of the sampler's loop, and the gathered network would sit
+    beside its shards on every device for the whole loop. Within a call, how many gathered
+    weights are alive at once is the backend scheduler's choice (XLA:CPU issues all of a
+    call's gathers before its first layer, so its peak still holds one whole copy)."""
+    if shard_params == "replicated":
+        return task.denoiser(params, with_variance, **inputs)
+
+    def denoise(x, *args, **kwargs):
+        p, x = jax.lax.optimization_barrier((params, x))
+        return task.denoiser(use_params(p, mesh, shard_params), with_variance, **inputs)(
+            x, *args, **kwargs)
+
+    return denoise
+
+
+def make_sample_program(task, sampling: Sampling, mesh, batch: int, with_inputs: bool,
+                        shard_params: str = "replicated"):
     """A jitted ``(params, classifier_params, first_stage_params, key, labels [batch], inputs,
-    knobs) -> images [batch, H, W, C]`` in [-1, 1]; inputs: [batch, ...] images to condition
-    on (None when ``with_inputs`` is False: plain sampling from noise); classifier_params:
-    the guiding network's (classifier guidance's classifier or autoguidance's guide; else
-    None); first_stage_params: the autoencoder's of a latent model (inputs encoded, samples
-    decoded; else None)."""
+    knobs) -> images [batch, H, W, C]`` in [-1, 1]; params: placed as :func:`param_sharding`
+    says for ``shard_params``; inputs: [batch, ...] images to condition on (None when
+    ``with_inputs`` is False: plain sampling from noise); classifier_params: the guiding
+    network's (classifier guidance's classifier or autoguidance's guide; else None);
+    first_stage_params: the autoencoder's of a latent model (inputs encoded, samples
+    decoded; else None); those two replicated."""
     shape = (batch, *task.image_shape)
     condition = sampling.condition if with_inputs else FromNoise()
     data, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
+    params_sh = param_sharding(task, mesh, shard_params)
 
     def run(params, classifier_params, first_stage_params, key, labels, inputs, knobs):
         cond = _cond(task, sampling, labels)
@@ -261,7 +302,8 @@ def make_sample_program(task, sampling: Sampling, mesh, batch: int, with_inputs:
             model_inputs = task.sampling_inputs(inputs, k_inputs)
         if with_inputs:
             inputs = task.encode_inputs(first_stage_params, inputs)
-        denoise = task.denoiser(params, sampling.with_variance, **model_inputs)
+        denoise = _denoiser(task, params, mesh, shard_params, sampling.with_variance,
+                            **model_inputs)
         denoise = guided_denoiser(sampling, denoise, knobs, classifier_params)
         place = functools.partial(jax.lax.with_sharding_constraint, shardings=data)
         sampler_knobs = {**knobs["sampler"],
@@ -270,26 +312,30 @@ def make_sample_program(task, sampling: Sampling, mesh, batch: int, with_inputs:
                                sampler_knobs, place)
         return jnp.clip(task.decode_outputs(first_stage_params, out), -1.0, 1.0)
 
-    return jax.jit(run, in_shardings=(rep, rep, rep, rep, data, data if with_inputs else None,
-                                      rep), out_shardings=data)
+    return jax.jit(run, in_shardings=(params_sh, rep, rep, rep, data,
+                                      data if with_inputs else None, rep), out_shardings=data)
 
 
-def make_invert_program(task, sampling: Sampling, mesh, batch: int):
+def make_invert_program(task, sampling: Sampling, mesh, batch: int,
+                        shard_params: str = "replicated"):
     """A jitted ``(params, classifier_params, first_stage_params, key, labels [batch], inputs
     [batch, H, W, C], knobs) -> x_T [batch, ...]``: :meth:`Invert.encode` of
     ``sampling.condition`` with the guided denoiser (classifier-free guidance and
-    autoguidance invert the guided ODE); a latent model inverts the inputs' latents."""
+    autoguidance invert the guided ODE); a latent model inverts the inputs' latents. params
+    as in :func:`make_sample_program`."""
     data, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
+    params_sh = param_sharding(task, mesh, shard_params)
 
     def run(params, classifier_params, first_stage_params, key, labels, inputs, knobs):
         cond = _cond(task, sampling, labels)
         inputs = task.encode_inputs(first_stage_params, inputs)
-        denoise = task.denoiser(params, sampling.with_variance)
+        denoise = _denoiser(task, params, mesh, shard_params, sampling.with_variance)
         denoise = guided_denoiser(sampling, denoise, knobs, classifier_params)
         return sampling.condition.encode(sampling.sampler, denoise, key, cond, inputs,
                                          knobs["sampler"])
 
-    return jax.jit(run, in_shardings=(rep, rep, rep, rep, data, data, rep), out_shardings=data)
+    return jax.jit(run, in_shardings=(params_sh, rep, rep, rep, data, data, rep),
+                   out_shardings=data)
 
 
 # Fields that never change the compiled program: knob values are its arguments, the others
@@ -324,11 +370,12 @@ class _ProgramKey:
     batch: int
     with_inputs: bool
     invert: bool = False  # make_invert_program rather than make_sample_program
+    shard_params: str = "replicated"  # param_sharding's mode
 
     @functools.cached_property
     def structure(self) -> tuple:
         return (_structure(self.task), _structure(self.sampling), self.mesh, self.batch,
-                self.with_inputs, self.invert)
+                self.with_inputs, self.invert, self.shard_params)
 
     def __hash__(self) -> int:
         return hash(self.structure)
@@ -342,8 +389,10 @@ def _program(key: _ProgramKey):
     """The jitted program of ``key``, shared by every Generator of the same structure (so a
     second ``--mode sample`` or eval point with another guidance scale compiles nothing)."""
     if key.invert:
-        return make_invert_program(key.task, key.sampling, key.mesh, key.batch)
-    return make_sample_program(key.task, key.sampling, key.mesh, key.batch, key.with_inputs)
+        return make_invert_program(key.task, key.sampling, key.mesh, key.batch,
+                                   key.shard_params)
+    return make_sample_program(key.task, key.sampling, key.mesh, key.batch, key.with_inputs,
+                               key.shard_params)
 
 
 def balanced_labels(n: int, num_classes: int, grouped: bool = False) -> np.ndarray:
@@ -361,20 +410,27 @@ class Generator:
     ``fold_in(key, i)``, so a seed gives the same images however many devices there are.
     ``classifier_params``: the guiding network's parameters (classifier guidance's
     classifier, autoguidance's guide; else None);
-    ``first_stage_params``: the autoencoder's of a latent model (samples are decoded).
+    ``first_stage_params``: the autoencoder's of a latent model (samples are decoded);
+    ``shard_params``: how the programs take the model's parameters (:func:`param_sharding`:
+    "replicated", or "fsdp" as a train state of ``parallel.shard_state="fsdp"`` holds them).
     """
 
     def __init__(self, task, sampling: Sampling, mesh, classifier_params=None,
-                 batch_size: int | None = None, first_stage_params=None):
+                 batch_size: int | None = None, first_stage_params=None,
+                 shard_params: str = "replicated"):
+        if shard_params not in parallel.SHARD_MODES:
+            raise ValueError(f"shard_params={shard_params!r}; valid: "
+                             f"{', '.join(parallel.SHARD_MODES)}")
         n = parallel.num_data_shards(mesh)
         self.task, self.sampling, self.mesh = task, sampling, mesh
+        self.shard_params = shard_params
         self.batch = _round_up(batch_size or sampling.batch_size, n)
         self.classifier_params = classifier_params
         self.first_stage_params = first_stage_params
 
     def program(self, with_inputs: bool, invert: bool = False):
         return _program(_ProgramKey(self.task, self.sampling, self.mesh, self.batch,
-                                    with_inputs, invert))
+                                    with_inputs, invert, self.shard_params))
 
     def __call__(self, params, num_samples: int, key, labels: np.ndarray | None = None,
                  grouped: bool = False, inputs: np.ndarray | None = None,

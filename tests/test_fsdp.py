@@ -19,7 +19,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from diffjax import checkpoint, configlib, experiment, parallel
+from diffjax import checkpoint, configlib, experiment, generate, parallel
+from diffjax.app import common as app_common
+from diffjax.app import evaluate as app_evaluate
+from diffjax.app import sample as app_sample
 from diffjax.app import summary
 from diffjax.app import train as app_train
 from diffjax.errors import ConfigError
@@ -201,6 +204,122 @@ def test_fsdp_state_stays_in_its_sharding(stepped, trainers):
     assert {s.data.size for s in x.addressable_shards} == {x.size // 8}
 
 
+def _collectives(hlo: str) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(computation, op, result dims; () for a tuple) of every collective in compiled HLO."""
+    out, computation = [], ""
+    for line in hlo.splitlines():
+        head = re.match(r"(?:ENTRY )?%([\w.\-]+) \(", line)
+        if head:
+            computation = head.group(1)
+        m = re.search(r" = (.+?) (all-gather|all-reduce|reduce-scatter|collective-permute|"
+                      r"all-to-all)(?:-start)?\(", line)
+        if m:
+            shape = re.fullmatch(r"\w+\[([\d,]*)\]\S*", m.group(1))
+            dims = tuple(int(d) for d in shape.group(1).split(",") if d) if shape else ()
+            out.append((computation, m.group(2), dims))
+    return out
+
+
+def test_fsdp_step_gathers_weights_not_activations(trainers, mesh):
+    """ZeRO-3: the fsdp step's only collectives are gathers of parameter shards to their whole
+    shapes and the one combined gradient all-reduce (XLA:CPU then keeps each device's slice);
+    nothing moves activations. Left to XLA's partitioner (without parallel.gathered) this
+    step gathered the whole batch's activations 7 times and held 23 all-to-alls."""
+    fsdp = trainers["fsdp"]
+    data = parallel.data_sharding(mesh)
+    batch = {"image": jax.ShapeDtypeStruct((8, 8, 8, 1), np.float32, sharding=data),
+             "label": jax.ShapeDtypeStruct((8,), np.int32, sharding=data)}
+    hlo = fsdp.train_step.lower(fsdp.abstract_state(), batch).compile().as_text()
+    found = _collectives(hlo)
+    params = fsdp.abstract_state().params
+    sharded = {tuple(x.shape) for x, sh in zip(jax.tree.leaves(params),
+                                               jax.tree.leaves(fsdp.state_sharding.params))
+               if sh.spec != P()}
+    gathers = [dims for _, op, dims in found if op == "all-gather"]
+    assert sorted({op for _, op, _ in found}) == ["all-gather", "all-reduce"], found
+    assert [op for _, op, _ in found].count("all-reduce") == 1
+    assert set(gathers) == sharded, set(gathers) ^ sharded
+
+
+def _while_bodies(hlo: str) -> set[str]:
+    return set(re.findall(r"body=%([\w.\-]+)", hlo))
+
+
+def test_fsdp_sampling_equals_replicated_and_gathers_in_each_step(data_dir, mesh):
+    """generate.Generator with shard_params="fsdp" takes the parameters as an fsdp state holds
+    them: the images are those of the replicated program (the same sums on gathered weights;
+    bit-identical on XLA:CPU, where the tolerance is float32 rounding for other backends), each
+    device receives only its shards, and the weights are gathered inside the sampler's loop
+    (without the optimization barrier XLA hoisted every gather out of it, keeping the whole
+    network gathered beside its shards for the whole loop)."""
+    c = _config(data_dir, "fsdp")
+    c.model.attention_resolutions = (4,)  # attention weights too
+    exp = experiment.build(c, num_devices=8)
+    task, sampling = exp.task, exp.sampling
+    params = jax.jit(task.init_params)(jax.random.PRNGKey(0))
+    placed = {mode: jax.device_put(params, generate.param_sharding(task, mesh, mode))
+              for mode in ("replicated", "fsdp")}
+    key = jax.random.PRNGKey(3)
+    images = {mode: generate.Generator(task, sampling, mesh, shard_params=mode)(
+        placed[mode], 8, key)[0] for mode in placed}
+    np.testing.assert_allclose(images["fsdp"], images["replicated"], rtol=0, atol=1e-5)
+    assert np.std(images["replicated"]) > 0.1  # real images, not a constant
+
+    programs = {mode: generate.Generator(task, sampling, mesh, shard_params=mode).program(False)
+                for mode in placed}
+    args = (None, None, key, generate.balanced_labels(8, task.num_classes), None,
+            sampling.knobs())
+    compiled = {mode: programs[mode].lower(placed[mode], *args).compile() for mode in placed}
+    per_device = {mode: compiled[mode].memory_analysis().argument_size_in_bytes
+                  for mode in placed}
+    shards = parallel.per_device_bytes(placed["fsdp"])
+    whole = parallel.per_device_bytes(placed["replicated"])
+    assert shards < whole / 2
+    assert per_device["replicated"] - per_device["fsdp"] == whole - shards
+    hlo = compiled["fsdp"].as_text()
+    bodies = _while_bodies(hlo)
+    sharded = {tuple(x.shape) for x in jax.tree.leaves(placed["fsdp"])
+               if not x.is_fully_replicated}
+    gathered_in = {dims for comp, op, dims in _collectives(hlo)
+                   if op == "all-gather" and comp in bodies}
+    gathered_out = {dims for comp, op, dims in _collectives(hlo)
+                    if op == "all-gather" and comp not in bodies}
+    assert gathered_in == sharded and not gathered_out & sharded, (gathered_in, gathered_out)
+
+
+def test_sample_mode_restores_and_samples_sharded(data_dir, mesh, tmp_path):
+    """--mode sample of a run with parallel.shard_state="fsdp": the EMA parameters are read
+    into their shards (common.model_params) and the samples are the replicated config's."""
+    run = tiny.save_run(_config(data_dir, "replicated"), str(tmp_path / "run"), mesh, seed=5)
+    out = {}
+    for mode in ("replicated", "fsdp"):
+        exp = experiment.build(_config(data_dir, mode), num_devices=8, mode="sample")
+        params, step = app_common.model_params(exp, mesh, run)
+        want = generate.param_sharding(exp.task, mesh, mode)
+        if mode == "fsdp":
+            assert step == 2 and _specs_of(params) == _specs_of(want)
+            assert any(s != P() for s in _specs_of(params).values())
+        workdir = str(tmp_path / mode)
+        out[mode], _ = app_sample.run(exp, workdir, mesh, checkpoint=run, seed=1)
+    np.testing.assert_allclose(out["fsdp"], out["replicated"], rtol=0, atol=1e-5)
+    assert np.std(out["replicated"]) > 0.1
+
+
+def test_eval_nll_of_a_sharded_run(data_dir, mesh, tmp_path):
+    """--mode eval's bits/dim (a program of its own, not the sampler's) takes fsdp-restored
+    parameters and gives the replicated config's value (float32 sums: rtol 1e-6)."""
+    run = tiny.save_run(_config(data_dir, "replicated"), str(tmp_path / "run"), mesh, seed=5)
+    bpd = {}
+    for mode in ("replicated", "fsdp"):
+        c = _config(data_dir, mode)
+        c.eval.metrics, c.eval.batch_size, c.eval.nll_num_examples = ("nll",), 8, 8
+        exp = experiment.build(c, num_devices=8, mode="eval")
+        records = app_evaluate.run(exp, str(tmp_path / mode), mesh, checkpoint=run, seed=0)
+        bpd[mode] = records[0]["metrics"]["nll_bpd"]
+    assert 0 < bpd["replicated"] < 100
+    np.testing.assert_allclose(bpd["fsdp"], bpd["replicated"], rtol=1e-6)
+
+
 # --------------------------------------------------- (c) checkpoints across a sharding change
 
 def _save(state, directory, config):
@@ -250,16 +369,14 @@ def test_digest_of_many_sharded_arrays(mesh):
 
 def test_a_run_resumes_under_another_sharding_and_draws_grids(data_dir, mesh, tmp_path):
     """The trainer's loop end to end: 1 step replicated, then resumed under fsdp to step 2
-    (parallel.* is not part of a run's identity), drawing a grid with a program that takes
-    replicated parameters, as generate.Generator's does."""
+    (parallel.* is not part of a run's identity), drawing grids from the EMA parameters as
+    the state holds them (generate.Generator's programs take them so; no replicated copy)."""
     workdir = str(tmp_path / "run")
     drawn = []
-    rep = parallel.replicated(mesh)
-    mean = jax.jit(lambda p: sum(jax.numpy.mean(x) for x in jax.tree.leaves(p)),
-                   in_shardings=rep, out_shardings=rep)
+    mean = jax.jit(lambda p: sum(jax.numpy.mean(x) for x in jax.tree.leaves(p)))
 
     def draw(ema_params):
-        drawn.append(float(mean(ema_params)))
+        drawn.append((_specs_of(ema_params), float(mean(ema_params))))
         return np.zeros((4, 8, 8, 1), np.float32), 0
 
     for mode, steps in (("replicated", 1), ("fsdp", 2)):
@@ -273,6 +390,8 @@ def test_a_run_resumes_under_another_sharding_and_draws_grids(data_dir, mesh, tm
     assert int(state.step) == 2 and len(drawn) == 2
     want = loop.Trainer(exp.task, exp.optim, exp.train, mesh).state_sharding
     assert _specs_of(state) == _specs_of(want)
+    assert set(drawn[0][0].values()) == {P()}  # the replicated run's grid
+    assert drawn[1][0] == _specs_of(want.ema_params[0])  # the fsdp run's: its shards
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[:2] == ["1", "2"]
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import PIL
 from etils import epath
 
-from diffjax import checkpoint, parallel
+from diffjax import checkpoint, generate
 from diffjax.convert.torch_file import WeightFileError
 from diffjax.data import DataError
 from diffjax.errors import ConfigError
@@ -29,17 +29,24 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     TextError)
 
 
-def abstract_params(task, mesh) -> Any:
-    """The task's parameter shapes and dtypes, replicated on ``mesh`` (nothing allocated)."""
-    rep = parallel.replicated(mesh)
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
-                        task.abstract_params())
+def abstract_params(task, mesh, shard_params: str = "replicated") -> Any:
+    """The task's parameter shapes and dtypes, placed on ``mesh`` as
+    :func:`diffjax.generate.param_sharding` says for ``shard_params`` (replicated, or fsdp as
+    a sharded train state holds them); nothing allocated."""
+    shapes = task.abstract_params()
+    sharding = generate.param_sharding(task, mesh, shard_params)
+    if isinstance(sharding, jax.sharding.Sharding):
+        sharding = jax.tree.map(lambda _: sharding, shapes)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, sharding)
 
 
-def restore_params(task, mesh, source: str, step: int | None = None) -> tuple[Any, int]:
+def restore_params(task, mesh, source: str, step: int | None = None,
+                   shard_params: str = "replicated") -> tuple[Any, int]:
     """(EMA parameters of the first decay, step) of a run directory or its checkpoints
-    directory, read-only, replicated on ``mesh``: only the model's init shapes are built."""
-    return checkpoint.restore_ema_params(source, abstract_params(task, mesh), step)
+    directory, read-only, placed on ``mesh`` as ``shard_params`` says (each device reads only
+    its shards under "fsdp"): only the model's init shapes are built."""
+    return checkpoint.restore_ema_params(source, abstract_params(task, mesh, shard_params), step)
 
 
 # What defines the trained network (and how it is sampled as a denoiser): sample and eval take
@@ -96,11 +103,13 @@ def check_run_config(experiment, source: str) -> None:
 def model_params(experiment, mesh, source: str, step: int | None = None) -> tuple[Any, int]:
     """(parameters, step) that sample and eval use: the first EMA copy of ``source``'s
     checkpoint, or with ``ema.sigma_rel`` > 0 the post-hoc EMA of that profile solved from
-    the run's snapshots at the latest snapshot (at or before ``step`` when given). The
+    the run's snapshots at the latest snapshot (at or before ``step`` when given), placed as
+    ``parallel.shard_state`` places a train state's (sharded under "fsdp": a model that
+    trains only sharded is also sampled sharded, :class:`diffjax.generate.Generator`). The
     config must agree with the run's on the network (:func:`check_run_config`)."""
     check_run_config(experiment, source)
     if not experiment.ema_sigma_rel:
-        return restore_params(experiment.task, mesh, source, step)
+        return restore_params(experiment.task, mesh, source, step, experiment.train.shard_state)
     params, solution = posthoc_params(experiment, mesh, source, step)
     return params, solution.step
 
@@ -113,7 +122,8 @@ def posthoc_params(experiment, mesh, source: str, step: int | None = None
     source = source.rstrip("/")
     run_dir = source[:-len("/checkpoints")] if source.endswith("/checkpoints") else source
     params, solution = ema_snapshots.reconstruct(
-        run_dir, experiment.ema_sigma_rel, abstract_params(experiment.task, mesh), step)
+        run_dir, experiment.ema_sigma_rel,
+        abstract_params(experiment.task, mesh, experiment.train.shard_state), step)
     say(solution.summary())
     return params, solution
 

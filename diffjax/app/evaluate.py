@@ -182,7 +182,8 @@ def evaluate_samples(experiment: Experiment, workdir: str, mesh, params, checkpo
     written = []
     for sampler in e.samplers:
         generator = generate.Generator(task, sampling.with_steps(sampler), mesh, cls_params,
-                                       batch_size=e.batch_size, first_stage_params=fs_params)
+                                       batch_size=e.batch_size, first_stage_params=fs_params,
+                                       shard_params=experiment.train.shard_state)
         for scale in scales:
             start = time.perf_counter()
             images, got_labels = generator(params, num or e.num_samples, key, labels=labels,
@@ -233,6 +234,8 @@ def evaluate_accuracy(experiment: Experiment, workdir: str, mesh, params, checkp
     data_sh, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
 
     def correct(p, x0, labels, key):
+        p = generate.use_params(p, mesh, experiment.train.shard_state)
+
         def at(i):
             noise = jax.random.normal(jax.random.fold_in(key, i), x0.shape, x0.dtype)
             t = jnp.full((x0.shape[0],), ts[i], jnp.int32)
@@ -242,7 +245,8 @@ def evaluate_accuracy(experiment: Experiment, workdir: str, mesh, params, checkp
 
         return jnp.stack([at(i) for i in range(len(ts))])  # [len(ts), B]
 
-    fn = jax.jit(correct, in_shardings=(rep, data_sh, data_sh, rep), out_shardings=rep)
+    params_sh = generate.param_sharding(task, mesh, experiment.train.shard_state)
+    fn = jax.jit(correct, in_shardings=(params_sh, data_sh, data_sh, rep), out_shardings=rep)
     it, total, _ = references.eval_batches(experiment, mesh, e.batch_size)
     key = jax.random.PRNGKey(seed)
     hits, count = np.zeros(len(ts)), 0
@@ -291,10 +295,12 @@ def evaluate_reconstruction(experiment: Experiment, workdir: str, mesh, params,
     data_sh, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
 
     def reconstruct(p, x):
+        p = generate.use_params(p, mesh, experiment.train.shard_state)
         mean, _ = task.encode(p, x)
         return jnp.clip(task.decode(p, mean), -1.0, 1.0)
 
-    fn = jax.jit(reconstruct, in_shardings=(rep, data_sh), out_shardings=rep)
+    params_sh = generate.param_sharding(task, mesh, experiment.train.shard_state)
+    fn = jax.jit(reconstruct, in_shardings=(params_sh, data_sh), out_shardings=rep)
     it, total, _ = references.eval_batches(experiment, mesh, e.batch_size)
     scores, feats, shown = [], [], None
     for batch in tqdm.tqdm(it, total=total, desc="reconstruction", unit="batch",

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from diffjax import data, parallel
+from diffjax import data, generate, parallel
 from diffjax.evaluation import features as features_lib
 from diffjax.evaluation import likelihood
 from diffjax.evaluation import metrics as metrics_lib
@@ -111,14 +111,16 @@ def nll(experiment: Experiment, mesh, params, key) -> likelihood.NLLResult:
     """bits/dim of the model on eval.split (see :mod:`diffjax.evaluation.likelihood`), with
     x0_hat clipped to [-1, 1] in the VLB terms iff ``eval.nll_clip_denoised``."""
     task, e = experiment.task, experiment.eval
+    shard = experiment.train.shard_state
 
     def model_fn(p, x_in, c_noise, cond):
-        return task.apply(p, x_in, c_noise, cond, False)
+        return task.apply(generate.use_params(p, mesh, shard), x_in, c_noise, cond, False)
 
     fn = likelihood.make_nll_fn(model_fn, task.schedule, mesh, prediction=task.loss.prediction,
                                 variance_type=task.loss.variance_type,
                                 conditional=task.class_cond,
-                                clip_denoised=e.nll_clip_denoised)
+                                clip_denoised=e.nll_clip_denoised,
+                                param_sharding=generate.param_sharding(task, mesh, shard))
     cap = e.nll_num_examples
     batch = e.batch_size
     if cap > 0:  # at least ~10 batches, so the progress bar moves (T passes per batch)

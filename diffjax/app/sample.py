@@ -130,7 +130,8 @@ def run(experiment: Experiment, workdir: str, mesh, *, checkpoint: str = "",
     generator = generate.Generator(task, sampling, mesh,
                                    common.classifier_params(sampling, mesh),
                                    first_stage_params=common.first_stage_params(experiment,
-                                                                                mesh)[0])
+                                                                                mesh)[0],
+                                   shard_params=experiment.train.shard_state)
     if inputs is not None and getattr(sampling.condition, "writes_latents", False):
         return invert_inputs(sampling, workdir, generator, params, inputs, labels, got, seed)
     if inputs is not None:

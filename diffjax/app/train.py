@@ -63,12 +63,14 @@ def reconstruction_drawer(experiment: Experiment, mesh):
     task, n = experiment.task, experiment.train.num_sample_images
     it, _, _ = references.eval_batches(experiment, mesh, max(n, 8))
     images = np.asarray(next(iter(it))["image"], np.float32)[:n]
-    rep = parallel.replicated(mesh)
+    rep, shard = parallel.replicated(mesh), experiment.train.shard_state
 
     def reconstruct(p, x):
+        p = generate.use_params(p, mesh, shard)
         return jnp.clip(task.decode(p, task.encode(p, x)[0]), -1.0, 1.0)
 
-    fn = jax.jit(reconstruct, out_shardings=rep)
+    fn = jax.jit(reconstruct, in_shardings=(generate.param_sharding(task, mesh, shard), rep),
+                 out_shardings=rep)
 
     def draw(ema_params):
         recon = np.asarray(jax.device_get(fn(ema_params, images)))
@@ -92,7 +94,8 @@ def grid_drawer(experiment: Experiment, mesh, first_stage_params=None, tokenizer
                                    common.classifier_params(experiment.sampling, mesh),
                                    batch_size=min(experiment.sampling.batch_size,
                                                   t.num_sample_images),
-                                   first_stage_params=first_stage_params)
+                                   first_stage_params=first_stage_params,
+                                   shard_params=t.shard_state)
     per_row = task.num_classes if task.class_cond else 0
     tokens = None
     if experiment.text is not None:  # a text model: one row per prompt

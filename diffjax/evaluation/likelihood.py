@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import numpy as np
@@ -56,8 +57,9 @@ class NLLResult:
 
 def make_nll_fn(model_fn: Callable, ds, mesh, *, prediction: str, variance_type: str,
                 conditional: bool, clip_denoised: bool = False,
-                timestep_map: np.ndarray | None = None) -> Callable:
+                timestep_map: np.ndarray | None = None, param_sharding: Any = None) -> Callable:
     """A jitted ``(params, x0 [B,H,W,C], labels [B], key) -> total bits/dim [B]`` (replicated).
+    ``param_sharding``: how it takes params (a Sharding or a tree of them; default replicated).
 
     clip_denoised: x0_hat clipped to [-1, 1] before the posterior mean of every VLB term
     (guided-diffusion's ``image_nll.py`` defaults to True; ``--mode eval`` follows
@@ -76,7 +78,7 @@ def make_nll_fn(model_fn: Callable, ds, mesh, *, prediction: str, variance_type:
                              cond=labels if conditional else None, timestep_map=timestep_map)
         return out["total_bpd"]
 
-    return jax.jit(run, in_shardings=(rep, data, data, rep), out_shardings=rep)
+    return jax.jit(run, in_shardings=(param_sharding or rep, data, data, rep), out_shardings=rep)
 
 
 def evaluate_nll(nll_fn: Callable, params, batches: Iterable[dict[str, np.ndarray]], key, mesh,

@@ -10,6 +10,7 @@ sharding, so a run checkpointed under one setting resumes under the other.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -52,8 +53,11 @@ class Trainer:
                                                train_spec.num_steps, o.decay, o.min_lr_ratio)
         self.tx = optim.make_optimizer(self.lr, b1=o.b1, b2=o.b2, eps=o.eps,
                                        weight_decay=o.weight_decay, grad_clip=o.grad_clip)
+        gather = None
+        if train_spec.shard_state != "replicated":
+            gather = functools.partial(parallel.gathered, mesh=mesh)
         step = step_lib.make_train_step(task.loss_fn(), self.tx, o.ema_decays, self.lr,
-                                        task.timestep_sampler, o.ema_gammas)
+                                        task.timestep_sampler, o.ema_gammas, gather)
         self._state_args = (task.init_params, self.tx, train_spec.seed,
                             len(o.ema_decays) + len(o.ema_gammas), task.schedule.num_timesteps)
         self._shapes = state_shapes(*self._state_args)
@@ -63,16 +67,6 @@ class Trainer:
             lambda state, batch: step(state, batch, step_key(state)),
             in_shardings=(self.state_sharding, data), out_shardings=(self.state_sharding, rep),
             donate_argnums=(0,))
-        # One program for a whole tree: independent collective programs in flight together
-        # can deadlock XLA:CPU's in-process collectives (see checkpoint._leaf_digest).
-        self._gather = jax.jit(lambda tree: tree, out_shardings=rep)
-
-    def replicated(self, tree: Any) -> Any:
-        """``tree`` (part of the state) whole on every device, as the sampling and
-        reconstruction programs take parameters; itself when it already is."""
-        if all(x.is_fully_replicated for x in jax.tree.leaves(tree)):
-            return tree
-        return self._gather(tree)
 
     def new_state(self) -> TrainState:
         return create_sharded_state(*self._state_args, self.state_sharding)
@@ -125,7 +119,8 @@ def train(task: Task, optim_spec: OptimSpec, t: TrainSpec, workdir: str, mesh, d
     (written to WORKDIR/config.json and saved with every checkpoint; the caller checks it
     against an existing run first, :func:`check_workdir_config`); draw_grid:
     ``ema_params -> (images [N, H, W, C] in [-1, 1], rows)`` (rows: the number of classes, 0
-    = unlabelled, or a text model's prompts, one row each), called every
+    = unlabelled, or a text model's prompts, one row each; ema_params placed as the state
+    holds them, ``t.shard_state``: :func:`diffjax.generate.param_sharding`), called every
     ``t.sample_every`` steps (None: no grids); started: ``time.time()`` when the process
     started (default: now), from which the time to the first step is reported.
     """
@@ -178,7 +173,7 @@ def train(task: Task, optim_spec: OptimSpec, t: TrainSpec, workdir: str, mesh, d
             if snapshots is not None and done % t.ema_snapshot_every == 0:
                 snapshots.save(done, state)
             if draws and (done % t.sample_every == 0 or done == t.num_steps):
-                images, per_row = draw_grid(trainer.replicated(state.ema_params[0]))
+                images, per_row = draw_grid(state.ema_params[0])
                 writer.image_grid(done, images, per_row)
     finally:
         feeder.close()

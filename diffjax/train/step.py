@@ -12,6 +12,7 @@ the parameters unchanged and counts itself in ``metrics["nonfinite"]``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -162,6 +163,10 @@ def make_classifier_loss(apply_fn, ds: DiscreteSchedule, noised: bool):
     return loss_fn
 
 
+def _gathered_loss(loss_fn, gather, params, *args):
+    return loss_fn(gather(params), *args)
+
+
 def make_train_step(
     loss_fn: Callable[..., Any],
     tx: optax.GradientTransformation,
@@ -169,12 +174,18 @@ def make_train_step(
     learning_rate: optax.Schedule,
     timestep_sampler: str = "uniform",
     ema_gammas: tuple[float, ...] = (),
+    gather: Callable[[Any], Any] | None = None,
 ) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict]]:
     """The pure step around ``loss_fn(params, state, batch, key) -> (loss, (terms, t))``:
     gradient, AdamW update, EMA updates, timestep history, NaN/Inf guard, metrics.
 
     The state's EMA copies are one per ``ema_decays`` (fixed decay), then one per
-    ``ema_gammas`` (EDM2's power-function profiles, :mod:`diffjax.train.posthoc_ema`)."""
+    ``ema_gammas`` (EDM2's power-function profiles, :mod:`diffjax.train.posthoc_ema`).
+    ``gather``: applied to the parameters where the loss uses them (sharded state: a sharding
+    constraint to whole arrays, so the network runs data-parallel on gathered weights and
+    the gradients are reduced back to the shards; :class:`diffjax.train.loop.Trainer`)."""
+    if gather is not None:
+        loss_fn = functools.partial(_gathered_loss, loss_fn, gather)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
