@@ -44,7 +44,7 @@ MODEL_NAMES = ("unet", "classifier", "dit", "autoencoder_kl")
 DIT_SIZES = ("S", "B", "L", "XL")  # the DiT paper's Table 1
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("block", "dots")  # diffjax.models.layers.REMAT_POLICIES
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")  # diffjax.models.layers.ATTENTION_IMPLS
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blocked")  # diffjax.models.layers.ATTENTION_IMPLS
 CONTEXT_POOLS = ("none", "last", "mean")  # diffjax.models.cross_attention.CONTEXT_POOLS
 SIGMA_SPACINGS = ("model", "karras", "loglinear")
 LR_DECAYS = ("constant", "cosine")
@@ -107,8 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
     # with remat: "block" recomputes each ResBlock / attention / DiT block in the backward
     # pass, "dots" keeps its convolution and matmul outputs (less recomputation, more memory)
     c.model.remat_policy = "block"
-    # self-attention kernel: auto (cuDNN flash attention on GPU in bf16/fp16, else XLA) /
-    # xla / cudnn
+    # self-attention kernel: auto (cuDNN flash attention on GPU in bf16/fp16; on CPU "blocked"
+    # from 512 tokens; else XLA) / xla / cudnn / blocked (XLA's over blocks of 256 queries,
+    # recomputed in the backward pass: the whole [B, heads, L, L] logits never exist)
     c.model.attention_impl = "auto"
     c.model.cpu_fast_conv = "auto"
     # Context conditioning of the UNet (issue 13; names of CompVis/LDM's UNetModel): width D

@@ -32,8 +32,10 @@ Notes:
   same outputs and gradients, less activation memory. `remat_policy` "block" recomputes the
   whole block in the backward pass, "dots" keeps its convolution and matmul outputs
   (`layers.REMAT_POLICIES`).
-- `attention_impl`: "auto" (cuDNN's fused flash attention on GPU in bf16/fp16, else XLA's),
-  "xla" or "cudnn" (`layers.attention_implementation`); same params, same function.
+- `attention_impl`: "auto" (cuDNN's fused flash attention on GPU in bf16/fp16; on CPU
+  "blocked" from 512 tokens; else XLA's), "xla", "cudnn" or "blocked"
+  (`layers.attention_implementation`, `layers.blocked_attention`); same params, same
+  function.
 - Context conditioning (`diffjax.models.cross_attention`; names of CompVis/LDM's UNetModel):
   `context_dim` > 0 makes the UNet take `context` [B, L, context_dim] and optionally
   `context_mask` [B, L] (bool, False = padding). Every attention block attends to it:
