@@ -258,7 +258,7 @@ def test_blocked_attention_is_xla_attention(length, masked):
     """blocked_attention computes XLA's attention (float32 rounding: each block's logits,
     softmax and products are the same operations on the same rows), values and the gradients
     of q, k and v; 600 queries pad the last block of 256, 256 is one block (no loop); a key
-    mask reaches every block."""
+    mask reaches every block, and a row with every key masked attends uniformly as XLA's."""
     rng = np.random.default_rng(length)
     q, k, v, g = (jnp.asarray(rng.standard_normal((2, length, 2, 16)), jnp.float32)
                   for _ in range(4))
@@ -266,7 +266,9 @@ def test_blocked_attention_is_xla_attention(length, masked):
     v = v[:, :300]
     mask = None
     if masked:
-        mask = jnp.asarray(rng.uniform(size=(2, 300)) < 0.7)[:, None, None, :]
+        keep = rng.uniform(size=(2, 300)) < 0.7
+        keep[1] = False  # every key masked: XLA's attends uniformly
+        mask = jnp.asarray(keep)[:, None, None, :]
 
     def xla(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
