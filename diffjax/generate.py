@@ -254,13 +254,6 @@ def param_sharding(task, mesh, shard_params: str = "replicated") -> Any:
     return parallel.state_sharding(mesh, task.abstract_params(), shard_params)
 
 
-def use_params(params, mesh, shard_params: str = "replicated") -> Any:
-    """Inside a program that takes ``params`` as :func:`param_sharding` places them: the
-    parameters as the network uses them (gathered whole under "fsdp",
-    :func:`diffjax.parallel.gathered`; themselves when replicated)."""
-    return params if shard_params == "replicated" else parallel.gathered(params, mesh)
-
-
 def _denoiser(task, params, mesh, shard_params: str, with_variance: bool, **inputs):
     """``task.denoiser(params, ...)``; under "fsdp" one that gathers ``params`` anew in each
     call (:func:`diffjax.parallel.gathered`: data-parallel on whole weights). The optimization
@@ -274,7 +267,7 @@ def _denoiser(task, params, mesh, shard_params: str, with_variance: bool, **inpu
 
     def denoise(x, *args, **kwargs):
         p, x = jax.lax.optimization_barrier((params, x))
-        return task.denoiser(use_params(p, mesh, shard_params), with_variance, **inputs)(
+        return task.denoiser(parallel.gathered(p, mesh, shard_params), with_variance, **inputs)(
             x, *args, **kwargs)
 
     return denoise

@@ -218,14 +218,17 @@ def state_sharding(mesh: Mesh, abstract_tree: Any, mode: str = "replicated",
                         abstract_tree)
 
 
-def gathered(tree: Any, mesh: Mesh) -> Any:
-    """``tree`` whole on every device, inside a jitted program (a sharding constraint): how a
-    program uses the parameters of a sharded (fsdp) state. The network then runs
+def gathered(tree: Any, mesh: Mesh, mode: str = "fsdp") -> Any:
+    """``tree``, placed as :func:`state_sharding` places it for ``mode``, whole on every
+    device inside a jitted program (a sharding constraint; ``tree`` itself when "replicated"):
+    how a program uses the parameters of a sharded (fsdp) state. The network then runs
     data-parallel on gathered weights and, in a train step, each gradient is reduced back to
     its shard (ZeRO-3). Left to itself, XLA's partitioner instead splits some layers' work
     along the weights' sharded dimension, moving activations between devices (on 8 CPU
     devices, a tiny UNet's fsdp train step gathered the whole batch's activations 7 times
     and held 23 all-to-alls; with this constraint, neither)."""
+    if mode == "replicated":
+        return tree
     return jax.lax.with_sharding_constraint(tree, replicated(mesh))
 
 

@@ -20,6 +20,7 @@ from diffjax.text import TextError
 from diffjax.evaluation.metrics import MetricError
 from diffjax.train import ema_snapshots
 from diffjax.train.loop import NonFiniteLossError
+from diffjax.train.state import with_sharding
 
 # Errors whose message is the whole story: main prints one line and exits with status 2.
 # The last two: a condition.input that is not an image / not an .npz.
@@ -33,12 +34,8 @@ def abstract_params(task, mesh, shard_params: str = "replicated") -> Any:
     """The task's parameter shapes and dtypes, placed on ``mesh`` as
     :func:`diffjax.generate.param_sharding` says for ``shard_params`` (replicated, or fsdp as
     a sharded train state holds them); nothing allocated."""
-    shapes = task.abstract_params()
-    sharding = generate.param_sharding(task, mesh, shard_params)
-    if isinstance(sharding, jax.sharding.Sharding):
-        sharding = jax.tree.map(lambda _: sharding, shapes)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, sharding)
+    return with_sharding(task.abstract_params(),
+                         generate.param_sharding(task, mesh, shard_params))
 
 
 def restore_params(task, mesh, source: str, step: int | None = None,

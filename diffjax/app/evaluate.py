@@ -234,7 +234,7 @@ def evaluate_accuracy(experiment: Experiment, workdir: str, mesh, params, checkp
     data_sh, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
 
     def correct(p, x0, labels, key):
-        p = generate.use_params(p, mesh, experiment.train.shard_state)
+        p = parallel.gathered(p, mesh, experiment.train.shard_state)
 
         def at(i):
             noise = jax.random.normal(jax.random.fold_in(key, i), x0.shape, x0.dtype)
@@ -295,7 +295,7 @@ def evaluate_reconstruction(experiment: Experiment, workdir: str, mesh, params,
     data_sh, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
 
     def reconstruct(p, x):
-        p = generate.use_params(p, mesh, experiment.train.shard_state)
+        p = parallel.gathered(p, mesh, experiment.train.shard_state)
         mean, _ = task.encode(p, x)
         return jnp.clip(task.decode(p, mean), -1.0, 1.0)
 

@@ -114,7 +114,7 @@ def nll(experiment: Experiment, mesh, params, key) -> likelihood.NLLResult:
     shard = experiment.train.shard_state
 
     def model_fn(p, x_in, c_noise, cond):
-        return task.apply(generate.use_params(p, mesh, shard), x_in, c_noise, cond, False)
+        return task.apply(parallel.gathered(p, mesh, shard), x_in, c_noise, cond, False)
 
     fn = likelihood.make_nll_fn(model_fn, task.schedule, mesh, prediction=task.loss.prediction,
                                 variance_type=task.loss.variance_type,

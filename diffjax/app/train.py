@@ -66,7 +66,7 @@ def reconstruction_drawer(experiment: Experiment, mesh):
     rep, shard = parallel.replicated(mesh), experiment.train.shard_state
 
     def reconstruct(p, x):
-        p = generate.use_params(p, mesh, shard)
+        p = parallel.gathered(p, mesh, shard)
         return jnp.clip(task.decode(p, task.encode(p, x)[0]), -1.0, 1.0)
 
     fn = jax.jit(reconstruct, in_shardings=(generate.param_sharding(task, mesh, shard), rep),

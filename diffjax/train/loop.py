@@ -53,9 +53,7 @@ class Trainer:
                                                train_spec.num_steps, o.decay, o.min_lr_ratio)
         self.tx = optim.make_optimizer(self.lr, b1=o.b1, b2=o.b2, eps=o.eps,
                                        weight_decay=o.weight_decay, grad_clip=o.grad_clip)
-        gather = None
-        if train_spec.shard_state != "replicated":
-            gather = functools.partial(parallel.gathered, mesh=mesh)
+        gather = functools.partial(parallel.gathered, mesh=mesh, mode=train_spec.shard_state)
         step = step_lib.make_train_step(task.loss_fn(), self.tx, o.ema_decays, self.lr,
                                         task.timestep_sampler, o.ema_gammas, gather)
         self._state_args = (task.init_params, self.tx, train_spec.seed,
