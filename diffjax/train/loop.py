@@ -123,6 +123,13 @@ def train(task: Task, optim_spec: OptimSpec, t: TrainSpec, workdir: str, mesh, d
     started (default: now), from which the time to the first step is reported.
     """
     began = time.time() if started is None else started
+    with reporting.CompileTimes() as compile_times:  # JAX's share of the start, read at step 1
+        return _train(task, optim_spec, t, workdir, mesh, data_iterator, resolved,
+                      global_batch, draw_grid, began, compile_times)
+
+
+def _train(task, optim_spec, t, workdir, mesh, data_iterator, resolved, global_batch,
+           draw_grid, began, compile_times) -> TrainState:
     parallel.check_global_batch(global_batch, mesh)
     trainer = Trainer(task, optim_spec, t, mesh)
     manager = checkpoint.make_manager(checkpoint.checkpoint_dir(workdir), t.keep_checkpoints,
@@ -155,7 +162,8 @@ def train(task: Task, optim_spec: OptimSpec, t: TrainSpec, workdir: str, mesh, d
                 jax.block_until_ready(metrics)
                 writer.startup(step + 1, {"total": time.time() - began,
                                           f"state {how}": state_ready - began,
-                                          "compile and first step": time.time() - state_ready})
+                                          "compile and first step": time.time() - state_ready},
+                               compile_times.seconds())
             done = step + 1
             if done % t.log_every == 0 or done == t.num_steps:
                 summary = _mean_metrics(jax.device_get(pending))
@@ -171,8 +179,10 @@ def train(task: Task, optim_spec: OptimSpec, t: TrainSpec, workdir: str, mesh, d
             if snapshots is not None and done % t.ema_snapshot_every == 0:
                 snapshots.save(done, state)
             if draws and (done % t.sample_every == 0 or done == t.num_steps):
+                writer.drawing(done)
+                drawn = time.time()
                 images, per_row = draw_grid(state.ema_params[0])
-                writer.image_grid(done, images, per_row)
+                writer.image_grid(done, images, per_row, time.time() - drawn)
     finally:
         feeder.close()
         if snapshots is not None:
