@@ -1,7 +1,7 @@
 """ADM ImageNet-64 on one accelerator: diffjax against guided-diffusion's own code, same run.
 
     python benchmarks/adm64_accelerator.py [--batch 64] [--sample_batch 128] [--steps 10]
-        [--cache DIR] [--variants default,xla_attention,no_triton_gemm] [--budget_s 540]
+        [--cache DIR] [--variants default,threefry_kernel,autotune_1] [--budget_s 540]
         [--smoke] [--out DIR]
 
 Run on the machine with the GPU (or TPU); never part of the tests. Each measurement runs in
@@ -28,11 +28,17 @@ its own Python process, one after another, and the summary table comes last:
     initialisation is the same order of cost as reading the checkpoint).
 
 MFU = FLOPs per image x images/s / the device's peak dense bf16 rate (H100 SXM and H200:
-989 TFLOP/s; --peak_tflops for others). Variants (model and XLA options on top of
-experiments/imagenet64.py): ``default`` (as shipped: attention_impl auto, i.e. cuDNN flash
-attention on GPU), ``xla_attention`` (attention_impl=xla), ``no_triton_gemm``
-(``--xla_gpu_enable_triton_gemm=false``: cuBLAS for every matmul, no Triton autotuning),
-``remat_dots`` (remat with the "dots" policy). Variants run in the order given while
+989 TFLOP/s; --peak_tflops for others). The diffjax processes run with ``diffjax.main``'s XLA
+options (``parallel.xla_defaults``: on GPU, cuBLAS for matmuls). Start-up is also split into
+JAX's parts (``reporting.CompileTimes``: tracing, lowering, compiling, compilation-cache
+reads) for the state's initialisation and for the step. Variants (model, XLA and JAX options
+on top of experiments/imagenet64.py): ``default`` (as shipped: attention_impl auto, i.e. cuDNN
+flash attention on GPU), ``xla_attention`` (attention_impl=xla), ``triton_gemm``
+(``--xla_gpu_enable_triton_gemm=true``: autotuned Triton matmuls), ``remat_dots`` (remat with
+the "dots" policy), ``threefry_kernel`` (``jax_threefry_gpu_kernel_lowering``: each threefry
+call one CUDA kernel, the same random bits; a cold start lead), ``autotune_1``
+(``--xla_gpu_autotune_level=1``: autotuning without initialising and checking buffers; a cold
+start lead). Variants run in the order given while
 --budget_s allows (each is skipped, with a note, when its estimate would overrun).
 Results: a JSON per process and summary.json under --out, the table on stdout.
 """
@@ -53,8 +59,12 @@ PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0, "TPU v5
 VARIANTS = {
     "default": ([], {}),
     "xla_attention": (["--config.model.attention_impl=xla"], {}),
-    "no_triton_gemm": ([], {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"}),
+    "triton_gemm": ([], {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=true"}),
     "remat_dots": (["--config.model.remat=True", "--config.model.remat_policy=dots"], {}),
+    # start-up leads: threefry as one CUDA kernel per call (same bits; the init program
+    # has ~200 of them), and conv/GEMM autotuning without its buffer init and checks
+    "threefry_kernel": ([], {"JAX_THREEFRY_GPU_KERNEL_LOWERING": "true"}),
+    "autotune_1": ([], {"XLA_FLAGS": "--xla_gpu_autotune_level=1"}),
 }
 
 
@@ -122,14 +132,17 @@ def _abstract_batch(c):
 def role_diffjax(args) -> None:
     """One process: start -> first step (cold or warm cache), steady step, memory, DDIM-25."""
     t_start = float(os.environ["BENCH_T0"])
+    from diffjax import parallel
+
+    parallel.xla_defaults()  # what diffjax.main runs with (a variant's XLA_FLAGS win)
     import jax
     import numpy as np
 
     if args.cache:
         jax.config.update("jax_compilation_cache_dir", args.cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    from diffjax import experiment, generate, parallel
-    from diffjax.train import loop
+    from diffjax import experiment, generate
+    from diffjax.train import loop, reporting
 
     rec = {"role": "diffjax", "variant": args.variant, "warm": args.warm, "batch": args.batch,
            "device": jax.devices()[0].device_kind, "jax": jax.__version__,
@@ -142,16 +155,20 @@ def role_diffjax(args) -> None:
         rec["attention_check"] = _attention_check()
     trainer = loop.Trainer(exp.task, exp.optim, exp.train, mesh)
     t0 = time.perf_counter()
-    state = jax.block_until_ready(trainer.new_state())
+    with reporting.CompileTimes() as times:
+        state = jax.block_until_ready(trainer.new_state())
     rec["init_s"] = time.perf_counter() - t0
+    rec["init_jax_s"] = times.seconds()  # tracing, lowering, compiling, cache reads
     rng = np.random.default_rng(0)
     b, s = args.batch, c.data.image_size
     host = {"image": rng.uniform(-1, 1, (b, s, s, 3)).astype(np.float32),
             "label": rng.integers(0, 1000, (b,)).astype(np.int32)}
     batch = jax.device_put(host, parallel.data_sharding(mesh))
     t0 = time.perf_counter()
-    step = trainer.train_step.lower(state, batch).compile()
+    with reporting.CompileTimes() as times:
+        step = trainer.train_step.lower(state, batch).compile()
     rec["compile_s"] = time.perf_counter() - t0
+    rec["compile_jax_s"] = times.seconds()
     t0 = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
@@ -408,6 +425,18 @@ def _summary(args, variants: list[str]) -> None:
               f"{rec['start_to_first_step_s']:.1f} | {w} | {gb(rec['peak_bytes']):.1f} | "
               f"{rec.get('sample_images_per_s', float('nan')):.1f} "
               f"({rec.get('sample_compile_s', float('nan')):.1f}) |")
+    print("\n| start-up parts, s | init | init: tracing / lowering / compiling / cache reads | "
+          "step: lower + compile | step: tracing / lowering / compiling / cache reads | "
+          "first loss |")
+    print("|---|---|---|---|---|---|")
+    parts = lambda d: " / ".join(f"{d[k]:.1f}" for k in ("tracing", "lowering", "compiling",
+                                                          "cache reads")) if d else "-"
+    for v, rec, warm in rows:
+        for tag, r in (("cold", rec), ("warm", warm)):
+            if r:
+                print(f"| {v} {tag} | {r['init_s']:.1f} | {parts(r.get('init_jax_s'))} | "
+                      f"{r['compile_s']:.1f} | {parts(r.get('compile_jax_s'))} | "
+                      f"{r['first_loss']:.6f} |")
     if peer:
         print(f"| guided-diffusion (fp16) | {peer['step_s']:.4f} | {peer['images_per_s']:.1f} | "
               f"{mfu(peer['images_per_s']):.1%} | - | - | {peer['setup_s']:.1f} (setup) | - | "
