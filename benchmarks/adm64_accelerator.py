@@ -2,7 +2,7 @@
 
     python benchmarks/adm64_accelerator.py [--batch 64] [--sample_batch 128] [--steps 10]
         [--cache DIR] [--variants default,threefry_kernel,autotune_1] [--budget_s 540]
-        [--smoke] [--out DIR]
+        [--profile N] [--smoke] [--out DIR]
 
 Run on the machine with the GPU (or TPU); never part of the tests. Each measurement runs in
 its own Python process, one after another, and the summary table comes last:
@@ -21,7 +21,11 @@ its own Python process, one after another, and the summary table comes last:
     its parts (imports and backend, state initialisation, lower + compile of the step), the
     step's steady-state time (median of --steps after 2 warm-up steps), peak device memory
     (``memory_stats()["peak_bytes_in_use"]``) and then DDIM-25 at --sample_batch (no
-    guidance; compile time and images/s). The synthetic batch is on the device already,
+    guidance; compile time and images/s). With --profile N, the first variant also traces N
+    train steps with the JAX profiler and sums the device's time per HLO op, by kind
+    (convolution, attention, matmul, reductions, elementwise, copies) and by pass (forward,
+    backward, the rest), from the ops' metadata (benchmarks/step_profile.py); the trace
+    stays beside the cache (--cache/VARIANT_trace). The synthetic batch is on the device already,
     so the input pipeline is not measured here (benchmarks/train_step.py does that).
   * ``diffjax`` warm: the first variant again in a new process on the now-filled cache: the
     time to the first step of a restarted run (a resumed run restores instead of initialising;
@@ -193,6 +197,11 @@ def role_diffjax(args) -> None:
     rec["loss_after"] = float(metrics["loss"])
     stats = jax.devices()[0].memory_stats() or {}
     rec["peak_bytes"] = stats.get("peak_bytes_in_use")
+    if args.profile and args.variant == args.variants.split(",")[0]:
+        import step_profile  # benchmarks/, beside this script
+
+        rec["profile"], (state, _) = step_profile.profile(
+            step, (state, batch), args.profile, args.cache.rstrip("/") + "_trace", donate=True)
     hlo = step.as_text()
     rec["hlo"] = {"all_reduce": hlo.count("all-reduce-start") or hlo.count(" all-reduce("),
                   "cudnn_fmha": hlo.count("__cudnn$fmha"), "convolutions": hlo.count("custom_call_target=\"__cudnn$conv")}
@@ -347,6 +356,7 @@ def _spawn(args, role: str, extra: list[str], env: dict[str, str], timeout: floa
            background: bool = False):
     cmd = [sys.executable, os.path.abspath(__file__), "--role", role, "--batch", str(args.batch),
            "--sample_batch", str(args.sample_batch), "--steps", str(args.steps),
+           "--profile", str(args.profile), "--variants", args.variants,
            "--out", args.out, "--peer_path", args.peer_path] + (["--smoke"] if args.smoke else [])
     full_env = dict(os.environ, BENCH_T0=repr(time.time()), PYTHONUNBUFFERED="1", **env)
     if background:
@@ -447,6 +457,12 @@ def _summary(args, variants: list[str]) -> None:
                   f"{rec['images_per_s'] / peer['images_per_s']:.2f}x, DDIM-25 images/s "
                   f"{rec.get('sample_images_per_s', 0) / peer.get('sample_images_per_s', 1):.2f}x"
                   f", peak memory {gb(rec['peak_bytes']) / gb(peer['peak_bytes']):.2f}x")
+    for v, rec, _ in rows:
+        if rec.get("profile"):
+            import step_profile  # benchmarks/, beside this script
+
+            print(f"\nwhere the {v} train step's time goes (device events, per step):")
+            print(step_profile.format_summary(rec["profile"]))
     summary = {"flops": flops, "peer": peer, "peak_tflops": peak,
                "diffjax": {v: {"cold": rec, "warm": warm} for v, rec, warm in rows}}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
@@ -459,6 +475,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--sample_batch", type=int, default=128, help="DDIM-25 batch (0: skip)")
     p.add_argument("--steps", type=int, default=10, help="timed train steps")
+    p.add_argument("--profile", type=int, default=0,
+                   help="profile this many train steps of the first variant (step_profile.py)")
     p.add_argument("--variants", default="default", help=f"comma list of {list(VARIANTS)}")
     p.add_argument("--variant", default="default", choices=tuple(VARIANTS))
     p.add_argument("--warm", action="store_true")

@@ -5,19 +5,24 @@ Only the process constructed with ``enabled=True`` (process 0) writes anything.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import json
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from tqdm import tqdm
 from etils import epath
+from tqdm import tqdm
 
 from diffjax.evaluation import grid
+
+# jax.monitoring's duration events -> CompileTimes' sums
+_COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "tracing",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lowering",
+                   "/jax/core/compile/backend_compile_duration": "backend",
+                   "/jax/compilation_cache/cache_retrieval_time_sec": "cache reads"}
 
 
 class CompileTimes:
@@ -32,20 +37,15 @@ class CompileTimes:
     "compiling" excludes the cache reads (JAX's compile event includes them).
     """
 
-    _EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "tracing",
-               "/jax/core/compile/jaxpr_to_mlir_module_duration": "lowering",
-               "/jax/core/compile/backend_compile_duration": "backend",
-               "/jax/compilation_cache/cache_retrieval_time_sec": "cache reads"}
-
     def __init__(self):
-        self._sums = dict.fromkeys(self._EVENTS.values(), 0.0)
+        self._sums = dict.fromkeys(_COMPILE_EVENTS.values(), 0.0)
 
     def _record(self, event: str, duration: float, **_: Any) -> None:
-        name = self._EVENTS.get(event)
+        name = _COMPILE_EVENTS.get(event)
         if name is not None:
             self._sums[name] += duration
 
-    def __enter__(self) -> CompileTimes:
+    def __enter__(self) -> CompileTimes:  # noqa: PYI034
         jax.monitoring.register_event_duration_secs_listener(self._record)
         return self
 

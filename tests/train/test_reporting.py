@@ -41,8 +41,8 @@ def test_startup_and_grid_lines(tmp_path, capsys):
     writer.close()
     lines = capsys.readouterr().err.splitlines()
     assert lines == [
-        "step 1: first step 9.2 s after start (state created 2.0 s, compile and first step "
-        "7.2 s; JAX: tracing 1.5 s, lowering 0.5 s, compiling 4.0 s, cache reads 0.0 s)",
+        ("step 1: first step 9.2 s after start (state created 2.0 s, compile and first step "
+         "7.2 s; JAX: tracing 1.5 s, lowering 0.5 s, compiling 4.0 s, cache reads 0.0 s)"),
         "step 5: drawing the sample grid",
         f"step 5: sample grid {path} (6 images in 12.3 s)"]
     assert path == str(tmp_path / "samples" / "step_0000005.png")
