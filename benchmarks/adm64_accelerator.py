@@ -20,13 +20,14 @@ its own Python process, one after another, and the summary table comes last:
     (--cache/VARIANT): seconds from process start to the end of the first train step, and
     its parts (imports and backend, state initialisation, lower + compile of the step), the
     step's steady-state time (median of --steps after 2 warm-up steps), peak device memory
-    (``memory_stats()["peak_bytes_in_use"]``) and then DDIM-25 at --sample_batch (no
-    guidance; compile time and images/s). With --profile N, the first variant also traces N
-    train steps with the JAX profiler and sums the device's time per HLO op, by kind
-    (convolution, attention, matmul, reductions, elementwise, copies) and by pass (forward,
-    backward, the rest), from the ops' metadata (benchmarks/step_profile.py); the trace
-    stays beside the cache (--cache/VARIANT_trace). The synthetic batch is on the device already,
-    so the input pipeline is not measured here (benchmarks/train_step.py does that).
+    (``memory_stats()["peak_bytes_in_use"]``), and for the first variant DDIM-25 at
+    --sample_batch (no guidance; compile time and images/s). With --profile N, the first
+    variant also traces N train steps with the JAX profiler and sums the device's time per
+    HLO op, by kind (convolution, attention, matmul, reductions, elementwise, copies) and by
+    pass (forward, backward, the rest), from the ops' metadata (benchmarks/step_profile.py);
+    the trace stays beside the cache (--cache/VARIANT_trace). The synthetic batch is on the
+    device already, so the input pipeline is not measured here (benchmarks/train_step.py
+    does that).
   * ``diffjax`` warm: the first variant again in a new process on the now-filled cache: the
     time to the first step of a restarted run (a resumed run restores instead of initialising;
     initialisation is the same order of cost as reading the checkpoint).
@@ -207,8 +208,8 @@ def role_diffjax(args) -> None:
                   "cudnn_fmha": hlo.count("__cudnn$fmha"), "convolutions": hlo.count("custom_call_target=\"__cudnn$conv")}
     ema = state.ema_params[0]
     del state, step
-    if args.sample_batch:
-        c.guidance.type = "none"
+    if args.sample_batch and args.variant == args.variants.split(",")[0]:  # (variants: start-up
+        c.guidance.type = "none"                                              # and step only)
         c.sampler.name, c.sampler.num_steps = "ddim", 25
         c.sampler.batch_size = args.sample_batch
         exp = experiment.build(c, num_devices=parallel.num_data_shards(mesh), mode="sample")
@@ -405,7 +406,7 @@ def _cold_estimate(args, first: str) -> float:
     rec = _read(args, f"diffjax_{first}")
     if rec is None:
         return 420.0
-    return rec["start_to_first_step_s"] + 30 + (rec.get("sample_compile_s") or 0) + 20
+    return rec["start_to_first_step_s"] + 30  # later variants skip DDIM-25
 
 
 def _summary(args, variants: list[str]) -> None:
