@@ -37,9 +37,13 @@ if REPO not in sys.path:
 
 
 def setup_jax() -> None:
-    """The XLA options ``python -m diffjax.main`` runs with (``parallel.xla_defaults``; call
-    this before any JAX computation), and the persistent compilation cache switched off so
-    compile times are real."""
+    """What ``python -m diffjax.main`` runs with: huge pages for malloc's mappings
+    (``hugepages.maybe_reexec``: this process starts over with ``GLIBC_TUNABLES`` set, so call
+    this first) and the XLA options (``parallel.xla_defaults``; before any JAX computation);
+    and the persistent compilation cache switched off so compile times are real."""
+    from diffjax import hugepages
+
+    hugepages.maybe_reexec()
     import jax
 
     from diffjax import parallel

@@ -28,6 +28,11 @@ the core count) that made a fashion_mnist forward 50-100x slower here (1-2 s ins
 0.015 s), which would compare diffjax with a mis-configured peer. So this script sets
 ``OMP_WAIT_POLICY=PASSIVE`` before importing torch unless the variable is already set
 (``--omp_active`` keeps OpenMP's default); the value used is printed and recorded.
+
+Like ``diffjax.main``, the script starts over with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``
+where that gives malloc's large mappings transparent huge pages (``diffjax.hugepages``);
+both sides run in that one process, so PyTorch has them too. ``GLIBC_TUNABLES=
+glibc.malloc.hugetlb=0`` keeps 4 KiB pages for both.
 """
 
 from __future__ import annotations
@@ -259,14 +264,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.batch, args.adm_batch, args.sample_steps, args.repeats = 2, 2, 2, 1
+    common.setup_jax()  # (may start this process over, with diffjax.main's GLIBC_TUNABLES)
     if not args.omp_active:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     torch.set_num_threads(args.torch_threads)
     print(f"torch {torch.__version__} threads={torch.get_num_threads()} OMP_WAIT_POLICY="
-          f"{os.environ.get('OMP_WAIT_POLICY', '(OpenMP default)')}; {common.load_note()}")
-    common.setup_jax()
+          f"{os.environ.get('OMP_WAIT_POLICY', '(OpenMP default)')} GLIBC_TUNABLES="
+          f"{os.environ.get('GLIBC_TUNABLES', '(unset)')} (both sides, one process); "
+          f"{common.load_note()}")
     adm_name = "imagenet64:smoke" if args.quick else \
         f"ADM imagenet64 width {args.adm_width} (paper 192)"
     archs = {"fashion_mnist": (common.experiment_config("fashion_mnist"), args.batch),

@@ -23,7 +23,13 @@ import os
 import sys
 import time
 
-_STARTED = time.time()  # the time to the first train step is counted from here
+from diffjax import hugepages
+
+# the time to the first train step is counted from here (from the first exec of a re-executed
+# process)
+_STARTED = float(os.environ.pop(hugepages.STARTED_ENV, time.time()))
+if __name__ == "__main__":  # before JAX: huge pages for XLA's per-call host buffers
+    hugepages.maybe_reexec(_STARTED)
 
 import jax
 import ml_collections
