@@ -244,8 +244,9 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/diffjax_step_profile")
     args = p.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from diffjax import parallel
+    from diffjax import hugepages, parallel
 
+    hugepages.maybe_reexec()  # as diffjax.main runs: huge pages, then its XLA options
     parallel.xla_defaults()
     import jax
     import numpy as np
