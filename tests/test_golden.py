@@ -22,9 +22,18 @@ every case is skipped with the reason. To (re-)record on this machine:
     # or
     DIFFJAX_GOLDEN_RECORD=1 python -m pytest tests/test_golden.py -n 0
 
-Recording writes tests/golden/golden.json. Only record from the code you trust: the values
-in it come from commit bc302ce, before the refactor (on another machine, check that commit out
-in a worktree, copy this file and tests/golden/ in, record there, copy golden.json back).
+Recording writes tests/golden/golden.json. Only record from the code you trust. The first
+values came from commit bc302ce, before the refactor (issue 7), on an AVX-512 machine without
+AVX512-FP16/AMX; commit bb24dbb reproduced them bit for bit there. The values now in it were
+recorded on 2026-11-28 on a 2-core Intel Xeon with AVX-512, AVX512-FP16 and AMX (the
+fingerprint's flags), from the code of the commit that recorded them, after checking on that
+machine that this code gives bb24dbb's outputs bit for bit in all 12 cases when run with
+XLA's own CPU convolutions (XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=
++individual_convolution; bb24dbb's values recorded there with its own wrappers); with
+diffjax's XLA default since commit c140ebb (Eigen convolutions) the bits differ, as they
+should. To record on another machine: check out bb24dbb in a worktree, record there with its
+own test_golden.py, run this file against that golden.json under the XLA_FLAGS above (every
+case must pass), then record here.
 Check with
 
     python -m pytest tests/test_golden.py -q          # -n 2 works too
@@ -57,11 +66,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN_DIR = os.path.join(REPO, "tests", "golden")
 GOLDEN_FILE = os.path.join(GOLDEN_DIR, "golden.json")
 RECORD = os.environ.get("DIFFJAX_GOLDEN_RECORD", "") not in ("", "0")
-RECORDED_FROM = "bc302ce"  # the pre-refactor commit the golden values come from
-RERECORD_HOW = ("re-record on this machine with `python tests/test_golden.py --record` (or "
-                "DIFFJAX_GOLDEN_RECORD=1 python -m pytest tests/test_golden.py -n 0) from "
-                f"the pre-refactor code (commit {RECORDED_FROM}: `git worktree add DIR "
-                f"{RECORDED_FROM}`, copy this file there, record, copy golden.json back)")
+RECORDED_FROM = "bc302ce"  # the pre-refactor commit the golden values first came from
+RERECORD_HOW = ("re-record on this machine (see this file's docstring: first check that the "
+                "code reproduces commit bb24dbb's outputs, recorded there with its own "
+                "test_golden.py, under XLA's own CPU convolutions), then `python "
+                "tests/test_golden.py --record` (or DIFFJAX_GOLDEN_RECORD=1 python -m pytest "
+                "tests/test_golden.py -n 0)")
 
 
 # =============================================================================================
@@ -343,7 +353,11 @@ def _cpu_flags() -> dict[str, bool]:
                 if line.startswith(("flags", "Features")):
                     flags = set(line.split(":", 1)[1].split())
                     break
-    return {flag: flag in flags for flag in ("avx512f", "avx2", "fma")}
+    # Every vector-ISA flag: XLA:CPU compiles for the host's own features, and two AVX-512
+    # machines (one with AVX512-FP16 and AMX, one without) gave different bits for the same
+    # code, so three booleans (avx512f, avx2, fma) were not enough to tell them apart.
+    return {flag: True for flag in sorted(flags)
+            if flag.startswith(("avx", "amx", "fma", "f16c", "sse", "ssse"))}
 
 
 def fingerprint() -> dict:
@@ -425,7 +439,8 @@ def _record(case: str, got: dict) -> None:
         golden = _read_golden()
         if golden is None or golden.get("fingerprint") != fingerprint():
             golden = {"fingerprint": fingerprint(), "cases": {}}
-        golden = {"fingerprint": golden["fingerprint"], "recorded_from": RECORDED_FROM,
+        golden = {"fingerprint": golden["fingerprint"],
+                  "recorded_from": f"outputs equal to {RECORDED_FROM}'s (see tests/test_golden.py)",
                   "how_to_rerecord": RERECORD_HOW, "cases": golden["cases"]}
         golden["cases"][case] = got
         golden["cases"] = dict(sorted(golden["cases"].items()))

@@ -180,5 +180,7 @@ def test_img2img_inpaint_and_invert(tiny, tiny_data, mesh):
     latents = generator.latents(params, inputs, jax.random.PRNGKey(0), labels)
     want = conditional.ddim_invert(exp.task.denoiser(params), inputs,
                                    exp.sampling.sampler.sigmas, cond=jnp.asarray(labels))
-    sigma_max = float(exp.sampling.sampler.sigmas[0])
-    np.testing.assert_allclose(latents, want, rtol=1e-5, atol=1e-5 * sigma_max)
+    # float32 rounding of the same arithmetic in another order: relative to the latents'
+    # largest magnitude (about 15 sigma_max here), as for the guided denoiser above.
+    np.testing.assert_allclose(latents, want, rtol=1e-5,
+                               atol=1e-5 * float(jnp.abs(want).max()))
