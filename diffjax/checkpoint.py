@@ -372,6 +372,22 @@ def restore(
     return restored["state"], step
 
 
+def restore_data(manager: ocp.CheckpointManager, step: int, data_iterator: Any) -> None:
+    """Moves ``data_iterator`` to the position saved with ``step``, in place, leaving the
+    state to :func:`restore` (``data_iterator=None``): the trainer reads its first batch
+    before the state's arrays, and compiles its step from it meanwhile.
+
+    Raises:
+      CheckpointError: the checkpoint's metadata or digest, or the position, is unreadable.
+    """
+    _expected_digest(manager, step, "")  # the checks restore() starts with, before any work
+    try:
+        manager.restore(step, args=ocp.args.Composite(
+            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    except Exception as e:  # orbax raises plain Exception for some unreadable files
+        raise _unreadable(manager.directory, step, e, "") from e
+
+
 def resolve_dir(source: str) -> str:
     """The checkpoints directory of a run directory (or ``source`` itself if it is one)."""
     directory = source if epath.Path(source).name == "checkpoints" else checkpoint_dir(source)

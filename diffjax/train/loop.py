@@ -10,6 +10,7 @@ sharding, so a run checkpointed under one setting resumes under the other.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import time
@@ -135,13 +136,18 @@ def _train(task, optim_spec, t, workdir, mesh, data_iterator, resolved, global_b
     manager = checkpoint.make_manager(checkpoint.checkpoint_dir(workdir), t.keep_checkpoints,
                                       t.keep_every)
     feeder = data_lib.prefetch_to_mesh(data_iterator, parallel.data_sharding(mesh))
-    if manager.latest_step() is not None:
-        state, start = checkpoint.restore(manager, trainer.abstract_state(), feeder)
+    latest = manager.latest_step()
+    start = 0 if latest is None else latest
+    if latest is not None:
+        checkpoint.restore_data(manager, latest, feeder)
+    first_batch = next(feeder) if start < t.num_steps else None
+    compiling = CompilingStep(trainer, first_batch, began)
+    if latest is None:
+        state = trainer.new_state()
     else:
-        state, start = trainer.new_state(), 0
+        state, _ = checkpoint.restore(manager, trainer.abstract_state(), None, latest)
     jax.block_until_ready(state)
-    state_ready = time.time()
-    how = "restored" if start else "created"
+    state_ready = time.time() - began
     writer = reporting.Reporter(workdir, enabled=jax.process_index() == 0,
                                 total_steps=t.num_steps, start_step=start,
                                 batch_size=global_batch)
@@ -153,17 +159,23 @@ def _train(task, optim_spec, t, workdir, mesh, data_iterator, resolved, global_b
         snapshots = ema_snapshots.SnapshotWriter(
             workdir, tuple(posthoc_ema.gamma_to_sigma_rel(g) for g in gammas), gammas,
             first=len(optim_spec.ema_decays))
+    train_step = compiling.result(otherwise=trainer.train_step)
+    times = {**compiling.times, f"state {'created' if latest is None else 'restored'} at":
+             state_ready, "logs opened at": time.time() - began}
+    times = dict(sorted(times.items(), key=lambda item: item[1]))  # in the order they ended
     pending: list[dict[str, jax.Array]] = []
     try:
         for step in range(start, t.num_steps):
-            state, metrics = trainer.train_step(state, next(feeder))
+            batch = first_batch if step == start else next(feeder)
+            state, metrics = train_step(state, batch)
             pending.append(metrics)
-            if step == start:  # compile (or the persistent cache) and the first step
+            if step == start:  # the first step: how long it took to get here, and where it went
                 jax.block_until_ready(metrics)
-                writer.startup(step + 1, {"total": time.time() - began,
-                                          f"state {how}": state_ready - began,
-                                          "compile and first step": time.time() - state_ready},
+                first = time.time()
+                writer.startup(step + 1, {"total": first - began, **times,
+                                          "first step": first - began - max(times.values())},
                                compile_times.seconds())
+                first_batch = None
             done = step + 1
             if done % t.log_every == 0 or done == t.num_steps:
                 summary = _mean_metrics(jax.device_get(pending))
@@ -190,6 +202,40 @@ def _train(task, optim_spec, t, workdir, mesh, data_iterator, resolved, global_b
         writer.close()
         checkpoint.wait(manager)  # CheckpointError if the last save failed
     return state
+
+
+class CompilingStep:
+    """The train step for batches like ``batch`` (None: no step to run), compiling while the
+    caller goes on.
+
+    The step is traced and lowered here, from the state's shapes (no state needed); XLA then
+    compiles it, or reads it from the persistent compilation cache, in a thread, outside
+    Python's lock, while the caller creates or restores the state (on an accelerator mostly
+    compiling and running the initialisation program, or reading the checkpoint) and opens
+    its logs: the time to the first step is the longer of the two, not their sum. If the
+    caller fails first, the compilation still finishes in its thread (XLA cannot be
+    interrupted) and the process exits when it does. ``times``: seconds after ``began`` at
+    which each part was done.
+    """
+
+    def __init__(self, trainer: Trainer, batch: Any, began: float):
+        self.times: dict[str, float] = {}
+        self._began, self._future = began, None
+        if batch is not None:
+            lowered = trainer.train_step.lower(trainer.abstract_state(), batch)
+            self.times["step lowered at"] = time.time() - began
+            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="diffjax-compile")
+            self._future = pool.submit(self._compile, lowered)
+            pool.shutdown(wait=False)  # its thread ends with the compilation
+
+    def _compile(self, lowered: Any) -> Any:
+        compiled = lowered.compile()
+        self.times["step compiled at"] = time.time() - self._began
+        return compiled
+
+    def result(self, otherwise: Callable[..., Any]) -> Callable[..., Any]:
+        """The compiled step (waiting for it; its error raised here), or ``otherwise``."""
+        return otherwise if self._future is None else self._future.result()
 
 
 def _mean_metrics(pending: list[dict[str, Any]]) -> dict[str, float]:
