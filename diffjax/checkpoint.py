@@ -56,6 +56,41 @@ def _handlers() -> dict[str, Any]:
             "config": ocp.JsonCheckpointHandler(), "digest": ocp.JsonCheckpointHandler()}
 
 
+def array_tree_handler() -> ocp.PyTreeCheckpointHandler:
+    """The handler of a tree of arrays (the train state, EMA snapshots): orbax's own, except
+    that in a single-process run a replicated jax.Array is written from one device's copy.
+
+    orbax's default ("replica-parallel") lets each replica write a slice of a replicated array
+    so that the hosts of a multi-host run share the work; in one process every slice is this
+    host's anyway, and each is cut by a small program of its own, dispatched array by array on
+    the main thread, compiled once per shape on the first save (the tiny trainer's 651-array
+    state on 4 CPU devices: the first save 6.7 -> 3.1 s, each later one 0.65 -> 0.18 s of
+    the training thread). The files it writes are the same kind either way, and either
+    restores the other's. Save with ``ocp.args.PyTreeSave``, restore with
+    :func:`tree_restore_args`. Multi-process runs keep orbax's default.
+    """
+    # orbax has no public name for the metadata store its default array handler writes with
+    # (the arrays' write shapes and extension metadata, read back on restore): the same kind here.
+    from orbax.checkpoint._src.metadata import array_metadata_store  # only when a manager is made
+
+    registry = ocp.type_handlers.create_type_handler_registry(
+        *[(ty, ocp.type_handlers.get_type_handler(ty))
+          for ty in ocp.type_handlers.supported_types()])
+    if jax.process_count() == 1:
+        registry.add(jax.Array, ocp.type_handlers.ArrayHandler(
+            use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()),
+            override=True, ignore_warnings=True)
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
+def tree_restore_args(abstract: Any, **kwargs: Any) -> ocp.args.PyTreeRestore:
+    """Restore arguments of :func:`array_tree_handler`: every array of ``abstract`` (shapes,
+    dtypes and shardings: ShapeDtypeStructs or arrays) read into that shape and sharding."""
+    return ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        **kwargs)
+
+
 def make_manager(
     directory: str, keep: int = 3, keep_every: int = 0, read_only: bool = False,
     async_save: bool = True,
@@ -75,7 +110,7 @@ def make_manager(
     )
     return ocp.CheckpointManager(
         epath.Path(directory), options=options, item_names=ITEMS,
-        item_handlers={"state": ocp.StandardCheckpointHandler(), **_handlers()})
+        item_handlers={"state": array_tree_handler(), **_handlers()})
 
 
 # --------------------------------------------------------------------------- digest
@@ -257,7 +292,7 @@ def save(
             f"not writing checkpoint step {step} in {manager.directory}: the state holds "
             f"{_nonfinite(bad)}; the earlier checkpoints are kept")
     record = {"format": DIGEST_FORMAT, "arrays": {name: s for name, (s, _) in sums.items()}}
-    items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config),
+    items = {"state": ocp.args.PyTreeSave(state), "config": ocp.args.JsonSave(config),
              "digest": ocp.args.JsonSave(record)}
     if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -361,7 +396,7 @@ def restore(
     if step is None:
         raise CheckpointError(f"no checkpoint in {manager.directory}; train first (--mode train)")
     expected = _expected_digest(manager, step, "")
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    items = {"state": tree_restore_args(abstract_state)}
     if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
@@ -445,9 +480,8 @@ def restore_ema_params(source: str, abstract_params: Any, step: int | None = Non
                 "trained with, or another --checkpoint")
         target = {"ema_params": [abstract_params if i == index else None
                                  for i in range(len(stored_ema))]}
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True)))
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=tree_restore_args(target, partial_restore=True)))
     except CheckpointError:
         raise
     except Exception as e:  # orbax raises plain Exception for some unreadable files

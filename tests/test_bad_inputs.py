@@ -93,7 +93,7 @@ def _fake_checkpoint(run_dir, step: int, ema: dict) -> None:
     manager = checkpoint.make_manager(checkpoint.checkpoint_dir(str(run_dir)), async_save=False)
     try:
         state = {"params": ema, "ema_params": [ema]}
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                                    config=ocp.args.JsonSave({})), force=True)
         manager.wait_until_finished()
     finally:

@@ -21,6 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from diffjax import checkpoint
 from diffjax.errors import ConfigError
 from diffjax.train import posthoc_ema
 
@@ -39,7 +40,7 @@ def _manager(directory: str, read_only: bool) -> ocp.CheckpointManager:
         enable_async_checkpointing=not read_only, cleanup_tmp_directories=not read_only)
     return ocp.CheckpointManager(
         epath.Path(directory), options=options, item_names=("ema", "profile"),
-        item_handlers={"ema": ocp.StandardCheckpointHandler(),
+        item_handlers={"ema": checkpoint.array_tree_handler(),
                        "profile": ocp.JsonCheckpointHandler()})
 
 
@@ -56,7 +57,7 @@ class SnapshotWriter:
     def save(self, step: int, state: Any) -> None:
         if step in self.manager.all_steps():
             return  # written by a run killed after it: the resumed run recomputes it exactly
-        items = {"ema": ocp.args.StandardSave(tuple(state.ema_params[self.first:])),
+        items = {"ema": ocp.args.PyTreeSave(tuple(state.ema_params[self.first:])),
                  "profile": ocp.args.JsonSave({"step": int(step), **self.profile})}
         self.manager.save(step, args=ocp.args.Composite(**items))
 
@@ -142,7 +143,7 @@ def reconstruct(workdir: str, sigma_rel: float, abstract_params: Any,
             count = len(manager.item_metadata(step)["ema"])
             target = tuple(abstract_params for _ in range(count))
             restored = manager.restore(step, args=ocp.args.Composite(
-                ema=ocp.args.StandardRestore(target)))["ema"]
+                ema=checkpoint.tree_restore_args(target)))["ema"]
             part = posthoc_ema.combine([restored[i] for i, _ in parts], [c for _, c in parts])
             total = part if total is None else jax.tree.map(lambda a, b: a + b, total, part)
     finally:

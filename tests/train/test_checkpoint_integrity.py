@@ -4,6 +4,7 @@ NaN/Inf and a failed write are one-line CheckpointErrors that name the step and 
 nothing, and the run after a failed write resumes from the last complete checkpoint."""
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -89,9 +90,14 @@ def _write(directory, steps, state_fn=_small_state):
 
 
 def _write_raw(directory, step, state, with_digest):
-    """A checkpoint written by orbax directly: as diffjax wrote them before it saved a digest
+    """A checkpoint written by orbax directly, through the manager diffjax made before it wrote
+    each replicated array from one device (orbax's StandardCheckpointHandler, every array
+    handler orbax's default): as diffjax wrote them before it saved a digest
     (``with_digest=False``), or with a digest but without the NaN check of ``save``."""
-    manager = checkpoint.make_manager(str(directory), async_save=False)
+    options = ocp.CheckpointManagerOptions(max_to_keep=3, enable_async_checkpointing=False)
+    manager = ocp.CheckpointManager(
+        os.path.abspath(directory), options=options, item_names=checkpoint.ITEMS,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), **checkpoint._handlers()})
     items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave({})}
     if with_digest:
         items["digest"] = ocp.args.JsonSave({"format": checkpoint.DIGEST_FORMAT, "arrays": {
@@ -324,6 +330,38 @@ def test_checkpoint_without_digest_still_restores(tmp_path, mesh, caplog):
                                                                        mesh), index=1)
     _assert_trees_equal(ema, state["ema_params"][1])
 
+
+def _write_shapes(step_dir) -> dict[str, list[int]]:
+    """The shape of the pieces each array was written in (orbax's array metadata)."""
+    with open(step_dir / "state" / "array_metadatas" / "process_0") as f:
+        entries = json.load(f)["array_metadatas"]
+    return {e["array_metadata"]["param_name"]: e["array_metadata"]["write_shape"]
+            for e in entries}
+
+
+def test_one_process_writes_each_replicated_array_whole_and_reads_the_sliced_ones(tmp_path):
+    """A replicated array on 4 devices of one process is written whole from one of them, not
+    cut into a slice per device (orbax's replica-parallel default: a program per slice, run
+    on the training thread), and checkpoints written the old, sliced way still restore."""
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("data",))
+    rng = np.random.default_rng(0)
+    state = {"step": np.int32(3), "params": {"kernel": rng.standard_normal((64, 3), np.float32),
+                                             "bias": rng.standard_normal(8, np.float32)}}
+    on_devices = {"step": state["step"], "params": jax.device_put(
+        state["params"], parallel.replicated(mesh))}
+    whole = tmp_path / "whole"
+    manager = checkpoint.make_manager(str(whole), async_save=False)
+    checkpoint.save(manager, 3, on_devices, None, {})
+    checkpoint.wait(manager)
+    assert _write_shapes(whole / "3") == {"params.kernel": [64, 3], "params.bias": [8]}
+    sliced = tmp_path / "sliced"
+    _write_raw(sliced, 3, on_devices, with_digest=True)
+    assert _write_shapes(sliced / "3") == {"params.kernel": [16, 3], "params.bias": [2]}
+    for directory in (whole, sliced):
+        restored, step = checkpoint.restore(checkpoint.make_manager(str(directory)),
+                                            _abstract(state, mesh))
+        assert step == 3
+        _assert_trees_equal(restored, state)
 
 # --------------------------------------------------------------------------- failed writes
 
