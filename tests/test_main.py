@@ -99,9 +99,12 @@ def test_every_experiment_loads_validates_and_its_smoke_model_runs(name):
     if getattr(task, "samples_from_prompts", False):  # a text model: captions' tokens
         y = jnp.asarray([[1, 2, 0], [-1, -1, -1]], jnp.int32)  # a caption, the null one
     t = jnp.array([3.0, 7.0])
-    # The trainer's own init and apply: labels, classifier, super-resolution inputs included.
-    params = task.init_params(jax.random.PRNGKey(0))
-    out = task.apply(params, x, t, y, False, **task.init_inputs(2)[1])
+    # The trainer's own init and apply: labels, classifier, super-resolution inputs included;
+    # compiled whole, as the trainer runs them (op by op, every operation of the model is a
+    # program of its own: 2-3x the time, and none of them kept in the compilation cache).
+    params = jax.jit(task.init_params)(jax.random.PRNGKey(0))
+    apply = jax.jit(lambda p, x, t, y, extra: task.apply(p, x, t, y, False, **extra))
+    out = apply(params, x, t, y, task.init_inputs(2)[1])
     if c.model.name == "classifier":
         assert out.shape == (2, c.data.num_classes)
     else:

@@ -465,14 +465,16 @@ def test_disk_full_during_a_run_is_one_line_and_the_run_resumes(tmp_path):
     progress lines and one ``diffjax: error:`` line, nothing else (none of the tracebacks that
     orbax's, asyncio's and tensorstore's threads report the failed writes with); the earlier
     checkpoints are untouched, and the same command without the limit resumes to the end."""
-    workdir, cache = tmp_path / "run", tmp_path / "cache"
+    # The tests' shared compilation cache: after the first run it holds every program the
+    # others run, so the run under the limit writes nothing there (a failed cache write would
+    # be a warning on stderr, which the test counts).
+    workdir, cache = tmp_path / "run", jax.config.jax_compilation_cache_dir
     first = _train(workdir, 2, cache)
     assert first.returncode == 0, first.stderr[-3000:]
     ckpts = workdir / "checkpoints"
     before = _hashes(ckpts)
     biggest = max(os.path.getsize(ckpts / name) for name in before)
-    # no compilation cache here: its writes would meet the limit too
-    full = _train(workdir, 4, "", limit=biggest // 2)
+    full = _train(workdir, 4, cache, limit=biggest // 2)
     assert full.returncode == 2, full.stderr[-3000:]
     lines = [x for x in full.stderr.replace("\r", "\n").splitlines() if x.strip()]
     errors = [x for x in lines if x.startswith("diffjax: error:")]
