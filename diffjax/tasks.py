@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffjax import parallel
 from diffjax.diffusion import process
 from diffjax.diffusion import superres as superres_lib
 from diffjax.diffusion.schedules import DiscreteSchedule
@@ -75,7 +77,25 @@ class Task(abc.ABC):
         return self.image_shape
 
     def init_params(self, key: Array) -> Any:
-        """``key -> params`` from a one-example dummy batch."""
+        """``key -> params`` from a one-example dummy batch, compiled as one program.
+
+        Flax's ``init`` runs the network's forward pass on the dummy batch; run eagerly, that
+        is every operation compiled and run on its own, while compiled, XLA drops the forward
+        pass (nothing uses its output) and the program is kept in JAX's persistent cache
+        (compiled with :func:`diffjax.parallel.init_compiler_options`). With a traced key
+        (inside ``jax.jit``, ``jax.eval_shape``: the trainer's state creation) it is traced
+        into that program. Subclasses define :meth:`_init_params`.
+        """
+        if isinstance(key, jax.core.Tracer):
+            return self._init_params(key)
+        return self._compiled_init(key)
+
+    @functools.cached_property
+    def _compiled_init(self) -> Callable[[Array], Any]:
+        # one jitted function per task, so repeated calls reuse its trace and executable
+        return jax.jit(self._init_params, compiler_options=parallel.init_compiler_options())
+
+    def _init_params(self, key: Array) -> Any:
         args, kwargs = self.init_inputs()
         return self.model.init(key, *args, train=False, **kwargs)["params"]
 
@@ -395,7 +415,7 @@ class AutoencoderTask(Task):
     def init_inputs(self, batch: int = 1):
         return (jnp.zeros((batch, *self.image_shape)),), {}
 
-    def init_params(self, key: Array) -> Any:
+    def _init_params(self, key: Array) -> Any:
         (x,), _ = self.init_inputs()
         return self.model.init(key, x)["params"]
 

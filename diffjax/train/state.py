@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from diffjax import parallel
+
 # iDDPM's loss-second-moment resampler keeps the last HISTORY losses of every timestep.
 HISTORY = 10
 
@@ -67,7 +69,8 @@ def create_sharded_state(
     """The state created directly on the devices with ``sharding``: one Sharding for every
     array, or a tree of them matching the state (:func:`diffjax.parallel.state_sharding`)."""
     make = lambda: create_train_state(init_fn, tx, seed, num_ema, num_timesteps)  # noqa: E731
-    return jax.jit(make, out_shardings=sharding)()
+    return jax.jit(make, out_shardings=sharding,
+                   compiler_options=parallel.init_compiler_options())()
 
 
 def state_shapes(

@@ -3,6 +3,8 @@
 program, so start-up pays only for the random initialisers (issue 15)."""
 
 import jax
+import numpy as np
+import pytest
 
 from diffjax import configlib, experiment, parallel
 from diffjax.train import state as state_lib
@@ -23,3 +25,37 @@ def test_state_initialisation_compiles_no_forward_pass():
     apply = lambda: exp.task.model.init_with_output(  # noqa: E731
         jax.random.key(0), x, jax.numpy.zeros((1,)), jax.numpy.zeros((1,), jax.numpy.int32))[0]
     assert "stablehlo.convolution" in jax.jit(apply).lower().as_text()
+
+
+def _tiny_task():
+    c = configlib.load_config_file("experiments/imagenet64.py:smoke")
+    return experiment.build(c, num_devices=1)
+
+
+def test_init_programs_compile_with_the_init_options_and_keep_the_parameters(monkeypatch):
+    """Task.init_params and the trainer's state creation compile with
+    parallel.init_compiler_options (a lower LLVM level than XLA's: start-up pays mostly for
+    compiling the initialisers), and the parameters are those of the program compiled with
+    XLA's defaults, bit for bit."""
+    exp = _tiny_task()
+    key = jax.random.PRNGKey(5)
+    assert parallel.init_compiler_options() == parallel.INIT_COMPILER_OPTIONS  # CPU
+    default = jax.jit(exp.task._init_params)(key)
+    jax.tree.map(np.testing.assert_array_equal, exp.task.init_params(key), default)
+    trainer = Trainer(exp.task, exp.optim, exp.train, parallel.make_mesh(jax.devices()[:1]))
+    state = trainer.new_state()
+    init_key = jax.random.split(jax.random.PRNGKey(exp.train.seed))[0]  # create_train_state's
+    jax.tree.map(np.testing.assert_array_equal, state.params,
+                 jax.jit(exp.task._init_params)(init_key))
+    # Traced (jit, eval_shape), init_params is part of the caller's program.
+    shapes = jax.eval_shape(exp.task.init_params, key)
+    assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(np.shape, default)
+    # The options reach both compilations: an unknown one is refused by XLA.
+    monkeypatch.setattr(parallel, "INIT_COMPILER_OPTIONS", {"xla_no_such_option": 1})
+    other = _tiny_task()
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        other.task.init_params(key)
+    trainer = Trainer(other.task, other.optim, other.train,
+                      parallel.make_mesh(jax.devices()[:1]))
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        trainer.new_state()
