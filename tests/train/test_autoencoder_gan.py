@@ -74,14 +74,16 @@ def test_params_gain_discriminator_only_when_on():
     """params["discriminator"] exists only with use_discriminator; the autoencoder's own
     parameters and its encode / decode are the same either way."""
     key, x = jax.random.PRNGKey(0), jnp.asarray(X)
-    off = AutoencoderKL(**SMALL).init(key, x)["params"]
-    on = AutoencoderKL(**SMALL, **GAN).init(key, x)["params"]
+    init = lambda model: jax.jit(  # noqa: E731
+        model.init, compiler_options=parallel.init_compiler_options())(key, x)["params"]
+    off, on = init(AutoencoderKL(**SMALL)), init(AutoencoderKL(**SMALL, **GAN))
     assert "discriminator" not in off and "discriminator" in on
     assert set(on["discriminator"]) == {"conv_0", "conv_1", "norm_1", "conv_out"}
     jax.tree.map(np.testing.assert_array_equal, _ae(on), off)
-    z, _ = AutoencoderKL(**SMALL, **GAN).apply({"params": on}, x, method="encode")
-    np.testing.assert_array_equal(z, AutoencoderKL(**SMALL).apply({"params": off}, x,
-                                                                  method="encode")[0])
+    encode = lambda model, p: jax.jit(  # noqa: E731
+        lambda p: model.apply({"params": p}, x, method="encode")[0])(p)
+    np.testing.assert_array_equal(encode(AutoencoderKL(**SMALL, **GAN), on),
+                                  encode(AutoencoderKL(**SMALL), off))
     with pytest.raises(ValueError, match="use_discriminator=True"):
         AutoencoderKL(**SMALL).apply({"params": off}, x, method="discriminate")
 
@@ -105,7 +107,7 @@ def test_before_disc_start_is_the_plain_loss():
 def _reference(gan, params):
     """Independent pieces from jax.grad of each loss separately: (x_hat, d_weight, the
     hinge loss of D's params, the generator loss of the autoencoder's params)."""
-    recon = gan.forward(params, X, KEY)[0]
+    recon = jax.jit(gan.forward)(params, X, KEY)[0]
     kernel = params["decoder"]["conv_out"]["kernel"]
 
     def with_kernel(w):
@@ -136,13 +138,14 @@ def test_adaptive_weight_and_terms_match_an_independent_computation():
     recon, d_weight, hinge, _ = _reference(gan, params)
     assert 0 < d_weight < 1e4
     np.testing.assert_allclose(terms["d_weight"], np.full(4, d_weight), rtol=1e-4)
-    fake = np.asarray(gan.discriminate(params, recon))
-    real = np.asarray(gan.discriminate(params, X))
+    discriminate = jax.jit(gan.discriminate)
+    fake = np.asarray(discriminate(params, recon))
+    real = np.asarray(discriminate(params, X))
     np.testing.assert_allclose(terms["g_loss"], -fake.mean(axis=(1, 2, 3)), atol=1e-6)
     d = 0.5 * (np.maximum(1 - real, 0) + np.maximum(1 + fake, 0)).mean(axis=(1, 2, 3))
     np.testing.assert_allclose(terms["d_loss"], d, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.mean(terms["d_loss"]), hinge(params["discriminator"]),
-                               rtol=1e-5)
+    np.testing.assert_allclose(np.mean(terms["d_loss"]),
+                               jax.jit(hinge)(params["discriminator"]), rtol=1e-5)
     np.testing.assert_allclose(terms["loss"], terms["recon"] + 1e-6 * terms["kl"]
                                + terms["d_weight"] * terms["g_loss"] + terms["d_loss"],
                                rtol=1e-6)

@@ -152,19 +152,32 @@ def test_sample_from_prompts_with_guidance_against_the_null_caption(tiny, text_d
     np.testing.assert_allclose(w0["images"], plain["images"], atol=1e-5)
 
 
+def _perturbed(params, seed):
+    """params + N(0, 0.05^2) noise, so that the context reaches the zero-initialised output
+    layers (NumPy draws: jax.random leaf by leaf compiles a sampler per shape, and all of
+    them in one program took 18 s to compile)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(np.float32),
+        jax.device_get(params))
+
+
+def _denoisers(task, sampling, params, guidance_scale):
+    """(guided, plain) denoisers ``(x, sigma, cond) -> x0`` of ``params``, compiled."""
+    knobs = sampling.knobs(guidance_scale=guidance_scale)
+    guided = jax.jit(lambda p, x, s, c: generate.guided_denoiser(
+        sampling, task.denoiser(p), knobs)(x, s, c))
+    plain = jax.jit(lambda p, x, s, c: task.denoiser(p)(x, s, c))
+    return (lambda x, s, c: guided(params, x, s, c)), (lambda x, s, c: plain(params, x, s, c))
+
+
 def test_guidance_is_against_the_learned_null_caption(tiny, text_data):
     exp = _experiment(tiny, text_data, **{"sampler.thresholding": "none"})
     task, sampling = exp.task, exp.sampling
-    params = task.init_params(jax.random.PRNGKey(0))  # zero-initialised output layers:
-    leaves, tree = jax.tree.flatten(params)  # perturbed so that the context reaches the output
-    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
-    params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape)
-                                       for p, k in zip(leaves, keys)])
+    params = _perturbed(task.init_params(jax.random.PRNGKey(0)), seed=2)
     tokens = jnp.asarray([[1, 6, 12, 13, 0, 0], [1, 4, 0, 0, 0, 0]], jnp.int32)
     x = 2.0 * jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
-    guided = generate.guided_denoiser(sampling, task.denoiser(params),
-                                      sampling.knobs(guidance_scale=2.0))
-    plain = task.denoiser(params)
+    guided, plain = _denoisers(task, sampling, params, guidance_scale=2.0)
     d_c, d_u = plain(x, 2.0, tokens), plain(x, 2.0, jnp.full_like(tokens, -1))
     np.testing.assert_allclose(guided(x, 2.0, tokens), d_c + 2.0 * (d_c - d_u), rtol=1e-5,
                                atol=1e-5)  # float32, batches of 2B vs B: as below
@@ -402,18 +415,12 @@ def test_embedding_model_trains_samples_and_guides_against_its_null_row(
         assert np.isfinite(f["images"]).all()
     exp = experiment.build(config, num_devices=8)
     task, sampling = exp.task, exp.sampling
-    params = task.init_params(jax.random.PRNGKey(0))
-    leaves, tree = jax.tree.flatten(params)  # zero-initialised outputs perturbed, as above
-    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
-    params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape)
-                                       for p, k in zip(leaves, keys)])
+    params = _perturbed(task.init_params(jax.random.PRNGKey(0)), seed=2)
     with np.load(prompts_npz) as f:
         cond = jnp.asarray(np.concatenate([f["context"], f["mask"][..., None]], -1),
                            jnp.float32)
     x = 2.0 * jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
-    guided = generate.guided_denoiser(sampling, task.denoiser(params),
-                                      sampling.knobs(guidance_scale=2.0))
-    plain = task.denoiser(params)
+    guided, plain = _denoisers(task, sampling, params, guidance_scale=2.0)
     d_c, d_u = plain(x, 2.0, cond), plain(x, 2.0, jnp.zeros_like(cond))
     # float32 outputs of a batch of 2B vs B differ by ~2e-6 relative; the mix 3 d_c - 2 d_u
     # carries five times that
