@@ -20,4 +20,9 @@ _CACHE = os.environ.get(
     "DIFFJAX_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "diffjax-jax-tests")
 )
 jax.config.update("jax_compilation_cache_dir", _CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# Every program is kept, as `python -m diffjax.main` keeps them: a test's subprocesses and the
+# other worker then read even the small ones (checkpoint digests, eager operations).
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+# The `python -m diffjax.main` subprocesses of the tests use the same cache (main reads this
+# variable), not the user's own ~/.cache/diffjax.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)

@@ -27,17 +27,13 @@ def test_state_initialisation_compiles_no_forward_pass():
     assert "stablehlo.convolution" in jax.jit(apply).lower().as_text()
 
 
-def _tiny_task():
-    c = configlib.load_config_file("experiments/imagenet64.py:smoke")
-    return experiment.build(c, num_devices=1)
-
-
-def test_init_programs_compile_with_the_init_options_and_keep_the_parameters(monkeypatch):
+def test_init_programs_compile_with_the_init_options_and_keep_the_parameters(
+        tiny, tiny_data, monkeypatch):
     """Task.init_params and the trainer's state creation compile with
     parallel.init_compiler_options (a lower LLVM level than XLA's: start-up pays mostly for
     compiling the initialisers), and the parameters are those of the program compiled with
     XLA's defaults, bit for bit."""
-    exp = _tiny_task()
+    exp = experiment.build(tiny.config(tiny_data), num_devices=1)
     key = jax.random.PRNGKey(5)
     assert parallel.init_compiler_options() == parallel.INIT_COMPILER_OPTIONS  # CPU
     default = jax.jit(exp.task._init_params)(key)
@@ -52,7 +48,7 @@ def test_init_programs_compile_with_the_init_options_and_keep_the_parameters(mon
     assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(np.shape, default)
     # The options reach both compilations: an unknown one is refused by XLA.
     monkeypatch.setattr(parallel, "INIT_COMPILER_OPTIONS", {"xla_no_such_option": 1})
-    other = _tiny_task()
+    other = experiment.build(tiny.config(tiny_data), num_devices=1)
     with pytest.raises(Exception, match="xla_no_such_option"):
         other.task.init_params(key)
     trainer = Trainer(other.task, other.optim, other.train,
