@@ -82,11 +82,12 @@ class Task(abc.ABC):
         Flax's ``init`` runs the network's forward pass on the dummy batch; run eagerly, that
         is every operation compiled and run on its own, while compiled, XLA drops the forward
         pass (nothing uses its output) and the program is kept in JAX's persistent cache
-        (compiled with :func:`diffjax.parallel.init_compiler_options`). With a traced key
-        (inside ``jax.jit``, ``jax.eval_shape``: the trainer's state creation) it is traced
-        into that program. Subclasses define :meth:`_init_params`.
+        (compiled with :func:`diffjax.parallel.init_compiler_options`). Called while a
+        program is traced (``jax.jit``, ``jax.eval_shape``: the trainer's state creation) it
+        is traced into that program. Subclasses define :meth:`_init_params`.
         """
-        if isinstance(key, jax.core.Tracer):
+        # Inside a trace every operation is staged, even one on constants (a key closed over).
+        if isinstance(key, jax.core.Tracer) or isinstance(jnp.zeros(()), jax.core.Tracer):
             return self._init_params(key)
         return self._compiled_init(key)
 

@@ -43,9 +43,13 @@ def test_init_programs_compile_with_the_init_options_and_keep_the_parameters(
     init_key = jax.random.split(jax.random.PRNGKey(exp.train.seed))[0]  # create_train_state's
     jax.tree.map(np.testing.assert_array_equal, state.params,
                  jax.jit(exp.task._init_params)(init_key))
-    # Traced (jit, eval_shape), init_params is part of the caller's program.
-    shapes = jax.eval_shape(exp.task.init_params, key)
-    assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(np.shape, default)
+    # Traced (jit, eval_shape), init_params is part of the caller's program, with the key an
+    # argument or closed over.
+    for shapes in (jax.eval_shape(exp.task.init_params, key),
+                   jax.eval_shape(lambda: exp.task.init_params(key))):
+        assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(np.shape, default)
+    jax.tree.map(np.testing.assert_array_equal,
+                 jax.jit(lambda: exp.task.init_params(key))(), default)
     # The options reach both compilations: an unknown one is refused by XLA.
     monkeypatch.setattr(parallel, "INIT_COMPILER_OPTIONS", {"xla_no_such_option": 1})
     other = experiment.build(tiny.config(tiny_data), num_devices=1)
