@@ -96,6 +96,10 @@ class Task(abc.ABC):
         # one jitted function per task, so repeated calls reuse its trace and executable
         return jax.jit(self._init_params, compiler_options=parallel.init_compiler_options())
 
+    def __getstate__(self) -> dict[str, Any]:
+        # pickled without the compiled init (a jitted function), which is rebuilt on demand
+        return {k: v for k, v in self.__dict__.items() if k != "_compiled_init"}
+
     def _init_params(self, key: Array) -> Any:
         args, kwargs = self.init_inputs()
         return self.model.init(key, *args, train=False, **kwargs)["params"]

@@ -2,6 +2,8 @@
 ``model.init`` runs the forward, but its outputs are dead and are removed before XLA sees the
 program, so start-up pays only for the random initialisers (issue 15)."""
 
+import pickle
+
 import jax
 import numpy as np
 import pytest
@@ -50,6 +52,9 @@ def test_init_programs_compile_with_the_init_options_and_keep_the_parameters(
         assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(np.shape, default)
     jax.tree.map(np.testing.assert_array_equal,
                  jax.jit(lambda: exp.task.init_params(key))(), default)
+    # The task pickles as before its compiled init existed, and its copy initialises alike.
+    copy = pickle.loads(pickle.dumps(exp.task))
+    jax.tree.map(np.testing.assert_array_equal, copy.init_params(key), default)
     # The options reach both compilations: an unknown one is refused by XLA.
     monkeypatch.setattr(parallel, "INIT_COMPILER_OPTIONS", {"xla_no_such_option": 1})
     other = experiment.build(tiny.config(tiny_data), num_devices=1)
