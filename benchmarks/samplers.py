@@ -73,7 +73,7 @@ def load_params(task, mesh, checkpoint: str):
         params, step = app_common.restore_params(task, mesh, checkpoint)
         print(f"restored EMA parameters of step {step} from {checkpoint}")
         return params
-    return jax.jit(task.init_params)(jax.random.PRNGKey(0))
+    return task.init_params(jax.random.PRNGKey(0))
 
 
 def main() -> None:

@@ -175,7 +175,7 @@ def jax_side(c, batch: int, steps: int, sample_steps: int, warmup: int, repeats:
     mesh = common.cpu_mesh()
     exp = experiment.build(c, num_devices=1)
     task, sampling = exp.task, exp.sampling
-    params = jax.jit(task.init_params)(jax.random.PRNGKey(0))
+    params = task.init_params(jax.random.PRNGKey(0))
     data = common.random_batch(c, batch)
     t = np.full((batch,), c.diffusion.num_timesteps // 2, np.float32)
     y = data["label"] if c.model.class_cond else None
