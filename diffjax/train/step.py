@@ -192,18 +192,28 @@ def make_train_step(
         (loss, (terms, t)), grads = grad_fn(state.params, state, batch, key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        fixed = len(ema_decays)
-        emas = tuple(ema_update(e, params, d) for e, d in zip(state.ema_params, ema_decays))
-        emas += tuple(posthoc_ema.power_ema_update(e, params, state.step + 1, g)
-                      for e, g in zip(state.ema_params[fixed:], ema_gammas))
         grad_norm = optax.tree.norm(grads)
-        new = state.replace(step=state.step + 1, params=params, ema_params=emas,
-                            opt_state=opt_state)
-        if timestep_sampler == "loss_second_moment":
-            new = update_loss_history(new, t, jax.lax.stop_gradient(terms["loss"]))
+        # A non-finite loss or gradient skips the step: every part of the state is kept.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-        new = new.replace(step=state.step + 1)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        params, opt_state = keep((params, opt_state), (state.params, state.opt_state))
+        # The EMAs read the parameters as stored: left to itself XLA recomputes the update
+        # inside each EMA's fusion, from the old parameters, whose buffer (donated, and
+        # overwritten by the new ones) it must then copy first: a copy of the whole model
+        # per step (1.1 GB of temporary memory for ADM-64), for the same values. (Adam's
+        # moments are still copied: optax's update recomputes them from the old ones.)
+        stored = jax.lax.optimization_barrier(params)
+        fixed = len(ema_decays)
+        emas = tuple(ema_update(e, stored, d) for e, d in zip(state.ema_params, ema_decays))
+        emas += tuple(posthoc_ema.power_ema_update(e, stored, state.step + 1, g)
+                      for e, g in zip(state.ema_params[fixed:], ema_gammas))
+        new = state.replace(step=state.step + 1, params=params,
+                            ema_params=keep(emas, state.ema_params), opt_state=opt_state)
+        if timestep_sampler == "loss_second_moment":
+            pushed = update_loss_history(state, t, jax.lax.stop_gradient(terms["loss"]))
+            history, count = keep((pushed.loss_history, pushed.loss_count),
+                                  (state.loss_history, state.loss_count))
+            new = new.replace(loss_history=history, loss_count=count)
         metrics = {name: jnp.mean(v) for name, v in terms.items()}
         metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=learning_rate(state.step),
                        nonfinite=(~finite).astype(jnp.int32))

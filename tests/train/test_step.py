@@ -1,5 +1,7 @@
 """The pure train step: data parallelism, learning, NaN safety, EMA, resampler, schedules."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,15 +88,45 @@ def test_nonfinite_step_leaves_the_state_unchanged(tiny, tiny_data):
     c = tiny.config(tiny_data)
     mesh = parallel.make_mesh(jax.devices()[:1])
     trainer = Trainer(c, mesh)
+    # Good steps first (the first has learning rate 0: warm-up): the EMAs then differ from
+    # the parameters (at the start they are equal, and an EMA update towards unchanged
+    # parameters would not move them).
     state = trainer.new_state()
-    before = jax.device_get(state.params)
+    for _ in range(2):
+        state, _ = trainer.train_step(state, _place(_batch(c), mesh))
+    assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, jax.device_get(state.params),
+                                                jax.device_get(state.ema_params[0]))))
+    fields = ("params", "ema_params", "opt_state", "loss_history", "loss_count")
+    before = {name: jax.device_get(getattr(state, name)) for name in fields}
     bad = _batch(c)
     bad["image"][0, 0, 0, 0] = np.nan
     new, metrics = trainer.train_step(state, _place(bad, mesh))
     assert int(metrics["nonfinite"]) == 1
-    assert int(new.step) == 1
-    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(new.params))):
-        np.testing.assert_array_equal(a, b)
+    assert int(new.step) == 3
+    new = jax.device_get(new)
+    assert int(np.sum(new.loss_count)) == 16  # the good steps' 8 examples each only
+    for name in fields:  # parameters, EMAs, Adam's moments and count, resampler history
+        for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(getattr(new, name))):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_step_copies_no_parameter_or_ema_buffer(tiny, tiny_data):
+    """The compiled step updates the donated parameters and EMAs in place: no copy of their
+    input buffers (there was one of the parameters per step when the EMAs recomputed the
+    update from them; Adam's moments are still copied, see step.py)."""
+    c = tiny.config(tiny_data)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    trainer = Trainer(c, mesh)
+    state, batch = trainer.abstract_state(), _place(_batch(c), mesh)
+    hlo = trainer.train_step.lower(state, batch).compile().as_text()
+    entry = hlo[hlo.index("\nENTRY"):]
+    number = {m.group(1): int(m.group(2))
+              for m in re.finditer(r"%(\S+) = \S+ parameter\((\d+)\)", entry)}
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
+    assert len(number) == len(paths) + len(jax.tree.leaves(batch))
+    copied = [paths[number[m]] for m in re.findall(r" copy\(%(\S+)\)", entry) if m in number]
+    assert any("opt_state" in p for p in copied)  # the check sees copies of arguments
+    assert not [p for p in copied if ".params" in p or ".ema_params" in p], copied
 
 
 def test_ema_update_closed_form():
