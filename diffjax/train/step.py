@@ -200,8 +200,9 @@ def make_train_step(
         # The EMAs read the parameters as stored: left to itself XLA recomputes the update
         # inside each EMA's fusion, from the old parameters, whose buffer (donated, and
         # overwritten by the new ones) it must then copy first: a copy of the whole model
-        # per step (1.1 GB of temporary memory for ADM-64), for the same values. (Adam's
-        # moments are still copied: optax's update recomputes them from the old ones.)
+        # per step (1.1 GB for ADM-64; ~1000 ops fewer in its compiled step), for the same
+        # values. (Adam's moments are still copied: optax's update recomputes them from the
+        # old ones.)
         stored = jax.lax.optimization_barrier(params)
         fixed = len(ema_decays)
         emas = tuple(ema_update(e, stored, d) for e, d in zip(state.ema_params, ema_decays))
