@@ -75,8 +75,12 @@ def test_cache_holds_the_posterior_of_every_image(tiny, tiny_data, setup):
     identity = exp.latent.identity(exp.data, common.params_digest(params), step)
     src = latent_cache.LatentCacheSource(cache, identity)
     got = src.read_batch(np.arange(64)[::-1])
-    np.testing.assert_allclose(got["mean"][::-1], post["mean"], rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(got["std"][::-1], post["std"], rtol=1e-6, atol=1e-6)
+    # Two float32 evaluations of the encoder (the cache: compiled, in batches over 8 devices;
+    # here: all 64 at once, op by op but for each norm, one compiled call) round differently
+    # through its convolutions and norms: up to ~1.2e-6 apart (measured, on values of order
+    # 0.1-1); a wrong image or a misplaced row is off by order 0.1.
+    np.testing.assert_allclose(got["mean"][::-1], post["mean"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["std"][::-1], post["std"], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got["label"][::-1], labels)
     assert [s["rows"] for s in meta["shards"]] == [24, 24, 16]
     m, s = np.asarray(post["mean"], np.float64), np.asarray(post["std"], np.float64)
