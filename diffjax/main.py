@@ -22,6 +22,7 @@ import logging as std_logging
 import os
 import sys
 import time
+import warnings
 
 from diffjax import hugepages
 
@@ -175,13 +176,17 @@ def _drop_closed_loop_callbacks(unraisable) -> None:
 def _quiet_background_failures() -> None:
     """After a failed asynchronous checkpoint write, orbax's and tensorstore's threads report
     it with tracebacks; the main thread reports the failure in one line, so those reports
-    are dropped."""
+    are dropped. So is the warning for orbax's write coroutines that the failure left
+    unawaited, which Python prints as the process exits (diffjax runs no asyncio code of its
+    own)."""
     for logger in (std_logging.getLogger(), std_logging.getLogger("absl"),
                    std_logging.getLogger("asyncio")):
         logger.addFilter(_OrbaxBackgroundErrors())
         for handler in logger.handlers:
             handler.addFilter(_OrbaxBackgroundErrors())
     sys.unraisablehook = _drop_closed_loop_callbacks
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited",
+                            category=RuntimeWarning)
 
 
 def main(argv: list[str]) -> None:

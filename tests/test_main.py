@@ -226,3 +226,27 @@ def test_null_label_row_follows_training_label_dropout_not_the_sampling_guidance
     assert experiment.build_model(c).class_null_label
     c.guidance.label_dropout = 0.0
     assert not experiment.build_model(c).class_null_label
+
+
+def test_orbax_background_failure_reports_are_dropped():
+    """After a failed checkpoint write (tests/train/test_checkpoint_integrity.py's disk-full
+    run) orbax leaves write coroutines unawaited, and Python warns about each as the process
+    exits: the CLI drops those, as orbax's logged tracebacks and the "Event loop is closed"
+    callbacks, and keeps every other report."""
+    code = ("import gc\n"
+            "from diffjax import main\n"
+            "main._quiet_background_failures()\n"
+            "async def write_fragment():\n    pass\n"
+            "pending = write_fragment()\n"
+            "del pending\n"
+            "gc.collect()\n"
+            "class Callback:\n"  # fails when collected: Python reports it as unraisable
+            "    def __init__(self, message):\n        self.message = message\n"
+            "    def __del__(self):\n        raise RuntimeError(self.message)\n"
+            "Callback('Event loop is closed')\n"
+            "Callback('kept')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "never awaited" not in out.stderr and "Event loop is closed" not in out.stderr
+    assert "RuntimeError: kept" in out.stderr
