@@ -216,7 +216,7 @@ class GroupNorm(nn.Module):
     the same parameters ('scale' ones, 'bias' zeros, [C]) and the same operations in the same
     order, as one call of a jitted function: a trace records one equation per norm instead of
     ~25 (73 under a gradient, ~0.1 ms each) and traces the insides once per shape. A UNet holds
-    over a hundred norms: ADM-64's train step traces and lowers ~15% faster, its sampler ~12%.
+    over a hundred norms: ADM-64's train step and sampler trace and lower 10-25% faster.
     Forward programs are nn.GroupNorm's (the same jaxpr inside the call); under a gradient
     the backward is the same arithmetic grouped per norm, so a whole model's gradient can
     differ from the ungrouped one in float32 rounding (one norm's gradient: bit-equal, tested).
