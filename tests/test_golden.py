@@ -35,9 +35,10 @@ should. The 'train' case's params and EMA params were re-recorded on 2026-11-28 
 became one jitted call (diffjax.models.layers.GroupNorm; its backward is grouped per norm): 972
 of their 12146 values moved by float32 rounding (at most 1.5e-8 absolute after the 4 steps),
 the logged losses and the other 11 cases unchanged; so bb24dbb's bits, under the flags above,
-are reproduced by 11 cases and by 'train' only up to that rounding. To record on another machine: check out bb24dbb in a worktree, record there with its
-own test_golden.py, run this file against that golden.json under the XLA_FLAGS above (every
-case must pass), then record here.
+are reproduced by 11 cases and by 'train' only up to that rounding. To record on another
+machine: check out bb24dbb in a worktree, record there with its own test_golden.py, run this
+file against that golden.json under the XLA_FLAGS above (every case must pass), then record
+here.
 Check with
 
     python -m pytest tests/test_golden.py -q          # -n 2 works too
