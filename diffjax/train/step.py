@@ -22,7 +22,7 @@ import optax
 
 from diffjax.diffusion import losses, process
 from diffjax.diffusion.schedules import DiscreteSchedule
-from diffjax.train import posthoc_ema
+from diffjax.train import optim, posthoc_ema
 from diffjax.train.state import HISTORY, TrainState, ema_update
 
 # iDDPM's resampler mixes a little of the uniform distribution into the importance weights.
@@ -190,19 +190,21 @@ def make_train_step(
     def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (terms, t)), grads = grad_fn(state.params, state, batch, key)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
         # A non-finite loss or gradient skips the step: every part of the state is kept.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        params, opt_state = keep((params, opt_state), (state.params, state.opt_state))
+        if isinstance(tx, optim.SkipsNonFinite):  # keeps its state itself, Adam's in place
+            updates, opt_state = tx.update(grads, state.opt_state, state.params, finite=finite)
+        else:
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            opt_state = keep(opt_state, state.opt_state)
+        params = keep(optax.apply_updates(state.params, updates), state.params)
         # The EMAs read the parameters as stored: left to itself XLA recomputes the update
         # inside each EMA's fusion, from the old parameters, whose buffer (donated, and
         # overwritten by the new ones) it must then copy first: a copy of the whole model
         # per step (1.1 GB for ADM-64; ~1000 ops fewer in its compiled step), for the same
-        # values. (Adam's moments are still copied: optax's update recomputes them from the
-        # old ones.)
+        # values. (Adam's moments: optim.make_optimizer.)
         stored = jax.lax.optimization_barrier(params)
         fixed = len(ema_decays)
         emas = tuple(ema_update(e, stored, d) for e, d in zip(state.ema_params, ema_decays))
