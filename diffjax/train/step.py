@@ -190,7 +190,7 @@ def make_train_step(
     def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (terms, t)), grads = grad_fn(state.params, state, batch, key)
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = optim.global_norm(grads)
         # A non-finite loss or gradient skips the step: every part of the state is kept.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -199,7 +199,7 @@ def make_train_step(
         else:
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             opt_state = keep(opt_state, state.opt_state)
-        params = keep(optax.apply_updates(state.params, updates), state.params)
+        params = jax.tree.map(functools.partial(_applied_unless, finite), state.params, updates)
         # The EMAs read the parameters as stored: left to itself XLA recomputes the update
         # inside each EMA's fusion, from the old parameters, whose buffer (donated, and
         # overwritten by the new ones) it must then copy first: a copy of the whole model
@@ -207,11 +207,13 @@ def make_train_step(
         # values. (Adam's moments: optim.make_optimizer.)
         stored = jax.lax.optimization_barrier(params)
         fixed = len(ema_decays)
-        emas = tuple(ema_update(e, stored, d) for e, d in zip(state.ema_params, ema_decays))
-        emas += tuple(posthoc_ema.power_ema_update(e, stored, state.step + 1, g)
-                      for e, g in zip(state.ema_params[fixed:], ema_gammas))
-        new = state.replace(step=state.step + 1, params=params,
-                            ema_params=keep(emas, state.ema_params), opt_state=opt_state)
+        emas = tuple(jax.tree.map(functools.partial(_ema_unless, finite, decay=d), e, stored)
+                     for e, d in zip(state.ema_params, ema_decays))
+        emas += keep(tuple(posthoc_ema.power_ema_update(e, stored, state.step + 1, g)
+                           for e, g in zip(state.ema_params[fixed:], ema_gammas)),
+                     state.ema_params[fixed:])
+        new = state.replace(step=state.step + 1, params=params, ema_params=emas,
+                            opt_state=opt_state)
         if timestep_sampler == "loss_second_moment":
             pushed = update_loss_history(state, t, jax.lax.stop_gradient(terms["loss"]))
             history, count = keep((pushed.loss_history, pushed.loss_count),
@@ -223,6 +225,19 @@ def make_train_step(
         return new, metrics
 
     return train_step
+
+
+# Per parameter array, one jitted call each (traced once per shape: see optim.make_optimizer).
+@jax.jit
+def _applied_unless(finite: jax.Array, param: jax.Array, update: jax.Array) -> jax.Array:
+    """The parameter with its update applied (``optax.apply_updates``), if ``finite``."""
+    return jnp.where(finite, optax.apply_updates(param, update), param)
+
+
+@functools.partial(jax.jit, static_argnames="decay")
+def _ema_unless(finite: jax.Array, ema: jax.Array, param: jax.Array, decay: float) -> jax.Array:
+    """:func:`ema_update` of one array, if ``finite``."""
+    return jnp.where(finite, ema_update(ema, param, decay), ema)
 
 
 def step_key(state: TrainState) -> jax.Array:
