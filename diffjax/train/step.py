@@ -209,9 +209,9 @@ def make_train_step(
         fixed = len(ema_decays)
         emas = tuple(jax.tree.map(functools.partial(_ema_unless, finite, decay=d), e, stored)
                      for e, d in zip(state.ema_params, ema_decays))
-        emas += keep(tuple(posthoc_ema.power_ema_update(e, stored, state.step + 1, g)
-                           for e, g in zip(state.ema_params[fixed:], ema_gammas)),
-                     state.ema_params[fixed:])
+        emas += tuple(jax.tree.map(functools.partial(_power_ema_unless, finite, state.step + 1,
+                                                     gamma=g), e, stored)
+                      for e, g in zip(state.ema_params[fixed:], ema_gammas))
         new = state.replace(step=state.step + 1, params=params, ema_params=emas,
                             opt_state=opt_state)
         if timestep_sampler == "loss_second_moment":
@@ -238,6 +238,13 @@ def _applied_unless(finite: jax.Array, param: jax.Array, update: jax.Array) -> j
 def _ema_unless(finite: jax.Array, ema: jax.Array, param: jax.Array, decay: float) -> jax.Array:
     """:func:`ema_update` of one array, if ``finite``."""
     return jnp.where(finite, ema_update(ema, param, decay), ema)
+
+
+@functools.partial(jax.jit, static_argnames="gamma")
+def _power_ema_unless(finite: jax.Array, step: jax.Array, ema: jax.Array, param: jax.Array,
+                      gamma: float) -> jax.Array:
+    """:func:`posthoc_ema.power_ema_update` of one array, if ``finite``."""
+    return jnp.where(finite, posthoc_ema.power_ema_update(ema, param, step, gamma), ema)
 
 
 def step_key(state: TrainState) -> jax.Array:
