@@ -32,9 +32,11 @@ def learning_rate_schedule(
 
 
 class SkipsNonFinite(optax.GradientTransformationExtraArgs):
-    """An optax transformation whose ``update(grads, state, params, finite=...)`` returns the
-    state unchanged where the boolean scalar ``finite`` is False (its updates are then
-    meaningless: the caller keeps its parameters). Without ``finite`` it always updates."""
+    """An optax transformation whose ``update(grads, state, params, finite=..., grad_norm=...)``
+    returns the state unchanged where the boolean scalar ``finite`` is False (its updates are
+    then meaningless: the caller keeps its parameters); without ``finite`` it always updates.
+    ``grad_norm``: :func:`global_norm` of ``grads`` where the caller has it already (else it
+    is computed again: traced twice, if merged by XLA)."""
 
     __slots__ = ()
 
@@ -63,9 +65,10 @@ def make_optimizer(
       the selected ones, so it copies both moments first: 2 x the model's size per step
       (2.2 GB for ADM-64). Selected first, they are written in place and read back;
     * each parameter array's arithmetic is one call of a jitted function (:func:`_adamw_leaf`),
-      traced once per shape: tracing the update records 3 equations per array (its squared
-      norm, the norm's sum, the call) instead of optax's ~28 (ADM-64 has 541 arrays of 54
-      shapes); the cost of tracing and lowering, paid by every start, is per equation.
+      traced once per shape: tracing the update records one equation per array (three
+      without ``grad_norm``: its squared norm and the norm's sum too) instead of optax's ~28
+      (ADM-64 has 541 arrays of 54 shapes); the cost of tracing and lowering, paid by every
+      start, is per equation.
 
     Compiled, XLA fuses the program differently from optax's, and its CPU kernels can then
     round differently: after two Fashion-MNIST steps, 101 of the 288 values of one array (the
@@ -79,18 +82,21 @@ def make_optimizer(
     static = dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                   max_norm=grad_clip if grad_clip > 0 else 0.0)
 
-    def update(grads, state, params=None, *, finite=None, **extra):
+    def update(grads, state, params=None, *, finite=None, grad_norm=None, **extra):
         del extra
         if params is None:
             raise ValueError("make_optimizer's update needs the parameters (weight decay)")
         *clip, (adam, decay, schedule) = state
         finite = jnp.asarray(True) if finite is None else finite
-        norm = global_norm(grads) if grad_clip > 0 else jnp.zeros((), jnp.float32)
+        if grad_clip <= 0:
+            grad_norm = jnp.zeros((), jnp.float32)  # unused
+        elif grad_norm is None:
+            grad_norm = global_norm(grads)
         count = jnp.where(finite, optax.safe_increment(adam.count), adam.count)
         step_size = -1 * learning_rate(schedule.count)  # optax.scale_by_learning_rate
         treedef = jax.tree.structure(params)
         arrays = zip(*(treedef.flatten_up_to(t) for t in (grads, adam.mu, adam.nu, params)))
-        leaves = [_adamw_leaf(g, m, v, p, norm, count, step_size, finite, **static)
+        leaves = [_adamw_leaf(g, m, v, p, grad_norm, count, step_size, finite, **static)
                   for g, m, v, p in arrays]
         updates, mu, nu = (treedef.unflatten(x) for x in (list(zip(*leaves)) or [()] * 3))
         schedule = type(schedule)(count=jnp.where(

@@ -195,7 +195,8 @@ def make_train_step(
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         if isinstance(tx, optim.SkipsNonFinite):  # keeps its state itself, Adam's in place
-            updates, opt_state = tx.update(grads, state.opt_state, state.params, finite=finite)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params, finite=finite,
+                                           grad_norm=grad_norm)
         else:
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             opt_state = keep(opt_state, state.opt_state)
