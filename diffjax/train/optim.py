@@ -35,8 +35,8 @@ class SkipsNonFinite(optax.GradientTransformationExtraArgs):
     """An optax transformation whose ``update(grads, state, params, finite=..., grad_norm=...)``
     returns the state unchanged where the boolean scalar ``finite`` is False (its updates are
     then meaningless: the caller keeps its parameters); without ``finite`` it always updates.
-    ``grad_norm``: :func:`global_norm` of ``grads`` where the caller has it already (else it
-    is computed again: traced twice, if merged by XLA)."""
+    ``grad_norm``: :func:`global_norm` of ``grads`` where the caller has it already (else the
+    update computes it again: the same value, traced a second time)."""
 
     __slots__ = ()
 
