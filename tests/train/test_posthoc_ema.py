@@ -154,3 +154,27 @@ def test_power_ema_weight_late_in_training():
             assert float(got) == pytest.approx(want, rel=1e-5), (gamma, t)
     # the first step takes the parameters themselves (beta_1 = 0)
     assert float(pe.power_ema_update(jnp.full((), 5.0), jnp.full((), 2.0), 1, 6.9)) == 2.0
+
+
+def test_a_nonfinite_step_keeps_the_power_emas():
+    """A step whose loss is NaN leaves the fixed and the power-function EMAs as they were."""
+    tx = optax.sgd(0.1)
+
+    def loss_fn(params, state, batch, key):
+        loss = jnp.sum((params["w"] - batch["target"]) ** 2)
+        return loss, ({"loss": loss[None]}, jnp.zeros((1,), jnp.int32))
+
+    step = jax.jit(make_train_step(loss_fn, tx, (0.9,), optax.constant_schedule(0.1),
+                                   ema_gammas=(pe.sigma_rel_to_gamma(0.1),)))
+    params = {"w": jnp.zeros(3)}
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       ema_params=(params, params), opt_state=tx.init(params),
+                       rng=jax.random.PRNGKey(0), loss_history=jnp.zeros((1, 1)),
+                       loss_count=jnp.zeros((1,), jnp.int32))
+    for k in range(3):  # the EMAs now lag the parameters, so an update would move them
+        state, _ = step(state, {"target": jnp.full(3, k + 1.0)}, jax.random.PRNGKey(k))
+    before = jax.device_get(state.ema_params)
+    state, metrics = step(state, {"target": jnp.full(3, jnp.nan)}, jax.random.PRNGKey(9))
+    assert int(metrics["nonfinite"]) == 1
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.ema_params))):
+        np.testing.assert_array_equal(a, b)
