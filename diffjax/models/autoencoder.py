@@ -110,7 +110,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         b, hh, ww, c = x.shape
-        dense = functools.partial(nn.Dense, c, dtype=self.dtype, param_dtype=self.param_dtype,
+        dense = functools.partial(layers.Dense, c, dtype=self.dtype, param_dtype=self.param_dtype,
                                   kernel_init=layers.torch_default_init)
         h = group_norm(x, self.norm_num_groups, "norm", self.param_dtype).reshape(b, hh * ww, 1, c)
         q, k, v = (dense(name=n)(h) for n in ("q", "k", "v"))
@@ -172,9 +172,10 @@ class Encoder(_Blocks):
                 h = self._res(ch, f"down_{i}_res_{j}")(h)
             if i != last:
                 h = jnp.pad(h, ((0, 0), (0, 1), (0, 1), (0, 0)))
-                h = nn.Conv(ch, (3, 3), strides=(2, 2), padding="VALID", dtype=self.dtype,
-                            param_dtype=self.param_dtype, kernel_init=layers.torch_default_init,
-                            name=f"down_{i}_downsample")(h)
+                h = layers.FlaxConv(ch, (3, 3), strides=(2, 2), padding="VALID",
+                                    dtype=self.dtype, param_dtype=self.param_dtype,
+                                    kernel_init=layers.torch_default_init,
+                                    name=f"down_{i}_downsample")(h)
         return self._out(self._mid(h), 2 * self.latent_channels)
 
 

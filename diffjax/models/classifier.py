@@ -28,7 +28,7 @@ POOLS = ("attention", "adaptive")
 CLASSIFIER_POOLS = POOLS  # the named choices of `EncoderClassifier.pool`, for configlib
 
 
-class AttentionPool2d(nn.Module):
+class AttentionPool2d(layers.ReadsParams):
     """[B, H, W, C] -> [B, out_features]: attention pooling onto the mean token (CLIP/ADM)."""
 
     num_head_channels: int
@@ -45,7 +45,7 @@ class AttentionPool2d(nn.Module):
         pos = self.param("positional_embedding", nn.initializers.normal(c ** -0.5),
                          (h * w + 1, c), self.param_dtype)
         tokens = tokens + pos.astype(tokens.dtype)[None]
-        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+        dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
                                   kernel_init=layers.torch_default_init)
         qkv = dense(3 * c, name="qkv_proj")(tokens)
         q, k, v = layers.split_qkv(qkv, heads, new_order=True)
@@ -109,7 +109,7 @@ class EncoderClassifier(nn.Module):
             logits = AttentionPool2d(self.num_head_channels, self.num_classes, self.dtype,
                                      self.param_dtype, name="out_pool")(h)
         else:
-            proj = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                            kernel_init=nn.initializers.zeros, name="out_proj")
+            proj = layers.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                                kernel_init=nn.initializers.zeros, name="out_proj")
             logits = proj(h.mean(axis=(1, 2)))
         return logits.astype(jnp.float32)

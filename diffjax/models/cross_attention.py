@@ -50,8 +50,8 @@ TRANSFORMER_NORM_EPS = 1e-6  # the SpatialTransformer's GroupNorm (LDM's Normali
 def layer_norm(x: Array, name: str, param_dtype: Dtype) -> Array:
     """LayerNorm (eps 1e-5, two-pass variance) in float32, cast back to x.dtype; creates the
     submodule ``name`` (must be called inside a compact method)."""
-    norm = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=jnp.float32, param_dtype=param_dtype,
-                        use_fast_variance=False, name=name)
+    norm = layers.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=jnp.float32, param_dtype=param_dtype,
+                            use_fast_variance=False, name=name)
     return norm(x.astype(jnp.float32)).astype(x.dtype)
 
 
@@ -73,15 +73,15 @@ class CrossAttention(nn.Module):
                  mask: Array | None = None) -> Array:
         b, t, c = x.shape
         src = x if context is None else context.astype(self.dtype)
-        dense = functools.partial(nn.Dense, c, use_bias=False, dtype=self.dtype,
+        dense = functools.partial(layers.Dense, c, use_bias=False, dtype=self.dtype,
                                   param_dtype=self.param_dtype,
                                   kernel_init=layers.torch_default_init)
         q = dense(name="to_q")(x).reshape(b, t, self.heads, c // self.heads)
         k = dense(name="to_k")(src).reshape(b, src.shape[1], self.heads, c // self.heads)
         v = dense(name="to_v")(src).reshape(b, src.shape[1], self.heads, c // self.heads)
         a = layers.multihead_attention(q, k, v, self.attention_impl, mask).reshape(b, t, c)
-        return nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype,
-                        kernel_init=layers.torch_default_init, name="to_out")(a)
+        return layers.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype,
+                            kernel_init=layers.torch_default_init, name="to_out")(a)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -103,7 +103,7 @@ class BasicTransformerBlock(nn.Module):
         c = x.shape[-1]
         attn = functools.partial(CrossAttention, self.heads, self.dtype, self.param_dtype,
                                  self.attention_impl)
-        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+        dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
                                   kernel_init=layers.torch_default_init)
         x = x + attn(name="attn1")(layer_norm(x, "norm1", self.param_dtype))
         x = x + attn(name="attn2")(layer_norm(x, "norm2", self.param_dtype), context, mask)
@@ -133,7 +133,7 @@ class SpatialTransformer(nn.Module):
     def __call__(self, x: Array, context: Array, context_mask: Array | None = None) -> Array:
         b, hh, ww, c = x.shape
         heads = layers.attention_heads(c, self.num_heads, self.num_head_channels)
-        dense = functools.partial(nn.Dense, c, dtype=self.dtype, param_dtype=self.param_dtype,
+        dense = functools.partial(layers.Dense, c, dtype=self.dtype, param_dtype=self.param_dtype,
                                   kernel_init=layers.torch_default_init)
         h = layers.group_norm(x, self.norm_groups, "norm", self.param_dtype,
                               eps=TRANSFORMER_NORM_EPS, fast_variance=False)

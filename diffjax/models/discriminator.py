@@ -36,6 +36,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffjax.models import layers
+
 Array = jax.Array
 Dtype = Any
 
@@ -52,7 +54,7 @@ def _scale_init(key: Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) 
     return 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
 
 
-class BatchStatNorm(nn.Module):
+class BatchStatNorm(layers.ReadsParams):
     """x: [B, H, W, C] -> same; per channel, (x - mean) / sqrt(var + eps) * scale + bias with
     mean and var over (B, H, W) of this x (BatchNorm in training mode, no running stats),
     computed in float32 and cast back to x.dtype."""
@@ -84,9 +86,10 @@ class PatchDiscriminator(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def _conv(self, features: int, stride: int, use_bias: bool, name: str) -> nn.Module:
-        return nn.Conv(features, (4, 4), strides=(stride, stride), padding=((1, 1), (1, 1)),
-                       use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                       kernel_init=nn.initializers.normal(0.02), name=name)
+        return layers.FlaxConv(features, (4, 4), strides=(stride, stride),
+                               padding=((1, 1), (1, 1)), use_bias=use_bias, dtype=self.dtype,
+                               param_dtype=self.param_dtype,
+                               kernel_init=nn.initializers.normal(0.02), name=name)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:

@@ -140,7 +140,7 @@ class DiTBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, c: Array) -> Array:
         b, n, d = x.shape
-        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+        dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
                                   kernel_init=nn.initializers.xavier_uniform())
         mod = dense(6 * d, kernel_init=nn.initializers.zeros, name="adaLN_modulation")(
             nn.silu(c)).astype(jnp.float32)
@@ -223,15 +223,15 @@ class DiT(nn.Module):
         self._validate(x, t, y)
         d, p = self.hidden_size, self.patch_size
         grid = self.input_size // p
-        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+        dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
                                   kernel_init=nn.initializers.xavier_uniform())
         # Patch embedding: xavier on the flattened [p*p*C, D] kernel (DiT's "like nn.Linear").
         patch_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform",
                                                       in_axis=(0, 1, 2), out_axis=3)
-        h = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                    param_dtype=self.param_dtype, kernel_init=patch_init,
-                    bias_init=_torch_uniform_bias(p * p * self.in_channels),
-                    name="x_embedder")(x.astype(self.dtype))
+        h = layers.FlaxConv(d, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                            param_dtype=self.param_dtype, kernel_init=patch_init,
+                            bias_init=_torch_uniform_bias(p * p * self.in_channels),
+                            name="x_embedder")(x.astype(self.dtype))
         h = h.reshape(h.shape[0], grid * grid, d).astype(jnp.float32)
         h = h + jnp.asarray(get_2d_sincos_pos_embed(d, grid))[None]
 
@@ -240,8 +240,9 @@ class DiT(nn.Module):
         c = dense(d, kernel_init=small, name="t_embedder_0")(freq)
         c = dense(d, kernel_init=small, name="t_embedder_1")(nn.silu(c)).astype(jnp.float32)
         if self.num_classes is not None:
-            table = nn.Embed(self.label_rows, d, dtype=jnp.float32, param_dtype=self.param_dtype,
-                             embedding_init=small, name="y_embedder")
+            table = layers.Embed(self.label_rows, d, dtype=jnp.float32,
+                                 param_dtype=self.param_dtype, embedding_init=small,
+                                 name="y_embedder")
             c = c + table(y)
 
         block = layers.remat(DiTBlock, self.remat, self.remat_policy)

@@ -36,6 +36,8 @@ import math
 from typing import Any, Callable, Protocol
 
 import flax.linen as nn
+from flax import errors as flax_errors
+from flax.core import meta
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -142,7 +144,52 @@ def _conv_fast_bwd(stride, padding, residuals, g):
 conv_fast_grad.defvjp(_conv_fast_fwd, _conv_fast_bwd)
 
 
-class Conv(nn.Module):
+class ReadsParams(nn.Module):
+    """Mixin: ``self.param`` reads an existing parameter without tracing its initializer.
+
+    Flax's ``Module.param`` checks an existing parameter's shape against its initializer's
+    output by tracing the initializer (``jax.eval_shape``, random draws included) on every
+    call, so every apply of a model traces every initializer once more: ~12% of tracing
+    ADM-64's train step. Here the shape is checked against the shape argument instead (the
+    first after the key, as Flax's layers and this module's pass it), with Flax's error; a
+    parameter being created, or an initializer given no shape, goes through ``Module.param``.
+    Parameters, their names, values and initial values are Flax's.
+    """
+
+    def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
+        shape = init_args[0] if init_args else init_kwargs.get("shape")
+        if (self.scope is None or not isinstance(shape, (tuple, list))
+                or not self.has_variable("params", name)):
+            return super().param(name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+        value = self.scope.get_variable("params", name)
+        array = meta.unbox(value)
+        if not hasattr(array, "shape"):  # not one array: Flax's check
+            return super().param(name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+        if tuple(array.shape) != tuple(shape):
+            raise flax_errors.ScopeParamShapeError(name, self.scope.path_text, array.shape,
+                                                   tuple(shape))
+        return array if unbox else value
+
+
+class Dense(ReadsParams, nn.Dense):
+    """``nn.Dense`` (same parameters, names and arithmetic) with :class:`ReadsParams`."""
+
+
+class Embed(ReadsParams, nn.Embed):
+    """``nn.Embed`` (same parameters, names and arithmetic) with :class:`ReadsParams`."""
+
+
+class LayerNorm(ReadsParams, nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters, names and arithmetic) with :class:`ReadsParams`."""
+
+
+class FlaxConv(ReadsParams, nn.Conv):
+    """``nn.Conv`` (same parameters and arithmetic) with :class:`ReadsParams`, for the
+    convolutions :class:`Conv` does not cover (other paddings, non-square kernels). Give it a
+    ``name``: unnamed, Flax would call it ``FlaxConv_<i>`` where ``nn.Conv`` is ``Conv_<i>``."""
+
+
+class Conv(ReadsParams):
     """kxk convolution, NHWC, symmetric padding k//2 (= 'SAME' at stride 1; ADM's padding).
 
     Params: 'kernel' [k, k, C_in, features] and 'bias' [features], as `nn.Conv`.
@@ -210,7 +257,7 @@ def group_norm(x: Array, groups: int, name: str, param_dtype: Dtype, *, eps: flo
     return norm(x.astype(jnp.float32)).astype(x.dtype)
 
 
-class GroupNorm(nn.Module):
+class GroupNorm(ReadsParams):
     """``nn.GroupNorm(groups, epsilon=eps, dtype=float32, use_fast_variance=fast_variance)``
     over x: [B, ..., C] float32 (statistics per example and group over every other axis), with
     the same parameters ('scale' ones, 'bias' zeros, [C]) and the same operations in the same
@@ -354,7 +401,7 @@ class ResBlock(nn.Module):
             h, x = avg_pool_2x2(h), avg_pool_2x2(x)
         h = conv(self.out_channels, name="in_conv")(h)
         width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
-        emb_out = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
+        emb_out = Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
                            kernel_init=torch_default_init, name="emb_proj")(nn.silu(emb))
         emb_out = emb_out.astype(h.dtype)[:, None, None, :]
         if self.use_scale_shift_norm:
@@ -533,7 +580,7 @@ class AttentionBlock(nn.Module):
         """x: [B, H, W, C], context: [B, L, D], context_mask: [B, L] bool -> [B, H, W, C]."""
         b, hh, ww, c = x.shape
         heads = attention_heads(c, self.num_heads, self.num_head_channels)
-        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
         h = group_norm(x, self.norm_groups, "norm", self.param_dtype).reshape(b, hh * ww, c)
         qkv = dense(3 * c, kernel_init=torch_default_init, name="qkv")(h)
         q, k, v = split_qkv(qkv, heads, self.use_new_attention_order)
@@ -562,7 +609,7 @@ class TimeEmbed(nn.Module):
 
     @nn.compact
     def __call__(self, t: Array) -> Array:
-        dense = functools.partial(nn.Dense, 4 * self.model_channels, dtype=self.dtype,
+        dense = functools.partial(Dense, 4 * self.model_channels, dtype=self.dtype,
                                   param_dtype=self.param_dtype, kernel_init=torch_default_init)
         emb = timestep_embedding(t, self.model_channels)
         return dense(name="dense_1")(nn.silu(dense(name="dense_0")(emb)))

@@ -45,7 +45,7 @@ class TextBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, mask: Array) -> Array:
-        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+        dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
                                   kernel_init=layers.torch_default_init)
         b, n, w = x.shape
         h = layer_norm(x, "ln_1", self.param_dtype)
@@ -57,7 +57,7 @@ class TextBlock(nn.Module):
         return x + dense(w, name="mlp_proj")(h).astype(x.dtype)
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(layers.ReadsParams):
     """tokens [B, L] int32 (0 = padding), mask [B, L] bool (False = padding, excluded as a
     key) -> [B, L, width] float32; L <= context_length.
 
@@ -91,8 +91,8 @@ class TextEncoder(nn.Module):
     @nn.compact
     def __call__(self, tokens: Array, mask: Array) -> Array:
         self._validate(tokens, mask)
-        h = nn.Embed(self.vocab_size, self.width, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name="token_embedding")(tokens)
+        h = layers.Embed(self.vocab_size, self.width, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name="token_embedding")(tokens)
         pos = self.param("positional_embedding", nn.initializers.normal(0.01),
                          (self.context_length, self.width), self.param_dtype)
         h = h + pos[:tokens.shape[1]].astype(h.dtype)
@@ -103,7 +103,7 @@ class TextEncoder(nn.Module):
         return layer_norm(h.astype(jnp.float32), "final_ln", self.param_dtype)
 
 
-class TextConditioned(nn.Module):
+class TextConditioned(layers.ReadsParams):
     """A denoiser conditioned on captions through a jointly trained :class:`TextEncoder`.
 
     (x, t, y, ...) -> denoiser(x, t, None, context=..., context_mask=..., ...), with y:
@@ -150,7 +150,7 @@ def pack_context(context: Array, mask: Array | None = None) -> Array:
     return jnp.concatenate([context, jnp.asarray(mask, jnp.float32)[..., None]], axis=-1)
 
 
-class EmbeddingConditioned(nn.Module):
+class EmbeddingConditioned(layers.ReadsParams):
     """A denoiser conditioned on precomputed embeddings stored with the data (a user's T5 or
     CLIP outputs, read by :class:`diffjax.data.text_source.EmbeddingSource`).
 

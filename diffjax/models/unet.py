@@ -172,19 +172,19 @@ class UNet(nn.Module):
                                name="time_embed")(t)
         if self.num_classes is not None:
             rows = self.num_classes + int(self.class_null_label)
-            table = nn.Embed(rows, 4 * self.model_channels, dtype=self.dtype,
-                             param_dtype=self.param_dtype,
-                             embedding_init=nn.initializers.normal(1.0), name="label_emb")
+            table = layers.Embed(rows, 4 * self.model_channels, dtype=self.dtype,
+                                 param_dtype=self.param_dtype,
+                                 embedding_init=nn.initializers.normal(1.0), name="label_emb")
             emb = emb + table(y)
         if self.aug_embed:
             emb = emb + layers.TimeEmbed(self.model_channels, self.dtype, self.param_dtype,
                                          name="aug_embed")(jnp.broadcast_to(aug_level, t.shape))
         if context is not None and self.context_pool != "none":
             pooled = cross_attention.pool_context(context, context_mask, self.context_pool)
-            emb = emb + nn.Dense(4 * self.model_channels, dtype=self.dtype,
-                                 param_dtype=self.param_dtype,
-                                 kernel_init=layers.torch_default_init,
-                                 name="context_proj")(pooled.astype(self.dtype))
+            emb = emb + layers.Dense(4 * self.model_channels, dtype=self.dtype,
+                                     param_dtype=self.param_dtype,
+                                     kernel_init=layers.torch_default_init,
+                                     name="context_proj")(pooled.astype(self.dtype))
 
         def attend(h_: Array, heads: int, name: str) -> Array:
             if context is not None and self.use_spatial_transformer:

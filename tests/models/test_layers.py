@@ -2,6 +2,7 @@
 
 import math
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -337,3 +338,49 @@ def test_blocked_attention_never_holds_the_whole_logits():
     # What the models call: "auto" on this CPU backend at 1024 queries is the blocked kernel.
     if jax.default_backend() == "cpu":
         assert temp(lambda q, k, v: layers.multihead_attention(q, k, v, "auto")) == blocked
+
+
+
+def _counting(init):
+    """``init`` and the list of shapes it was called for (under a trace or not)."""
+    calls = []
+
+    def counted(key, shape, dtype=jnp.float32):
+        calls.append(tuple(shape))
+        return init(key, shape, dtype)
+
+    return counted, calls
+
+
+@pytest.mark.parametrize("make, flax_layer, x", [
+    (lambda i: layers.Conv(4, kernel_init=i, bias_init=i), None, jnp.ones((1, 4, 4, 3))),
+    (lambda i: layers.GroupNorm(2), None, jnp.ones((1, 2, 2, 4))),
+    (lambda i: layers.Dense(4, kernel_init=i, bias_init=i), nn.Dense, jnp.ones((2, 3))),
+    (lambda i: layers.Embed(5, 4, embedding_init=i), nn.Embed, jnp.array([0, 4])),
+    (lambda i: layers.LayerNorm(scale_init=i, bias_init=i), nn.LayerNorm, jnp.ones((2, 3))),
+])
+def test_apply_reads_parameters_without_tracing_initializers(make, flax_layer, x):
+    """Flax's Module.param traces a parameter's initializer on every apply to check its
+    shape; layers.ReadsParams reads the parameter and checks the shape itself: initializers
+    run at init only, the Flax layer's parameters and outputs, a wrong shape still Flax's
+    error."""
+    init, calls = _counting(nn.initializers.normal(0.5))
+    module = make(init)
+    params = module.init(jax.random.PRNGKey(0), x)
+    created = list(calls)
+    module.apply(params, x)
+    jax.jit(module.apply)(params, x)
+    jax.grad(lambda p: jnp.sum(module.apply(p, x) ** 2))(params)
+    assert calls == created
+    if flax_layer is not None:  # the same parameters, names, values and outputs as Flax's
+        assert len(created) >= 1
+        twin = flax_layer(**{f: getattr(module, f) for f in module.__dataclass_fields__
+                             if f not in ("parent", "name")})
+        ref = twin.init(jax.random.PRNGKey(0), x)
+        assert jax.tree.structure(ref) == jax.tree.structure(params)
+        for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(params)):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(twin.apply(ref, x), module.apply(params, x))
+    bad = jax.tree.map(lambda a: jnp.zeros(a.shape[:-1] + (a.shape[-1] + 1,)), params)
+    with pytest.raises(flax.errors.ScopeParamShapeError, match="is expected to generate shape"):
+        module.apply(bad, x)
