@@ -475,8 +475,9 @@ class Generator:
             if inputs is not None:
                 part = inputs[i * self.batch:(i + 1) * self.batch]
                 part = np.pad(part, ((0, self.batch - len(part)),) + ((0, 0),) * (part.ndim - 1))
-            got = fn(params, self.classifier_params, self.first_stage_params,
-                     jax.random.fold_in(key, i), padded, part, values)
+            with parallel.gc_paused():  # the first call traces the program
+                got = fn(params, self.classifier_params, self.first_stage_params,
+                         jax.random.fold_in(key, i), padded, part, values)
             out.append(np.asarray(jax.device_get(got))[:len(chunk)])
         return np.concatenate(out)
 

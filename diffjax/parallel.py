@@ -12,9 +12,11 @@ arrays with the shardings made here.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -70,6 +72,27 @@ INIT_COMPILER_OPTIONS = {
     # changes their float rounding).
     "xla_backend_optimization_level": 1,
 }
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off inside the block, as it was after: for tracing
+    and lowering a large program.
+
+    Tracing allocates millions of short-lived objects, and the collector's passes over them
+    were ~25% of tracing ADM-64's train step (jax 0.10.2, 2-core Intel Xeon: 3.4-3.8 s with
+    it, 2.5-2.7 s without; lowering 0.1 s less) while they find nothing to free: 6 objects
+    in cycles were left after that trace. Reference counting still frees everything else.
+    Wraps diffjax's own traces (the train state's shapes and creation, the train step, the
+    first call of each sampling program); use it around a program of your own the same way.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def init_compiler_options() -> dict[str, Any] | None:

@@ -59,7 +59,8 @@ class Trainer:
                                         task.timestep_sampler, o.ema_gammas, gather)
         self._state_args = (task.init_params, self.tx, train_spec.seed,
                             len(o.ema_decays) + len(o.ema_gammas), task.schedule.num_timesteps)
-        self._shapes = state_shapes(*self._state_args)
+        with parallel.gc_paused():
+            self._shapes = state_shapes(*self._state_args)
         self.state_sharding = parallel.state_sharding(mesh, self._shapes, train_spec.shard_state)
         rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
         self.train_step = jax.jit(
@@ -68,7 +69,8 @@ class Trainer:
             donate_argnums=(0,))
 
     def new_state(self) -> TrainState:
-        return create_sharded_state(*self._state_args, self.state_sharding)
+        with parallel.gc_paused():  # traced, compiled and run
+            return create_sharded_state(*self._state_args, self.state_sharding)
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and this trainer's shardings of the state: restoring into it places
@@ -222,7 +224,8 @@ class CompilingStep:
         self.times: dict[str, float] = {}
         self._began, self._future = began, None
         if batch is not None:
-            lowered = trainer.train_step.lower(trainer.abstract_state(), batch)
+            with parallel.gc_paused():
+                lowered = trainer.train_step.lower(trainer.abstract_state(), batch)
             self.times["step lowered at"] = time.time() - began
             pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="diffjax-compile")
             self._future = pool.submit(self._compile, lowered)
