@@ -36,11 +36,11 @@ import math
 from typing import Any, Callable, Protocol
 
 import flax.linen as nn
-from flax import errors as flax_errors
-from flax.core import meta
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import errors as flax_errors
+from flax.core import meta
 from jax import lax
 
 Array = jax.Array
@@ -149,11 +149,12 @@ class ReadsParams(nn.Module):
 
     Flax's ``Module.param`` checks an existing parameter's shape against its initializer's
     output by tracing the initializer (``jax.eval_shape``, random draws included) on every
-    call, so every apply of a model traces every initializer once more: ~12% of tracing
-    ADM-64's train step. Here the shape is checked against the shape argument instead (the
-    first after the key, as Flax's layers and this module's pass it), with Flax's error; a
-    parameter being created, or an initializer given no shape, goes through ``Module.param``.
-    Parameters, their names, values and initial values are Flax's.
+    call, so every apply of a model traces every initializer once more (ADM-64's train step:
+    543 initializers, 0.45-0.56 s of its 3.1-3.6 s trace on a 2-core Xeon). Here the shape
+    is checked against the shape argument instead (the first after the key, as Flax's layers
+    and this module's pass it), with Flax's error; a parameter being created, or an
+    initializer given no shape, goes through ``Module.param``. Parameters, their names,
+    values and initial values are Flax's.
     """
 
     def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
