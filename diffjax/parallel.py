@@ -80,9 +80,10 @@ def gc_paused() -> Iterator[None]:
     and lowering a large program.
 
     Tracing allocates millions of short-lived objects, and the collector's passes over them
-    were ~25% of tracing ADM-64's train step (jax 0.10.2, 2-core Intel Xeon: 3.4-3.8 s with
-    it, 2.5-2.7 s without; lowering 0.1 s less) while they find nothing to free: 6 objects
-    in cycles were left after that trace. Reference counting still frees everything else.
+    were a fifth to a quarter of tracing and lowering ADM-64's train step (jax 0.10.2, 2-core
+    Intel Xeon, fresh processes: 4.05-4.32 s with it, 3.13-3.47 s without) while they find
+    nothing to free: 6 objects in cycles were left after that trace. Reference counting
+    still frees everything else.
     Wraps diffjax's own traces (the train state's shapes and creation, the train step, the
     first call of each sampling program); use it around a program of your own the same way.
     """
