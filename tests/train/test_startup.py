@@ -121,8 +121,8 @@ def test_gc_paused_restores_the_collector_as_it_was():
 
 def test_the_large_traces_run_with_the_garbage_collector_paused(tiny, tiny_data, monkeypatch):
     """The state's shapes, the train step and a sampling program are traced with Python's
-    cyclic collector off (parallel.gc_paused: its passes were ~25% of ADM-64's step trace):
-    every GroupNorm traced records whether the collector was on."""
+    cyclic collector off (parallel.gc_paused: its passes were a fifth to a quarter of tracing
+    and lowering ADM-64's step): every GroupNorm traced records whether it was on."""
     seen = []
     group_norm = layers._group_norm_f32
 
