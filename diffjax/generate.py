@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import parallel
+from diffjax import hugepages, parallel
 from diffjax.diffusion import conditional
 from diffjax.diffusion import guidance as guidance_lib
 from diffjax.specs import SamplerSpec
@@ -479,6 +479,8 @@ class Generator:
                 got = fn(params, self.classifier_params, self.first_stage_params,
                          jax.random.fold_in(key, i), padded, part, values)
             out.append(np.asarray(jax.device_get(got))[:len(chunk)])
+            if i == 0:  # what compiling (or reading) the program freed goes back to the system
+                hugepages.release_freed_memory()
         return np.concatenate(out)
 
 

@@ -1,4 +1,5 @@
-"""Transparent huge pages for the large host buffers XLA allocates on every call.
+"""glibc's malloc and XLA's host memory: transparent huge pages for the large buffers XLA
+allocates on every call, and the memory freed after compiling handed back.
 
 XLA:CPU allocates a compiled program's temporary buffer afresh on each call (the
 Fashion-MNIST train step's is 125 MB at batch 16). glibc serves such a request with a fresh
@@ -14,10 +15,21 @@ script can do the same. Nothing happens when it would change nothing: not Linux 
 glibc >= 2.35, transparent huge pages not in ``madvise`` mode (``always`` already gives
 them, ``never`` forbids them), or ``GLIBC_TUNABLES`` already names the tunable (set
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=0`` to keep 4 KiB pages).
+
+Compiling a large program allocates and frees hundreds of MB in small pieces, across XLA's
+threads and their malloc arenas, and glibc keeps what was freed: it stays in the process's
+resident memory for the rest of the run, though nothing uses it. :func:`release_freed_memory`
+hands it back (``malloc_trim``). ``python -m diffjax.main`` calls it once the first train
+step has run (the state's and the step's compilation behind it) and after the first batch of
+each sampling run (its program compiled or read from the cache). A Fashion-MNIST run at
+batch 16 on a 2-core Intel Xeon, median resident memory over its 200 steps: 1.40-1.57 GB
+without it, 0.76-0.79 GB with it after a cold start; 1.00-1.02 GB and 0.67-0.68 GB on a warm
+compilation cache (two runs each).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 
@@ -83,3 +95,19 @@ def maybe_reexec(started: float | None = None) -> None:
         os.execve(sys.executable, argv, env)
     except OSError:
         return
+
+
+def release_freed_memory() -> bool:
+    """Hands the C heap's free pages back to the operating system (glibc's
+    ``malloc_trim(0)``, every arena); memory in use is untouched. Returns whether it ran
+    (False where the C library is not glibc). A few milliseconds, tens with a GB to hand
+    back: for after one-off work such as compiling, not for every step."""
+    if glibc_version() is None:
+        return False
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from diffjax import checkpoint, parallel
+from diffjax import checkpoint, hugepages, parallel
 from diffjax import data as data_lib
 from diffjax.errors import ConfigError
 from diffjax.specs import OptimSpec, TrainSpec
@@ -178,6 +178,10 @@ def _train(task, optim_spec, t, workdir, mesh, data_iterator, resolved, global_b
                                           "first step": first - began - max(times.values())},
                                compile_times.seconds())
                 first_batch = None
+                # What compiling the state's and the step's programs freed, held by malloc
+                # since, goes back to the system (a Fashion-MNIST run's median resident
+                # memory 1.40-1.57 GB -> 0.76-0.79 GB; hugepages.release_freed_memory).
+                hugepages.release_freed_memory()
             done = step + 1
             if done % t.log_every == 0 or done == t.num_steps:
                 summary = _mean_metrics(jax.device_get(pending))

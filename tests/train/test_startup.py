@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from diffjax import checkpoint, experiment, generate, parallel
+from diffjax import checkpoint, experiment, generate, hugepages, parallel
 from diffjax.models import layers
-from diffjax.train import loop
+from diffjax.train import loop, reporting
 
 WAIT_S = 60  # how long either side waits for the other; a sequential start runs it out
 
@@ -147,3 +147,49 @@ def test_the_large_traces_run_with_the_garbage_collector_paused(tiny, tiny_data,
     generator(state.ema_params[0], 2, jax.random.PRNGKey(0))
     assert len(seen) > traced and not any(seen)
     assert gc.isenabled()
+
+
+def test_memory_freed_by_compiling_goes_back_after_the_first_step_and_batch(
+        tiny, tiny_data, tmp_path, monkeypatch):
+    """hugepages.release_freed_memory (glibc's malloc_trim) runs once the first train step has
+    run, before later steps, and after the first batch of each sampling run: malloc keeps what
+    compiling freed otherwise (a Fashion-MNIST run held a median 1.40-1.57 GB through its
+    training instead of 0.76-0.79 GB)."""
+    events = []
+    monkeypatch.setattr(hugepages, "release_freed_memory", lambda: events.append("release"))
+    startup, log = reporting.Reporter.startup, reporting.Reporter.log
+
+    def recording_startup(self, *args, **kwargs):
+        events.append("first step")
+        return startup(self, *args, **kwargs)
+
+    def recording_log(self, step, *args, **kwargs):
+        events.append(f"log {step}")
+        return log(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(reporting.Reporter, "startup", recording_startup)
+    monkeypatch.setattr(reporting.Reporter, "log", recording_log)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    c = tiny.config(tiny_data, **{"train.num_steps": 3, "train.log_every": 1})
+    state = _train(c, str(tmp_path / "run"), mesh)
+    assert events == ["first step", "release", "log 1", "log 2", "log 3"]
+
+    program = generate.Generator.program
+
+    def recording_program(self, *args, **kwargs):
+        fn = program(self, *args, **kwargs)
+
+        def run(*call_args):
+            events.append("batch")
+            return fn(*call_args)
+
+        return run
+
+    monkeypatch.setattr(generate.Generator, "program", recording_program)
+    exp = experiment.build(c, num_devices=1)
+    generator = generate.Generator(exp.task, exp.sampling, mesh, batch_size=2)
+    for _ in range(2):
+        events.clear()
+        images, _ = generator(state.ema_params[0], 5, jax.random.PRNGKey(0))
+        assert images.shape[0] == 5
+        assert events == ["batch", "release", "batch", "batch"]
