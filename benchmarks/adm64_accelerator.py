@@ -204,14 +204,17 @@ def role_diffjax(args) -> None:
     rec["loss_after"] = float(metrics["loss"])
     stats = jax.devices()[0].memory_stats() or {}
     rec["peak_bytes"] = stats.get("peak_bytes_in_use")
-    if args.profile and args.variant == args.variants.split(",")[0]:
-        import step_profile  # benchmarks/, beside this script
+    import step_profile  # benchmarks/, beside this script
 
+    if args.profile and args.variant == args.variants.split(",")[0]:
         rec["profile"], (state, _) = step_profile.profile(
             step, (state, batch), args.profile, args.cache.rstrip("/") + "_trace", donate=True)
     hlo = step.as_text()
     rec["hlo"] = {"all_reduce": hlo.count("all-reduce-start") or hlo.count(" all-reduce("),
-                  "cudnn_fmha": hlo.count("__cudnn$fmha"), "convolutions": hlo.count("custom_call_target=\"__cudnn$conv")}
+                  "cudnn_fmha": hlo.count("__cudnn$fmha"),
+                  "convolutions": hlo.count("custom_call_target=\"__cudnn$conv"),
+                  # the optimiser's share of what compiles and loads (start-up)
+                  "kernels_by_pass": step_profile.kernel_counts(hlo)}
     ema = state.ema_params[0]
     del state, step
     if args.sample_batch and args.variant == args.variants.split(",")[0]:  # (variants: start-up
@@ -453,6 +456,11 @@ def _summary(args, variants: list[str]) -> None:
                 print(f"| {v} {tag} | {r['lower_s']:.1f} | {r['init_s']:.1f} | "
                       f"{r['compile_s']:.1f} | {parts(r.get('startup_jax_s'))} | "
                       f"{r['first_loss']:.6f} |")
+    for v, rec, _ in rows:
+        h = rec.get("hlo") or {}
+        print(f"{v} step HLO: {h.get('all_reduce')} all-reduces, {h.get('cudnn_fmha')} cuDNN "
+              f"attention calls, {h.get('convolutions')} cuDNN convolutions; operations doing "
+              f"work by pass: {h.get('kernels_by_pass')}")
     if peer:
         print(f"| guided-diffusion (fp16) | {peer['step_s']:.4f} | {peer['images_per_s']:.1f} | "
               f"{mfu(peer['images_per_s']):.1%} | - | - | {peer['setup_s']:.1f} (setup) | - | "

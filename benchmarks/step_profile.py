@@ -52,11 +52,12 @@ def hlo_ops(hlo_text: str) -> dict[str, dict[str, str]]:
     bodies: dict[str, set[str]] = collections.defaultdict(set)
     body_names: dict[str, list[str]] = collections.defaultdict(list)  # op_names inside
     ops: dict[str, dict] = {}
-    current = None
+    current = entry = None
     for line in hlo_text.splitlines():
         head = _COMPUTATION.match(line)
         if head and " = " not in line:
             current = head.group(1) or head.group(2)
+            entry = current if line.startswith("ENTRY") else entry
             continue
         m = _INSTRUCTION.match(line)
         if not m:
@@ -74,7 +75,8 @@ def hlo_ops(hlo_text: str) -> dict[str, dict[str, str]]:
         ops[name] = {"opcode": opcode, "calls": calls.group(1) if calls else "",
                      "target": target.group(1) if target else "",
                      "op_name": op_name.group(1) if op_name else "",
-                     "operands": re.findall(r"%([\w.\-]+)", operands)}
+                     "operands": re.findall(r"%([\w.\-]+)", operands),
+                     "top_level": current is not None and current == entry}
     users: dict[str, list[str]] = collections.defaultdict(list)
     for name, info in ops.items():
         for operand in info["operands"]:
@@ -90,6 +92,22 @@ def hlo_ops(hlo_text: str) -> dict[str, dict[str, str]]:
             names += _neighbour_names(name, ops, users, body_names)
         info["pass"] = _pass(names)
     return ops
+
+
+# Top-level instructions that launch no work of their own.
+_NO_WORK = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all",
+            "opt-barrier", "partition-id", "replica-id"}
+
+
+def kernel_counts(hlo_text: str) -> dict[str, int]:
+    """How many operations of a compiled module's entry computation do work (fusions,
+    library calls, copies, collectives, loops: each a kernel or a thunk to compile, load and
+    launch), by pass (forward, backward, the rest: optimiser, EMA, guard), most first."""
+    count: collections.Counter = collections.Counter()
+    for info in hlo_ops(hlo_text).values():
+        if info["top_level"] and info["opcode"] not in _NO_WORK:
+            count[info["pass"]] += 1
+    return dict(count.most_common())
 
 
 def _neighbour_names(name: str, ops: dict, users: dict, body_names: dict) -> list[str]:
@@ -187,7 +205,8 @@ def summarize(trace_dir: str, hlo_text: str, module: str, calls: int,
     return {"total_ms": total, "ops": len(per_op),
             "wall_ms": seconds_per_call * 1000 if seconds_per_call else None,
             "by_kind": dict(by_kind.most_common()), "ops_by_kind": dict(count),
-            "by_pass": dict(by_pass.most_common()), "top": top}
+            "by_pass": dict(by_pass.most_common()), "top": top,
+            "kernels_by_pass": kernel_counts(hlo_text)}
 
 
 def profile(compiled, args: tuple, steps: int, out_dir: str,
@@ -229,6 +248,9 @@ def format_summary(s: dict) -> str:
     lines.append("|---|---|---|")
     for name, ms in s["by_pass"].items():
         lines.append(f"| {name} | {ms:.2f} | {ms / total:.1%} |")
+    if s.get("kernels_by_pass"):
+        lines.append("compiled operations doing work, by pass: " + ", ".join(
+            f"{name} {n}" for name, n in s["kernels_by_pass"].items()))
     lines.append("top ops:")
     for t in s["top"]:
         lines.append(f"  {t['ms']:7.2f} ms  {t['kind']:<28} {t['op']:<28} {t['op_name'][-90:]}")
