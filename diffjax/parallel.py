@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.metadata
+import importlib.util
 import math
+import mmap
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -48,9 +51,16 @@ XLA_DEFAULTS = {
 }
 
 
+# jaxlib releases whose XLA was seen to know every option of XLA_DEFAULTS. XLA ends the
+# process on an option in XLA_FLAGS it does not know, and experimental ones come and go, so
+# with any other release `xla_defaults` first looks each one up in jaxlib's binaries.
+CHECKED_JAXLIB = ("0.10.2",)
+
+
 def xla_defaults() -> None:
     """Adds `XLA_DEFAULTS` to the XLA_FLAGS environment variable, keeping any of them that
-    XLA_FLAGS already sets (the user's choice wins).
+    XLA_FLAGS already sets (the user's choice wins) and leaving out any that the installed
+    jaxlib's XLA does not know (:func:`xla_knows`).
 
     XLA reads XLA_FLAGS once, when JAX starts its first backend: call this before any JAX
     computation (``python -m diffjax.main`` does; a script that imports diffjax calls it
@@ -58,8 +68,45 @@ def xla_defaults() -> None:
     """
     flags = os.environ.get("XLA_FLAGS", "").split()
     named = {f.lstrip("-").split("=", 1)[0] for f in flags}
-    flags += [f"--{k}={v}" for k, v in XLA_DEFAULTS.items() if k not in named]
+    wanted = [k for k in XLA_DEFAULTS if k not in named]
+    known = xla_knows(wanted)
+    flags += [f"--{k}={XLA_DEFAULTS[k]}" for k in wanted if k in known]
     os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
+def xla_knows(names: Sequence[str], version: str | None = None,
+              directory: str | None = None) -> set[str]:
+    """Those of the XLA option ``names`` that the installed jaxlib knows: all of them for a
+    release in :data:`CHECKED_JAXLIB`; otherwise those whose name is in one of jaxlib's
+    shared libraries (where XLA registers its options; a scan of a few hundred MB, ~0.2 s).
+    ``version``, ``directory``: jaxlib's version and folder (default: the installed one's),
+    for tests. Nothing of JAX is imported."""
+    if not names:
+        return set()
+    if version is None or directory is None:
+        try:
+            version = importlib.metadata.version("jaxlib") if version is None else version
+            spec = importlib.util.find_spec("jaxlib")
+        except (ImportError, ValueError):
+            return set()
+        if directory is None:
+            if spec is None or not spec.submodule_search_locations:
+                return set()
+            directory = list(spec.submodule_search_locations)[0]
+    if version in CHECKED_JAXLIB:
+        return set(names)
+    found: set[str] = set()
+    for root, _, files in os.walk(directory):
+        for name in files:
+            if ".so" not in name:
+                continue
+            try:
+                with open(os.path.join(root, name), "rb") as f, \
+                        mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as image:
+                    found.update(n for n in names if image.find(n.encode()) >= 0)
+            except (OSError, ValueError):  # unreadable, or empty (mmap of 0 bytes)
+                continue
+    return found
 
 
 # XLA options for a program that only creates parameters (:func:`init_compiler_options`).

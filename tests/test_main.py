@@ -259,3 +259,26 @@ def test_orbax_background_failure_reports_are_dropped():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "never awaited" not in out.stderr and "Event loop is closed" not in out.stderr
     assert "RuntimeError: kept" in out.stderr
+
+
+def test_xla_defaults_leave_out_options_the_installed_xla_does_not_know(tmp_path, monkeypatch):
+    """XLA ends the process on an option in XLA_FLAGS that it does not know: on a jaxlib
+    release not in parallel.CHECKED_JAXLIB each default is looked up in jaxlib's shared
+    libraries first, and one that is in none of them is left out."""
+    lib = tmp_path / "jaxlib"
+    (lib / "sub").mkdir(parents=True)
+    (lib / "sub" / "libxla.so.1").write_bytes(b"\0xla_gpu_enable_triton_gemm\0xla_other\0")
+    (lib / "empty.so").write_bytes(b"")
+    (lib / "notes.txt").write_bytes(b"xla_cpu_experimental_ynn_fusion_type")  # not a library
+    names = list(parallel.XLA_DEFAULTS)
+    assert parallel.xla_knows(names, version="99.0", directory=str(lib)) == {
+        "xla_gpu_enable_triton_gemm"}
+    assert parallel.xla_knows(names, version=parallel.CHECKED_JAXLIB[0],
+                              directory=str(lib)) == set(names)
+    # The installed jaxlib's binaries hold every default's name (scanned as for a new release).
+    assert parallel.xla_knows(names, version="scan") == set(names)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    monkeypatch.setattr(parallel, "xla_knows", lambda wanted: {"xla_gpu_enable_triton_gemm"})
+    parallel.xla_defaults()
+    assert os.environ["XLA_FLAGS"].split() == [
+        "--xla_force_host_platform_device_count=8", "--xla_gpu_enable_triton_gemm=false"]
