@@ -27,7 +27,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from diffjax import parallel
+from diffjax import hugepages, parallel
 from diffjax.evaluation.metrics import MetricError
 
 # Scope paths of the last projection of EncoderClassifier, per pool.
@@ -93,6 +93,8 @@ class FeatureNet:
             f, lg = self._fn(self._params, jax.device_put(x, self._data))
             feats.append(np.asarray(f)[:count])
             logits.append(np.asarray(lg)[:count])
+            if len(feats) == 1:  # what compiling freed goes back to the system
+                hugepages.release_freed_memory()
         return np.concatenate(feats), np.concatenate(logits)
 
     def of_local_batches(self, batches: Iterable[dict[str, np.ndarray]], total: int | None = None
@@ -106,6 +108,8 @@ class FeatureNet:
             x = jax.make_array_from_process_local_data(self._data, batch["image"])
             f, _ = self._fn(self._params, x)
             out.append(np.asarray(f)[gather_mask(batch["mask"])])
+            if len(out) == 1:  # what compiling freed goes back to the system
+                hugepages.release_freed_memory()
         return np.concatenate(out)
 
 

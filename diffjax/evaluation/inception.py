@@ -41,6 +41,8 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
+from diffjax import hugepages
+
 NUM_CLASSES = 1008
 POOL_DIM = 2048
 SPATIAL_CHANNELS = 7  # ADM keeps the first 7 channels of mixed_6/conv (17 * 17 * 7 = 2023)
@@ -399,6 +401,8 @@ def compute_activations(params: dict, images: Iterable[np.ndarray] | np.ndarray,
             x = (jnp.asarray(chunk) if sharding is None
                  else jax.make_array_from_process_local_data(sharding, chunk))
             current = (step(params, x), valid)
+            if pending is None:  # the first call: what compiling freed goes back to the system
+                hugepages.release_freed_memory()
             if pending is not None:
                 _collect(outputs, *pending)
             pending = current

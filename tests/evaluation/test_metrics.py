@@ -12,7 +12,8 @@ import pytest
 import scipy.linalg
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from diffjax.evaluation import inception
+from diffjax import hugepages
+from diffjax.evaluation import features, inception
 from diffjax.evaluation import metrics as M
 
 EPS64 = np.finfo(np.float64).eps
@@ -263,6 +264,39 @@ def test_compute_activations_batches_pads_and_shards():
         np.testing.assert_allclose(got_sh[k], ref[k], rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="no images"):
         inception.compute_activations(params, iter([]), apply_fn=_toy_apply, progress=False)
+
+
+def test_feature_loops_hand_back_freed_memory_after_their_first_batch(monkeypatch):
+    """compute_activations and FeatureNet (both of its loops) call
+    hugepages.release_freed_memory once, after their first batch (the one that compiled the
+    network): an InceptionV3 pass kept ~126 MB of freed memory resident otherwise."""
+    events = []
+    monkeypatch.setattr(hugepages, "release_freed_memory", lambda: events.append("release"))
+
+    def recording(fn):
+        def call(*args):
+            events.append("batch")
+            return fn(*args)
+        return call
+
+    jitted = inception._jitted_step
+    monkeypatch.setattr(inception, "_jitted_step", lambda *a: recording(jitted(*a)))
+    imgs = np.random.default_rng(14).integers(0, 256, size=(11, 12, 10, 3), dtype=np.uint8)
+    got = inception.compute_activations({"s": jnp.float32(2.0)}, imgs, batch_size=4, size=16,
+                                        apply_fn=_toy_apply, progress=False)
+    assert got["pool"].shape == (11, 3)
+    assert events == ["batch", "release", "batch", "batch"]
+    net = features.FeatureNet.__new__(features.FeatureNet)  # the loops only, no network
+    net.image_shape, net.batch_size, net._params, net._data = (4, 4, 1), 2, None, None
+    net._fn = recording(lambda p, x: (np.asarray(x).reshape(len(x), -1), np.zeros((len(x), 2))))
+    events.clear()
+    feats, _ = net(np.zeros((5, 4, 4, 1), np.float32))
+    assert feats.shape == (5, 16) and events == ["batch", "release", "batch", "batch"]
+    events.clear()
+    monkeypatch.setattr(jax, "make_array_from_process_local_data", lambda sharding, x: x)
+    batches = [{"image": np.zeros((2, 4, 4, 1), np.float32), "mask": np.ones(2, bool)}] * 3
+    assert net.of_local_batches(iter(batches)).shape == (6, 16)
+    assert events == ["batch", "release", "batch", "batch"]
 
 
 def test_compute_activations_with_inception_sharded_equals_single_device():
