@@ -1,7 +1,9 @@
 """Where a compiled program's time goes: a JAX profiler trace of a few calls, summed per HLO op
 and grouped by what the op is (convolution, attention, matmul, normalisation-like reductions,
 elementwise, copies and transposes, collectives) and by the pass it belongs to (forward,
-backward, the rest: optimiser, EMA, NaN guard, RNG), from the op's ``op_name`` metadata.
+backward, the rest: optimiser, EMA, NaN guard, RNG), from the op's ``op_name`` metadata; and
+how many of the compiled program's top-level operations do work in each pass
+(:func:`kernel_counts`: what XLA compiles, loads from its cache and launches, one by one).
 
     from step_profile import profile
     summary, last_output = profile(compiled, args, steps=5, out_dir="/tmp/trace", donate=True)
