@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import tqdm
 
-from diffjax import parallel
+from diffjax import hugepages, parallel
 from diffjax.diffusion import losses
 from diffjax.evaluation.features import gather_mask
 
@@ -101,6 +101,8 @@ def evaluate_nll(nll_fn: Callable, params, batches: Iterable[dict[str, np.ndarra
         x = jax.make_array_from_process_local_data(data, np.asarray(batch["image"], np.float32))
         y = jax.make_array_from_process_local_data(data, np.asarray(batch["label"], np.int32))
         current = (nll_fn(params, x, y, jax.random.fold_in(key, i)), gather_mask(batch["mask"]))
+        if i == 0:  # what compiling freed goes back to the system
+            hugepages.release_freed_memory()
         count += int(current[1].sum())
         if pending is not None:
             values.append(_fetch(*pending, bar))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffjax import parallel
+from diffjax import hugepages, parallel
 from diffjax.diffusion import losses as L
 from diffjax.evaluation import likelihood
 
@@ -94,6 +94,23 @@ def test_sharded_evaluator_equals_single_device_nll_bpd_per_image(setup):
     direct = [np.asarray(single(jnp.asarray(b["image"]), jax.random.fold_in(key, i)))[b["mask"]]
               for i, b in enumerate(_batches(x0, []))]
     np.testing.assert_allclose(result.per_example, np.concatenate(direct)[:20], rtol=2e-6)
+
+
+def test_nll_hands_back_freed_memory_after_its_first_batch(setup, monkeypatch):
+    """hugepages.release_freed_memory runs once, after the first batch (the one that compiled
+    the T-term program), as in the other evaluation loops."""
+    *_, x0, mesh, fn = setup
+    events = []
+    monkeypatch.setattr(hugepages, "release_freed_memory", lambda: events.append("release"))
+
+    def recording(*args):
+        events.append("batch")
+        return fn(*args)
+
+    result = likelihood.evaluate_nll(recording, {}, _batches(x0, []), jax.random.key(3), mesh,
+                                     progress=False)
+    assert result.num_examples == N
+    assert events == ["batch", "release", "batch", "batch", "batch"]
 
 
 def test_nll_result_needs_examples():
