@@ -23,10 +23,9 @@ hands it back (``malloc_trim``). ``python -m diffjax.main`` calls it once the fi
 step has run (the state's and the step's compilation behind it) and after the first batch of
 each sampling run, feature-extraction pass (FID's InceptionV3, the feature classifier) and
 likelihood evaluation, whose programs compiled or were read from the cache then. A
-Fashion-MNIST run at
-batch 16 on a 2-core Intel Xeon, median resident memory over its 200 steps: 1.40-1.57 GB
-without it, 0.76-0.79 GB with it after a cold start; 1.00-1.02 GB and 0.67-0.68 GB on a warm
-compilation cache (two runs each).
+Fashion-MNIST run at batch 16 on a 2-core Intel Xeon, median resident memory over its 200
+steps: 1.40-1.57 GB without it, 0.76-0.79 GB with it after a cold start; 1.00-1.02 GB and
+0.67-0.68 GB on a warm compilation cache (two runs each).
 """
 
 from __future__ import annotations
