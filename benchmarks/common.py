@@ -15,7 +15,6 @@ Protocol of every benchmark:
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import datetime
 import gc
@@ -124,11 +123,10 @@ def _status_kb(field: str) -> int | None:
 
 
 def _release_freed_memory() -> None:
+    from diffjax import hugepages
+
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    hugepages.release_freed_memory()
 
 
 class PeakRSS:

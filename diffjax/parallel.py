@@ -83,18 +83,17 @@ def xla_knows(names: Sequence[str], version: str | None = None,
     for tests. Nothing of JAX is imported."""
     if not names:
         return set()
-    if version is None or directory is None:
-        try:
-            version = importlib.metadata.version("jaxlib") if version is None else version
-            spec = importlib.util.find_spec("jaxlib")
-        except (ImportError, ValueError):
-            return set()
-        if directory is None:
-            if spec is None or not spec.submodule_search_locations:
-                return set()
-            directory = list(spec.submodule_search_locations)[0]
+    try:
+        version = version or importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        return set()
     if version in CHECKED_JAXLIB:
         return set(names)
+    if directory is None:
+        spec = importlib.util.find_spec("jaxlib")
+        if spec is None or not spec.submodule_search_locations:
+            return set()
+        directory = list(spec.submodule_search_locations)[0]
     found: set[str] = set()
     for root, _, files in os.walk(directory):
         for name in files:
