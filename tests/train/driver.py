@@ -1,6 +1,7 @@
 """Runs the real training loop in a subprocess, for the kill -9 and multi-process tests.
 
     python driver.py DATA_DIR WORKDIR STEPS DEVICES [--kill-at-batch K] [--text]
+        [--adam-eps E] [--shard-state fsdp]
         [--process-id I --num-processes N --coordinator HOST:PORT]
 
 Writes WORKDIR/final_params.npz (process 0) when training completes. With --kill-at-batch K
@@ -27,6 +28,7 @@ parser.add_argument("--num-processes", type=int, default=1)
 parser.add_argument("--coordinator", default="")
 parser.add_argument("--text", action="store_true", help="tiny.text_config (a caption model)")
 parser.add_argument("--adam-eps", type=float, default=0.0, help="optim.eps (0: the config's)")
+parser.add_argument("--shard-state", default="", help="parallel.shard_state ('': the config's)")
 args = parser.parse_args()
 
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
@@ -34,6 +36,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 
 # One compilation cache per process, as each host of a pod has its own disk: two processes
 # sharing one cache directory were seen to hang in the checkpoint barrier here.
@@ -81,6 +84,14 @@ class Tap:
         self.it.set_state(state)
 
 
+def held(x) -> int:
+    """Elements of ``x`` on this process's devices, each distinct shard counted once."""
+    indices = {tuple((s.start, s.stop, s.step) for s in shard.index)
+               for shard in x.addressable_shards}
+    return sum(int(np.prod([len(range(*slice(*i).indices(n))) for i, n in zip(index, x.shape)]))
+               for index in indices)
+
+
 # Generous timeouts: the tests share 2 cores between these processes, pytest's workers and
 # whatever else runs, so one process can reach a synchronisation point minutes after another
 # (compiling with a cold cache); the defaults are set for dedicated hosts.
@@ -93,6 +104,8 @@ make_config = tiny.text_config if args.text else tiny.config
 overrides = {"train.num_steps": args.steps}
 if args.adam_eps:
     overrides["optim.eps"] = args.adam_eps
+if args.shard_state:
+    overrides["parallel.shard_state"] = args.shard_state
 exp = experiment.build(make_config(args.data_dir, **overrides),
                        num_devices=parallel.num_data_shards(mesh))
 if args.text:
@@ -108,7 +121,11 @@ it = Tap(it, args.kill_at_batch,
          os.path.join(args.workdir, f"first_batch_p{jax.process_index()}_s{start}.json"))
 print(f"process {jax.process_index()} starts at step {start}", flush=True)
 state = app_train.run(exp, args.workdir, mesh, data_iterator=it)
-params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
+leaves = jax.tree.leaves(state.params)
+print(f"process {jax.process_index()} holds {sum(map(held, leaves))} of "
+      f"{sum(x.size for x in leaves)} parameter elements", flush=True)
+# Whole arrays on every process: a sharded (fsdp) array's shards lie on several processes.
+params = multihost_utils.process_allgather(state.params, tiled=True)
 if jax.process_index() == 0:
     flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
     np.savez(os.path.join(args.workdir, "final_params.npz"), step=int(state.step), **flat)
