@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from diffjax import hugepages, parallel
 from diffjax.diffusion import conditional
@@ -465,8 +466,13 @@ class Generator:
                          inputs, knobs)
 
     def _run(self, fn, params, num_samples: int, key, labels, inputs, knobs) -> np.ndarray:
-        """``fn`` over batches of ``self.batch`` (the last one padded), concatenated."""
+        """``fn`` over batches of ``self.batch`` (the last one padded), concatenated.
+
+        labels and inputs are the whole run's, the same on every process; each batch is
+        placed over all processes' devices (``jax.device_put`` of the same array on every
+        process) and every process receives all of its images."""
         values = self.sampling.knobs(**(knobs or {}))
+        data = parallel.data_sharding(self.mesh)
         out = []
         for i in range(math.ceil(num_samples / self.batch)):
             chunk = labels[i * self.batch:(i + 1) * self.batch]
@@ -475,13 +481,22 @@ class Generator:
             if inputs is not None:
                 part = inputs[i * self.batch:(i + 1) * self.batch]
                 part = np.pad(part, ((0, self.batch - len(part)),) + ((0, 0),) * (part.ndim - 1))
+            padded, part = jax.device_put((padded, part), data)
             with parallel.gc_paused():  # the first call traces the program
                 got = fn(params, self.classifier_params, self.first_stage_params,
                          jax.random.fold_in(key, i), padded, part, values)
-            out.append(np.asarray(jax.device_get(got))[:len(chunk)])
+            out.append(_fetch(got)[:len(chunk)])
             if i == 0:  # what compiling (or reading) the program freed goes back to the system
                 hugepages.release_freed_memory()
         return np.concatenate(out)
+
+
+def _fetch(x: jax.Array) -> np.ndarray:
+    """``x`` whole, as NumPy, on every process (each holds only its devices' part of an array
+    sharded over several processes)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _round_up(n: int, k: int) -> int:

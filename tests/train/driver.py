@@ -29,6 +29,7 @@ parser.add_argument("--coordinator", default="")
 parser.add_argument("--text", action="store_true", help="tiny.text_config (a caption model)")
 parser.add_argument("--adam-eps", type=float, default=0.0, help="optim.eps (0: the config's)")
 parser.add_argument("--shard-state", default="", help="parallel.shard_state ('': the config's)")
+parser.add_argument("--sample-every", type=int, default=0, help="train.sample_every (grids)")
 args = parser.parse_args()
 
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
@@ -101,7 +102,7 @@ parallel.maybe_initialize_distributed(
     collective_timeout_s=600)
 mesh = parallel.make_mesh()
 make_config = tiny.text_config if args.text else tiny.config
-overrides = {"train.num_steps": args.steps}
+overrides = {"train.num_steps": args.steps, "train.sample_every": args.sample_every}
 if args.adam_eps:
     overrides["optim.eps"] = args.adam_eps
 if args.shard_state:

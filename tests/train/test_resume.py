@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import portpicker
 import pytest
+from PIL import Image
 
 @pytest.fixture(scope="module")
 def data_dir(tiny_data):
@@ -62,7 +63,7 @@ def _two_processes(tiny, data_dir, workdir, steps, *extra):
     port = portpicker.pick_unused_port()
     cmd = lambda i: [sys.executable, tiny.DRIVER, data_dir, workdir, steps, 2,  # noqa: E731
                      "--adam-eps", ADAM_EPS, "--process-id", i, "--num-processes", 2,
-                     "--coordinator", f"localhost:{port}", *extra]
+                     "--coordinator", f"localhost:{port}", "--sample-every", 2, *extra]
     procs = [subprocess.Popen(list(map(str, cmd(i))), env=tiny.driver_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
@@ -80,9 +81,10 @@ def _held(out: str) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def one_process(tiny, data_dir, tmp_path_factory):
-    """4 steps in one process with 4 devices, replicated state: the workdir."""
+    """4 steps in one process with 4 devices, replicated state, sample grids at steps 2 and
+    4: the workdir."""
     one = str(tmp_path_factory.mktemp("one_process"))
-    tiny.run_driver([data_dir, one, 4, 4, "--adam-eps", ADAM_EPS])
+    tiny.run_driver([data_dir, one, 4, 4, "--adam-eps", ADAM_EPS, "--sample-every", 2])
     return one
 
 
@@ -94,11 +96,19 @@ def _assert_same_params(tiny, one, two):
     # issue sets for sharded-vs-single-device steps.
     for name in a:
         np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    # The grids, drawn with every process's devices from the EMA parameters: the same images,
+    # but for a pixel whose value lies within the parameters' 1e-5 of a rounding boundary.
+    for step in (2, 4):
+        grid = lambda workdir: np.asarray(Image.open(  # noqa: E731
+            os.path.join(workdir, "samples", f"step_{step:07d}.png")), np.int16)
+        diff = np.abs(grid(two) - grid(one))
+        assert diff.max() <= 1 and np.mean(diff > 0) < 0.01, (step, diff.max(), diff.mean())
 
 
 def test_two_processes_match_one_process_with_as_many_devices(tiny, data_dir, one_process,
                                                               tmp_path):
-    """The multi-host path on one machine: 2 processes x 2 devices through jax.distributed."""
+    """The multi-host path on one machine: 2 processes x 2 devices through jax.distributed,
+    training and drawing the sample grids."""
     one = one_process
     two = str(tmp_path / "two")
     # On a busy machine one process can reach its first collective more than the fixed 30 s
@@ -125,14 +135,21 @@ def test_two_processes_match_one_process_with_as_many_devices(tiny, data_dir, on
     _assert_same_params(tiny, one, two)
 
 
-def test_two_processes_with_sharded_state_resume_and_match_one_process(tiny, data_dir,
-                                                                      one_process, tmp_path):
+@pytest.fixture(scope="module")
+def two_fsdp(tiny, data_dir, tmp_path_factory):
+    """A run with parallel.shard_state="fsdp" on 2 processes x 2 devices: 2 steps, then
+    resumed to 4: (workdir, the resumed processes' outputs)."""
+    two = str(tmp_path_factory.mktemp("two_fsdp"))
+    _two_processes(tiny, data_dir, two, 2, "--shard-state", "fsdp")
+    return two, _two_processes(tiny, data_dir, two, 4, "--shard-state", "fsdp")
+
+
+def test_two_processes_with_sharded_state_resume_and_match_one_process(tiny, one_process,
+                                                                      two_fsdp):
     """parallel.shard_state="fsdp" across 2 processes x 2 devices: each array's shards lie on
     both processes, and so do the checkpoint's; the run stops at step 2, resumes from its
     own sharded checkpoint and ends where the 1-process replicated run does."""
-    two = str(tmp_path / "two_fsdp")
-    _two_processes(tiny, data_dir, two, 2, "--shard-state", "fsdp")
-    second = _two_processes(tiny, data_dir, two, 4, "--shard-state", "fsdp")
+    two, second = two_fsdp
     for i, out in enumerate(second):
         assert f"process {i} starts at step 2" in out, out
         held, total = _held(out)
@@ -140,3 +157,56 @@ def test_two_processes_with_sharded_state_resume_and_match_one_process(tiny, dat
     with open(os.path.join(two, "config.json")) as f:
         assert json.load(f)["parallel"]["shard_state"] == "fsdp"
     _assert_same_params(tiny, one_process, two)
+
+
+_CLI_CONFIG = """
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location("diffjax_tests_tiny_cli", {tiny!r})
+tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny)
+
+
+def get_config():
+    return tiny.config({data_dir!r}, **{overrides!r})
+"""
+
+
+def _sample_cli(tiny, data_dir, workdir, config_dir, shard_state, processes, devices):
+    """``python -m diffjax.main --mode sample`` on ``workdir`` (the driver's config of its
+    4-step run) as ``processes`` processes of ``devices`` CPU devices each: samples.npz."""
+    overrides = {"train.num_steps": 4, "train.sample_every": 2, "optim.eps": ADAM_EPS,
+                 "parallel.shard_state": shard_state}
+    config = os.path.join(config_dir, f"tiny_{shard_state}.py")
+    with open(config, "w") as f:
+        f.write(_CLI_CONFIG.format(tiny=os.path.join(os.path.dirname(tiny.DRIVER), "tiny.py"),
+                                   data_dir=data_dir, overrides=overrides))
+    env = {**tiny.driver_env(), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    port = portpicker.pick_unused_port()
+    cmd = lambda i: [sys.executable, "-m", "diffjax.main", "--config", config,  # noqa: E731
+                     "--workdir", workdir, "--mode", "sample", "--compilation_cache_dir",
+                     os.path.join(env["DIFFJAX_TEST_CACHE"], f"cli_process{i}")] + (
+        ["--coordinator_address", f"localhost:{port}", "--num_processes", str(processes),
+         "--process_id", str(i)] if processes > 1 else [])
+    procs = [subprocess.Popen(cmd(i), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(processes)]
+    for p in procs:
+        _, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-4000:]
+    with np.load(os.path.join(workdir, "samples.npz")) as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_sample_mode_on_two_processes_restores_the_sharded_run(tiny, data_dir, one_process,
+                                                               two_fsdp, tmp_path):
+    """``--mode sample`` through the command line on 2 processes x 2 devices restores the
+    fsdp run's sharded checkpoint and draws the samples one process with 4 devices draws
+    from the replicated run (whose parameters equal it to 1e-5)."""
+    one = _sample_cli(tiny, data_dir, one_process, str(tmp_path), "replicated", 1, 4)
+    two = _sample_cli(tiny, data_dir, two_fsdp[0], str(tmp_path), "fsdp", 2, 2)
+    assert one.keys() == two.keys() and one["images"].shape == two["images"].shape
+    np.testing.assert_array_equal(two["labels"], one["labels"])
+    # Seen: 1.4e-6 at most; the bound is 10x the parameters' own 1e-5 (3 sampler steps of a
+    # network whose output moves about as its parameters do).
+    np.testing.assert_allclose(two["images"], one["images"], atol=1e-4)
