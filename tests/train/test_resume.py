@@ -1,6 +1,7 @@
 """A run killed with SIGKILL at any moment resumes and ends exactly where an uninterrupted
 run ends; several processes reach the same parameters as one process with as many devices."""
 
+import glob
 import json
 import os
 import re
@@ -172,12 +173,15 @@ def get_config():
 """
 
 
-def _sample_cli(tiny, data_dir, workdir, config_dir, shard_state, processes, devices):
-    """``python -m diffjax.main --mode sample`` on ``workdir`` (the driver's config of its
-    4-step run) as ``processes`` processes of ``devices`` CPU devices each: samples.npz."""
+def _cli(tiny, data_dir, workdir, config_dir, shard_state, processes, devices, mode,
+         **overrides):
+    """``python -m diffjax.main --mode MODE`` on ``workdir`` (the driver's config of its
+    4-step run, and ``overrides`` with "__" for ".") as ``processes`` processes of
+    ``devices`` CPU devices each."""
     overrides = {"train.num_steps": 4, "train.sample_every": 2, "optim.eps": ADAM_EPS,
-                 "parallel.shard_state": shard_state}
-    config = os.path.join(config_dir, f"tiny_{shard_state}.py")
+                 "parallel.shard_state": shard_state,
+                 **{k.replace("__", "."): v for k, v in overrides.items()}}
+    config = os.path.join(config_dir, f"tiny_{mode}_{shard_state}.py")
     with open(config, "w") as f:
         f.write(_CLI_CONFIG.format(tiny=os.path.join(os.path.dirname(tiny.DRIVER), "tiny.py"),
                                    data_dir=data_dir, overrides=overrides))
@@ -185,7 +189,7 @@ def _sample_cli(tiny, data_dir, workdir, config_dir, shard_state, processes, dev
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     port = portpicker.pick_unused_port()
     cmd = lambda i: [sys.executable, "-m", "diffjax.main", "--config", config,  # noqa: E731
-                     "--workdir", workdir, "--mode", "sample", "--compilation_cache_dir",
+                     "--workdir", workdir, "--mode", mode, "--compilation_cache_dir",
                      os.path.join(env["DIFFJAX_TEST_CACHE"], f"cli_process{i}")] + (
         ["--coordinator_address", f"localhost:{port}", "--num_processes", str(processes),
          "--process_id", str(i)] if processes > 1 else [])
@@ -194,19 +198,36 @@ def _sample_cli(tiny, data_dir, workdir, config_dir, shard_state, processes, dev
     for p in procs:
         _, err = p.communicate(timeout=900)
         assert p.returncode == 0, err[-4000:]
-    with np.load(os.path.join(workdir, "samples.npz")) as f:
-        return {k: f[k] for k in f.files}
 
 
-def test_sample_mode_on_two_processes_restores_the_sharded_run(tiny, data_dir, one_process,
-                                                               two_fsdp, tmp_path):
-    """``--mode sample`` through the command line on 2 processes x 2 devices restores the
-    fsdp run's sharded checkpoint and draws the samples one process with 4 devices draws
-    from the replicated run (whose parameters equal it to 1e-5)."""
-    one = _sample_cli(tiny, data_dir, one_process, str(tmp_path), "replicated", 1, 4)
-    two = _sample_cli(tiny, data_dir, two_fsdp[0], str(tmp_path), "fsdp", 2, 2)
+def test_sample_and_eval_modes_on_two_processes_restore_the_sharded_run(
+        tiny, data_dir, one_process, two_fsdp, tmp_path):
+    """``--mode sample`` and ``--mode eval`` (a sample metric and the test split's NLL)
+    through the command line on 2 processes x 2 devices restore the fsdp run's sharded
+    checkpoint and give what one process with 4 devices gives on the replicated run (whose
+    parameters equal it to 1e-5)."""
+    runs = {"one": (one_process, "replicated", 1, 4), "two": (two_fsdp[0], "fsdp", 2, 2)}
+    samples, evals = {}, {}
+    for name, (workdir, *how) in runs.items():
+        _cli(tiny, data_dir, workdir, str(tmp_path), *how, "sample")
+        with np.load(os.path.join(workdir, "samples.npz")) as f:
+            samples[name] = {k: f[k] for k in f.files}
+        _cli(tiny, data_dir, workdir, str(tmp_path), *how, "eval",
+             eval__metrics=("brightness", "nll"), eval__num_samples=16)
+        evals[name] = {}
+        for record in glob.glob(os.path.join(workdir, "eval", "*.json")):
+            with open(record) as f:
+                evals[name][os.path.basename(record)] = json.load(f)["metrics"]
+    one, two = samples["one"], samples["two"]
     assert one.keys() == two.keys() and one["images"].shape == two["images"].shape
     np.testing.assert_array_equal(two["labels"], one["labels"])
     # Seen: 1.4e-6 at most; the bound is 10x the parameters' own 1e-5 (3 sampler steps of a
     # network whose output moves about as its parameters do).
     np.testing.assert_allclose(two["images"], one["images"], atol=1e-4)
+    assert sorted(evals["two"]) == sorted(evals["one"]) == ["ddim-3_cfg-0.0.json"]
+    assert {"brightness", "nll_bpd"} <= set(evals["one"]["ddim-3_cfg-0.0.json"])
+    for record, metrics in evals["one"].items():
+        assert evals["two"][record].keys() == metrics.keys()
+        for key, value in metrics.items():  # the same images and NLL terms, up to that 1e-5
+            np.testing.assert_allclose(evals["two"][record][key], value, rtol=1e-4,
+                                       err_msg=f"{record} {key}")
