@@ -35,9 +35,14 @@ def snapshot_dir(workdir: str) -> str:
 def _manager(directory: str, read_only: bool) -> ocp.CheckpointManager:
     if "://" not in directory:
         directory = os.path.abspath(directory)
+    # Its own names for orbax's barriers between processes: the train checkpoints' manager
+    # saves at the same steps, and two managers' barriers of one name collide (a multi-process
+    # run stopped with "Barrier ... is already ongoing").
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=not read_only, cleanup_tmp_directories=not read_only)
+        enable_async_checkpointing=not read_only, cleanup_tmp_directories=not read_only,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix="ema_snapshots"))
     return ocp.CheckpointManager(
         epath.Path(directory), options=options, item_names=("ema", "profile"),
         item_handlers={"ema": checkpoint.array_tree_handler(),

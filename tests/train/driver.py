@@ -1,7 +1,7 @@
 """Runs the real training loop in a subprocess, for the kill -9 and multi-process tests.
 
     python driver.py DATA_DIR WORKDIR STEPS DEVICES [--kill-at-batch K] [--text]
-        [--adam-eps E] [--shard-state fsdp]
+        [--adam-eps E] [--shard-state fsdp] [--sample-every N] [--ema-snapshots]
         [--process-id I --num-processes N --coordinator HOST:PORT]
 
 Writes WORKDIR/final_params.npz (process 0) when training completes. With --kill-at-batch K
@@ -30,6 +30,8 @@ parser.add_argument("--text", action="store_true", help="tiny.text_config (a cap
 parser.add_argument("--adam-eps", type=float, default=0.0, help="optim.eps (0: the config's)")
 parser.add_argument("--shard-state", default="", help="parallel.shard_state ('': the config's)")
 parser.add_argument("--sample-every", type=int, default=0, help="train.sample_every (grids)")
+parser.add_argument("--ema-snapshots", action="store_true",
+                    help="a power-function EMA (sigma_rel 0.1) and its snapshots every 2 steps")
 args = parser.parse_args()
 
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
@@ -107,6 +109,8 @@ if args.adam_eps:
     overrides["optim.eps"] = args.adam_eps
 if args.shard_state:
     overrides["parallel.shard_state"] = args.shard_state
+if args.ema_snapshots:
+    overrides.update({"ema.sigma_rels": (0.1,), "ema.snapshot_every": 2})
 exp = experiment.build(make_config(args.data_dir, **overrides),
                        num_devices=parallel.num_data_shards(mesh))
 if args.text:

@@ -59,12 +59,13 @@ ADAM_EPS = 1e-4
 
 
 def _two_processes(tiny, data_dir, workdir, steps, *extra):
-    """Runs the driver as processes 0 and 1 of a 2-process run (``extra``: more of its
-    options)."""
+    """Runs the driver as processes 0 and 1 of a 2-process run, with sample grids and EMA
+    snapshots every 2 steps (``extra``: more of its options)."""
     port = portpicker.pick_unused_port()
     cmd = lambda i: [sys.executable, tiny.DRIVER, data_dir, workdir, steps, 2,  # noqa: E731
                      "--adam-eps", ADAM_EPS, "--process-id", i, "--num-processes", 2,
-                     "--coordinator", f"localhost:{port}", "--sample-every", 2, *extra]
+                     "--coordinator", f"localhost:{port}", "--sample-every", 2,
+                     "--ema-snapshots", *extra]
     procs = [subprocess.Popen(list(map(str, cmd(i))), env=tiny.driver_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
@@ -82,10 +83,11 @@ def _held(out: str) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def one_process(tiny, data_dir, tmp_path_factory):
-    """4 steps in one process with 4 devices, replicated state, sample grids at steps 2 and
-    4: the workdir."""
+    """4 steps in one process with 4 devices, replicated state, sample grids and EMA
+    snapshots at steps 2 and 4: the workdir."""
     one = str(tmp_path_factory.mktemp("one_process"))
-    tiny.run_driver([data_dir, one, 4, 4, "--adam-eps", ADAM_EPS, "--sample-every", 2])
+    tiny.run_driver([data_dir, one, 4, 4, "--adam-eps", ADAM_EPS, "--sample-every", 2,
+                     "--ema-snapshots"])
     return one
 
 
@@ -97,6 +99,9 @@ def _assert_same_params(tiny, one, two):
     # issue sets for sharded-vs-single-device steps.
     for name in a:
         np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    # The power EMA's snapshots, saved by every process beside the checkpoints (at steps 2 and
+    # 4 both), with barriers of their own.
+    assert sorted(os.listdir(os.path.join(two, "ema_snapshots"))) == ["2", "4"]
     # The grids, drawn with every process's devices from the EMA parameters: the same images,
     # but for a pixel whose value lies within the parameters' 1e-5 of a rounding boundary.
     for step in (2, 4):
@@ -179,7 +184,8 @@ def _cli(tiny, data_dir, workdir, config_dir, shard_state, processes, devices, m
     4-step run, and ``overrides`` with "__" for ".") as ``processes`` processes of
     ``devices`` CPU devices each."""
     overrides = {"train.num_steps": 4, "train.sample_every": 2, "optim.eps": ADAM_EPS,
-                 "parallel.shard_state": shard_state,
+                 "parallel.shard_state": shard_state, "ema.sigma_rels": (0.1,),
+                 "ema.snapshot_every": 2,
                  **{k.replace("__", "."): v for k, v in overrides.items()}}
     config = os.path.join(config_dir, f"tiny_{mode}_{shard_state}.py")
     with open(config, "w") as f:
