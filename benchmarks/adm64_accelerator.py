@@ -462,7 +462,9 @@ def _summary(args, variants: list[str]) -> None:
               f"attention calls, {h.get('convolutions')} cuDNN convolutions; operations doing "
               f"work by pass: {h.get('kernels_by_pass')}")
     if peer:
-        print(f"| guided-diffusion (fp16) | {peer['step_s']:.4f} | {peer['images_per_s']:.1f} | "
+        precision = "fp16" if peer.get("device", "cpu") != "cpu" else "fp32: no fp16 on CPU"
+        print(f"| guided-diffusion ({precision}) | {peer['step_s']:.4f} | "
+              f"{peer['images_per_s']:.1f} | "
               f"{mfu(peer['images_per_s']):.1%} | - | - | {peer['setup_s']:.1f} (setup) | - | "
               f"{gb(peer['peak_bytes']):.1f} | {peer.get('sample_images_per_s', float('nan')):.1f}"
               " |")
@@ -486,8 +488,9 @@ def _summary(args, variants: list[str]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--role", default="driver", choices=("driver", "flops", "diffjax", "peer"))
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--sample_batch", type=int, default=128, help="DDIM-25 batch (0: skip)")
+    p.add_argument("--batch", type=int, default=None, help="train batch (64; --smoke: 2)")
+    p.add_argument("--sample_batch", type=int, default=None,
+                   help="DDIM-25 batch (128; --smoke: 2; 0: skip)")
     p.add_argument("--steps", type=int, default=10, help="timed train steps")
     p.add_argument("--profile", type=int, default=0,
                    help="profile this many train steps of the first variant (step_profile.py)")
@@ -502,6 +505,11 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="imagenet64:smoke, tiny peer (CPU)")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/adm64_bench"))
     args = p.parse_args()
+    # --smoke runs on CPU: ADM-64's batches would spend the whole budget in the peer alone
+    if args.batch is None:
+        args.batch = 2 if args.smoke else 64
+    if args.sample_batch is None:
+        args.sample_batch = 2 if args.smoke else 128
     {"driver": driver, "flops": role_flops, "diffjax": role_diffjax, "peer": role_peer}[
         args.role](args)
 
