@@ -8,7 +8,11 @@ Reading them here does not.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import glob
+import os
+import tempfile
 
 import numpy as np
 
@@ -25,6 +29,23 @@ def _tfds():
 def _build_command(name: str, data_dir: str | None) -> str:
     where = f" --data_dir={data_dir}" if data_dir else ""
     return f"`tfds build {name}{where} --file_format=array_record` (building needs tensorflow)"
+
+
+@contextlib.contextmanager
+def _no_leftover_tempdirs():
+    """Removes the empty ``tmp*tfds`` directories that appear in the system's temporary folder
+    during the block. TFDS makes one each time it builds the info of a dataset that is not
+    prepared where it looks (``DatasetInfo.initialize_from_bucket``, which fills it from GCS
+    when that is enabled) and never removes it: one per open of an unprepared dataset, and
+    tfds.data_source makes a builder of its own."""
+    pattern = os.path.join(tempfile.gettempdir(), "tmp*tfds")
+    before = set(glob.glob(pattern))
+    try:
+        yield
+    finally:
+        for path in set(glob.glob(pattern)) - before:
+            with contextlib.suppress(OSError):  # not empty (in use): left alone
+                os.rmdir(path)
 
 
 def _builder(name: str, data_dir: str | None):
@@ -49,6 +70,26 @@ class TfdsSource:
                  image_size: int | None = None, resize: str = "none",
                  image_key: str = "image", label_key: str | None = "label"):
         self.name = f"tfds:{name}"
+        with _no_leftover_tempdirs():
+            features = self._open(name, split, data_dir, image_key, label_key)
+        self._image_key = image_key
+        self._label_key = label_key
+        shape = tuple(features[image_key].shape)
+        self._num_classes = features[label_key].num_classes if label_key is not None else 0
+        if None in shape:
+            if resize != "resize" or image_size is None:
+                raise DataError(f"{self.name} images vary in size {shape}; set image_size and "
+                                 "resize='resize'")
+            self._sizer = None
+            self._image_shape = (image_size, image_size, shape[-1])
+        else:
+            self._sizer = sizing.Sizer(shape, image_size, resize, self.name)
+            self._image_shape = self._sizer.output_shape
+        self._size = image_size
+
+    def _open(self, name: str, split: str, data_dir: str | None, image_key: str,
+              label_key: str | None):
+        """Checks the dataset and its features, opens the split's source: the features."""
         builder = _builder(name, data_dir)
         features = builder.info.features
         if image_key not in features:
@@ -70,20 +111,7 @@ class TfdsSource:
                                  f"array_record: rebuild with {_build_command(name, data_dir)}"
                                  ) from e
             raise DataError(f"{self.name}: cannot open split '{split}': {e}".split("\n")[0]) from e
-        self._image_key = image_key
-        self._label_key = label_key
-        shape = tuple(features[image_key].shape)
-        self._num_classes = features[label_key].num_classes if label_key is not None else 0
-        if None in shape:
-            if resize != "resize" or image_size is None:
-                raise DataError(f"{self.name} images vary in size {shape}; set image_size and "
-                                 "resize='resize'")
-            self._sizer = None
-            self._image_shape = (image_size, image_size, shape[-1])
-        else:
-            self._sizer = sizing.Sizer(shape, image_size, resize, self.name)
-            self._image_shape = self._sizer.output_shape
-        self._size = image_size
+        return features
 
     def __len__(self) -> int:
         return len(self._source)

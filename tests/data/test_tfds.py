@@ -6,7 +6,9 @@ Its batched __getitems__ is broken (an unbound mock function), so the source rea
 record, which also works on real data.
 """
 
+import os
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -15,7 +17,9 @@ import tensorflow_datasets as tfds
 from diffjax.data import pipeline, sources
 
 
-def test_eval_pass_matches_the_data_source():
+def test_eval_pass_matches_the_data_source(tmp_path, monkeypatch):
+    # tfds.data_source's own builder leaves an empty tmp*tfds directory: in tmp_path
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with tfds.testing.mock_data(num_examples=10):
         reference = tfds.data_source("cifar10", split="test")
         it = pipeline.make_eval_iterator(source="tfds:cifar10", split="test", image_size=32,
@@ -66,3 +70,15 @@ def test_tfds_errors(tmp_path):
     with pytest.raises(ValueError, match="tfds build cifar10 .*--file_format=array_record") as e:
         sources.make_source("tfds:cifar10", split="train", data_dir=str(tmp_path))
     assert "\n" not in str(e.value) and "not prepared" in str(e.value)
+
+
+def test_an_unprepared_dataset_leaves_no_temporary_directories(tmp_path, monkeypatch):
+    """TFDS makes an empty tmp*tfds directory in the temporary folder for each builder of a
+    dataset it does not find prepared and keeps it; opening the source removes those it
+    made, and only those."""
+    temp = tmp_path / "tmp"
+    (temp / "tmpothertfds").mkdir(parents=True)  # another program's, empty: kept
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    with pytest.raises(ValueError, match="not prepared"):
+        sources.make_source("tfds:cifar10", split="train", data_dir=str(tmp_path / "data"))
+    assert os.listdir(temp) == ["tmpothertfds"]
