@@ -66,9 +66,14 @@ def _two_processes(tiny, data_dir, workdir, steps, *extra):
                      "--adam-eps", ADAM_EPS, "--process-id", i, "--num-processes", 2,
                      "--coordinator", f"localhost:{port}", "--sample-every", 2,
                      "--ema-snapshots", *extra]
-    procs = [subprocess.Popen(list(map(str, cmd(i))), env=tiny.driver_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    return _together([list(map(str, cmd(i))) for i in range(2)], tiny.driver_env())
+
+
+def _together(commands, env) -> list[str]:
+    """Runs the commands at once (the processes of one run); their stdouts, once all end, each
+    successfully (else AssertionError with its stderr's tail)."""
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for c in commands]
     outs = [p.communicate(timeout=900) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-4000:]
@@ -91,7 +96,8 @@ def one_process(tiny, data_dir, tmp_path_factory):
     return one
 
 
-def _assert_same_params(tiny, one, two):
+def _assert_same_run(tiny, one, two):
+    """Run ``two`` ended where ``one`` did: parameters, EMA snapshots, sample grids."""
     a, b = tiny.final_params(one), tiny.final_params(two)
     assert int(a.pop("step")) == int(b.pop("step")) == 4
     assert a.keys() == b.keys()
@@ -138,7 +144,7 @@ def test_two_processes_match_one_process_with_as_many_devices(tiny, data_dir, on
     # Only process 0 writes logs: one line per logged step, not one per process.
     with open(os.path.join(two, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == [2, 4]
-    _assert_same_params(tiny, one, two)
+    _assert_same_run(tiny, one, two)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +168,7 @@ def test_two_processes_with_sharded_state_resume_and_match_one_process(tiny, one
         assert held < total, out  # the large arrays' other shards lie on the other process
     with open(os.path.join(two, "config.json")) as f:
         assert json.load(f)["parallel"]["shard_state"] == "fsdp"
-    _assert_same_params(tiny, one_process, two)
+    _assert_same_run(tiny, one_process, two)
 
 
 _CLI_CONFIG = """
@@ -199,11 +205,7 @@ def _cli(tiny, data_dir, workdir, config_dir, shard_state, processes, devices, m
                      os.path.join(env["DIFFJAX_TEST_CACHE"], f"cli_process{i}")] + (
         ["--coordinator_address", f"localhost:{port}", "--num_processes", str(processes),
          "--process_id", str(i)] if processes > 1 else [])
-    procs = [subprocess.Popen(cmd(i), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(processes)]
-    for p in procs:
-        _, err = p.communicate(timeout=900)
-        assert p.returncode == 0, err[-4000:]
+    _together([cmd(i) for i in range(processes)], env)
 
 
 def test_sample_and_eval_modes_on_two_processes_restore_the_sharded_run(
