@@ -14,6 +14,7 @@ import types
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from diffjax import configlib, data, experiment, generate, parallel, tasks
 from diffjax.app import common
@@ -337,3 +338,29 @@ def test_fashion_mnist_latent_config_on_its_autoencoder(tiny, tmp_path):
     out = task.apply(params, np.zeros((2, 8, 8, 4), np.float32), np.array([3.0, 7.0]),
                      np.array([0, 1]), False)
     assert out.shape == (2, 8, 8, 4) and bool(np.isfinite(out).all())
+
+
+def test_encode_and_train_on_two_processes(tiny, tiny_data, setup, tmp_path):
+    """``--mode encode`` as 2 processes x 2 devices (``jax.distributed``) writes the cache one
+    process writes, file for file; ``--mode train`` of the latent model with its state
+    sharded (fsdp) over both processes trains on that cache and draws its grid, decoded by
+    the autoencoder on every process's devices."""
+    _, _, ae, cache, _ = setup
+    two = str(tmp_path / "cache")
+    settings = {**LATENT, "data.latent.workdir": ae, "data.latent.cache": two}
+    config = tiny.write_cli_config(tmp_path / "encode.py", tiny_data, settings)
+    tiny.run_main(config, str(tmp_path / "encoded"), "encode", 2, 2)
+    assert sorted(os.listdir(two)) == sorted(os.listdir(cache))
+    for name in os.listdir(cache):
+        with open(os.path.join(cache, name), "rb") as a, open(os.path.join(two, name),
+                                                               "rb") as b:
+            assert a.read() == b.read(), name
+    run = str(tmp_path / "run")
+    config = tiny.write_cli_config(
+        tmp_path / "train.py", tiny_data,
+        {**settings, "train.num_steps": 2, "train.sample_every": 2,
+         "parallel.shard_state": "fsdp"})
+    tiny.run_main(config, run, "train", 2, 2)
+    assert "2" in os.listdir(os.path.join(run, "checkpoints"))
+    grid = np.asarray(Image.open(os.path.join(run, "samples", "step_0000002.png")))
+    assert grid.std() > 0  # decoded images, not a blank page

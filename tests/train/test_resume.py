@@ -5,7 +5,6 @@ import glob
 import json
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -66,18 +65,7 @@ def _two_processes(tiny, data_dir, workdir, steps, *extra):
                      "--adam-eps", ADAM_EPS, "--process-id", i, "--num-processes", 2,
                      "--coordinator", f"localhost:{port}", "--sample-every", 2,
                      "--ema-snapshots", *extra]
-    return _together([list(map(str, cmd(i))) for i in range(2)], tiny.driver_env())
-
-
-def _together(commands, env) -> list[str]:
-    """Runs the commands at once (the processes of one run); their stdouts, once all end, each
-    successfully (else AssertionError with its stderr's tail)."""
-    procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for c in commands]
-    outs = [p.communicate(timeout=900) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-4000:]
-    return [out for out, _ in outs]
+    return tiny.run_together([list(map(str, cmd(i))) for i in range(2)])
 
 
 def _held(out: str) -> tuple[int, int]:
@@ -171,19 +159,6 @@ def test_two_processes_with_sharded_state_resume_and_match_one_process(tiny, one
     _assert_same_run(tiny, one_process, two)
 
 
-_CLI_CONFIG = """
-import importlib.util
-
-_spec = importlib.util.spec_from_file_location("diffjax_tests_tiny_cli", {tiny!r})
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
-
-
-def get_config():
-    return tiny.config({data_dir!r}, **{overrides!r})
-"""
-
-
 def _cli(tiny, data_dir, workdir, config_dir, shard_state, processes, devices, mode,
          **overrides):
     """``python -m diffjax.main --mode MODE`` on ``workdir`` (the driver's config of its
@@ -193,19 +168,9 @@ def _cli(tiny, data_dir, workdir, config_dir, shard_state, processes, devices, m
                  "parallel.shard_state": shard_state, "ema.sigma_rels": (0.1,),
                  "ema.snapshot_every": 2,
                  **{k.replace("__", "."): v for k, v in overrides.items()}}
-    config = os.path.join(config_dir, f"tiny_{mode}_{shard_state}.py")
-    with open(config, "w") as f:
-        f.write(_CLI_CONFIG.format(tiny=os.path.join(os.path.dirname(tiny.DRIVER), "tiny.py"),
-                                   data_dir=data_dir, overrides=overrides))
-    env = {**tiny.driver_env(), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    port = portpicker.pick_unused_port()
-    cmd = lambda i: [sys.executable, "-m", "diffjax.main", "--config", config,  # noqa: E731
-                     "--workdir", workdir, "--mode", mode, "--compilation_cache_dir",
-                     os.path.join(env["DIFFJAX_TEST_CACHE"], f"cli_process{i}")] + (
-        ["--coordinator_address", f"localhost:{port}", "--num_processes", str(processes),
-         "--process_id", str(i)] if processes > 1 else [])
-    _together([cmd(i) for i in range(processes)], env)
+    config = tiny.write_cli_config(os.path.join(config_dir, f"tiny_{mode}_{shard_state}.py"),
+                                   data_dir, overrides)
+    tiny.run_main(config, workdir, mode, processes, devices)
 
 
 def test_sample_and_eval_modes_on_two_processes_restore_the_sharded_run(
@@ -239,3 +204,45 @@ def test_sample_and_eval_modes_on_two_processes_restore_the_sharded_run(
         for key, value in metrics.items():  # the same images and NLL terms, up to that 1e-5
             np.testing.assert_allclose(evals["two"][record][key], value, rtol=1e-4,
                                        err_msg=f"{record} {key}")
+
+
+def _posthoc_params(path: str) -> dict[str, np.ndarray]:
+    """The parameters ``--mode posthoc_ema`` wrote at ``path``, restored whole on one device
+    whatever sharding wrote them, by their path in the tree."""
+    import jax  # noqa: PLC0415  (the rest of this module runs JAX in subprocesses only)
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    checkpointer = ocp.StandardCheckpointer()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          checkpointer.metadata(path).item_metadata.tree)
+    restored = checkpointer.restore(path, target)
+    return {jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+
+
+def test_posthoc_ema_on_two_processes_combines_the_sharded_snapshots(
+        tiny, data_dir, one_process, two_fsdp, tmp_path):
+    """``--mode posthoc_ema`` on 2 processes x 2 devices reads the fsdp run's EMA snapshots
+    (each array's shards on both processes), solves for another profile and writes its
+    parameters: the same coefficients as one process with 4 devices on the replicated run,
+    and the same parameters up to the snapshots' own differences."""
+    runs = {"one": (one_process, "replicated", 1, 4), "two": (two_fsdp[0], "fsdp", 2, 2)}
+    records, params = {}, {}
+    for name, (workdir, *how) in runs.items():
+        _cli(tiny, data_dir, workdir, str(tmp_path), *how, "posthoc_ema", ema__sigma_rel=0.13)
+        out = os.path.join(workdir, "posthoc_ema", "sigma_rel-0.13_step-4")
+        with open(out + ".json") as f:
+            records[name] = json.load(f)
+        params[name] = _posthoc_params(out)
+    assert records["two"] == records["one"]  # the solve uses the snapshots' steps alone
+    coefficients = [s["coefficient"] for s in records["one"]["snapshots"]]
+    assert [s["step"] for s in records["one"]["snapshots"]] == [2, 4]
+    assert params["two"].keys() == params["one"].keys()
+    # Each snapshot array matches the other run's to the runs' 1e-5 (_assert_same_run), so
+    # their combination to sum |c| times that.
+    bound = 1e-5 * sum(abs(c) for c in coefficients)
+    for key, value in params["one"].items():
+        assert np.abs(value).max() > 0 or "bias" in key, key
+        np.testing.assert_allclose(params["two"][key], value, rtol=1e-5, atol=bound,
+                                   err_msg=key)

@@ -13,6 +13,7 @@ import sys
 
 import jax
 import numpy as np
+import portpicker
 
 from diffjax import checkpoint, configlib, experiment, parallel
 from diffjax.train import loop
@@ -167,6 +168,58 @@ def run_driver(args, check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"driver {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def run_together(commands, env=None) -> list[str]:
+    """Runs the commands at once (the processes of one run); their stdouts, once all end, each
+    successfully (else AssertionError with its stderr's tail). ``env``: :func:`driver_env`'s
+    by default."""
+    env = driver_env() if env is None else env
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for c in commands]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    return [out for out, _ in outs]
+
+
+_CLI_CONFIG = """
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location("diffjax_tests_tiny_cli", {tiny!r})
+tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny)
+
+
+def get_config():
+    return tiny.config({data_dir!r}, **{overrides!r})
+"""
+
+
+def write_cli_config(path, data_dir: str, overrides: dict) -> str:
+    """An experiment file at ``path`` for ``python -m diffjax.main --config``: :func:`config`
+    of ``data_dir`` with ``overrides``."""
+    with open(path, "w") as f:
+        f.write(_CLI_CONFIG.format(tiny=os.path.abspath(__file__), data_dir=data_dir,
+                                   overrides=overrides))
+    return str(path)
+
+
+def run_main(config_file: str, workdir: str, mode: str, processes: int, devices: int,
+             cache_name: str = "cli") -> list[str]:
+    """``python -m diffjax.main --config CONFIG_FILE --workdir WORKDIR --mode MODE`` as
+    ``processes`` processes of ``devices`` CPU devices each (through ``jax.distributed`` when
+    more than one); their stdouts. Each process keeps its compilation cache in the tests'
+    cache directory, under ``cache_name`` and its index."""
+    env = {**driver_env(), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    port = portpicker.pick_unused_port()
+    cmd = lambda i: [sys.executable, "-m", "diffjax.main", "--config", config_file,  # noqa: E731
+                     "--workdir", workdir, "--mode", mode, "--compilation_cache_dir",
+                     os.path.join(env["DIFFJAX_TEST_CACHE"], f"{cache_name}_process{i}")] + (
+        ["--coordinator_address", f"localhost:{port}", "--num_processes", str(processes),
+         "--process_id", str(i)] if processes > 1 else [])
+    return run_together([cmd(i) for i in range(processes)], env)
 
 
 def final_params(workdir: str) -> dict[str, np.ndarray]:
