@@ -5,11 +5,13 @@ against the learned null caption)."""
 
 import json
 import os
+import sys
 import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import portpicker
 import pytest
 from PIL import Image
 
@@ -431,3 +433,26 @@ def test_embedding_model_trains_samples_and_guides_against_its_null_row(
     noise = jnp.concatenate([jax.random.normal(jax.random.PRNGKey(4), cond.shape[:-1] + (WIDTH,)),
                              jnp.zeros(cond.shape[:-1] + (1,))], -1)
     np.testing.assert_allclose(plain(x, 2.0, noise), d_u, atol=1e-6)
+
+
+def test_two_processes_with_sharded_state_train_the_text_model_as_one(tiny, text_data,
+                                                                     straight, tmp_path):
+    """The caption model (its text encoder trained jointly) with its state sharded (fsdp)
+    over 2 processes x 1 device: each process builds the same tokenizer from the captions,
+    reads its half of each batch and draws the training grids from prompts; the run ends
+    where the 1-process run on 2 devices does."""
+    workdir = str(tmp_path / "two")
+    port = portpicker.pick_unused_port()
+    cmd = lambda i: [sys.executable, tiny.DRIVER, text_data, workdir, "6", "1", "--text",  # noqa: E731
+                     "--process-id", str(i), "--num-processes", "2", "--coordinator",
+                     f"localhost:{port}", "--shard-state", "fsdp", "--sample-every", "3"]
+    tiny.run_together([cmd(i) for i in range(2)])
+    with open(os.path.join(workdir, "tokenizer.json")) as f, \
+            open(os.path.join(straight, "tokenizer.json")) as g:
+        assert json.load(f) == json.load(g)
+    two, one = tiny.final_params(workdir), tiny.final_params(straight)
+    assert two.keys() == one.keys()
+    for name in one:
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    assert sorted(os.listdir(os.path.join(workdir, "samples"))) == [
+        "step_0000003.png", "step_0000006.png"]
