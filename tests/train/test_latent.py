@@ -349,7 +349,7 @@ def test_encode_and_train_on_two_processes(tiny, tiny_data, setup, tmp_path):
     two = str(tmp_path / "cache")
     settings = {**LATENT, "data.latent.workdir": ae, "data.latent.cache": two}
     config = tiny.write_cli_config(tmp_path / "encode.py", tiny_data, settings)
-    tiny.run_main(config, str(tmp_path / "encoded"), "encode", 2, 2)
+    tiny.run_main(config, str(tmp_path / "encoded"), "encode", 2, 2, cache_name="latent")
     assert sorted(os.listdir(two)) == sorted(os.listdir(cache))
     for name in os.listdir(cache):
         with open(os.path.join(cache, name), "rb") as a, open(os.path.join(two, name),
@@ -360,7 +360,7 @@ def test_encode_and_train_on_two_processes(tiny, tiny_data, setup, tmp_path):
         tmp_path / "train.py", tiny_data,
         {**settings, "train.num_steps": 2, "train.sample_every": 2,
          "parallel.shard_state": "fsdp"})
-    tiny.run_main(config, run, "train", 2, 2)
+    tiny.run_main(config, run, "train", 2, 2, cache_name="latent")
     assert "2" in os.listdir(os.path.join(run, "checkpoints"))
     grid = np.asarray(Image.open(os.path.join(run, "samples", "step_0000002.png")))
     assert grid.std() > 0  # decoded images, not a blank page
