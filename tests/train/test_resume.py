@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import re
+import subprocess
 import sys
 
 import jax
@@ -61,13 +62,19 @@ ADAM_EPS = 1e-4
 
 def _two_processes(tiny, data_dir, workdir, steps, *extra):
     """Runs the driver as processes 0 and 1 of a 2-process run, with sample grids and EMA
-    snapshots every 2 steps (``extra``: more of its options)."""
+    snapshots every 2 steps (``extra``: more of its options); their stdouts."""
+    return tiny.run_together(_two_commands(tiny, data_dir, workdir, steps, *extra))
+
+
+def _two_commands(tiny, data_dir, workdir, steps, *extra, process_1=()):
+    """The driver commands of :func:`_two_processes`; ``process_1``: options of process 1's
+    alone."""
     port = portpicker.pick_unused_port()
     cmd = lambda i: [sys.executable, tiny.DRIVER, data_dir, workdir, steps, 2,  # noqa: E731
                      "--adam-eps", ADAM_EPS, "--process-id", i, "--num-processes", 2,
                      "--coordinator", f"localhost:{port}", "--sample-every", 2,
-                     "--ema-snapshots", *extra]
-    return tiny.run_together([list(map(str, cmd(i))) for i in range(2)])
+                     "--ema-snapshots", *extra, *(process_1 if i == 1 else ())]
+    return [list(map(str, cmd(i))) for i in range(2)]
 
 
 def _held(out: str) -> tuple[int, int]:
@@ -245,3 +252,31 @@ def test_posthoc_ema_on_two_processes_combines_the_sharded_snapshots(
     for key, value in params["one"].items():
         np.testing.assert_allclose(params["two"][key], value, rtol=1e-5, atol=bound,
                                    err_msg=key)
+
+
+def test_a_process_killed_mid_run_resumes_with_its_peer(tiny, data_dir, one_process, tmp_path):
+    """SIGKILL of process 1 of a 2-process fsdp run at its 7th batch, while the processes
+    write a sharded checkpoint: process 0 stops once the coordination service misses its peer
+    (after 30 s here: --peer-timeout), nothing of the unfinished checkpoint is read back, and
+    the same two commands resume from the last complete one and end where one process with
+    4 devices ends (parameters, EMA snapshots, grids)."""
+    workdir = str(tmp_path / "killed")
+    commands = _two_commands(tiny, data_dir, workdir, 4, "--shard-state", "fsdp",
+                             "--peer-timeout", 30, process_1=("--kill-at-batch", 7))
+    procs = [subprocess.Popen(c, env=tiny.driver_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for c in commands]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert procs[1].returncode == -9, outs[1][1][-2000:]
+    assert procs[0].returncode != 0, outs[0][1][-2000:]  # it did not finish alone
+    assert not os.path.exists(os.path.join(workdir, "final_params.npz"))
+    done = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+    assert 0 < max(done) < 4, done  # seen: 1 and 2, with 3.orbax-checkpoint-tmp beside them
+    resumed = _two_processes(tiny, data_dir, workdir, 4, "--shard-state", "fsdp")
+    for i, out in enumerate(resumed):
+        assert f"process {i} starts at step {max(done)}" in out, out
+        # Each process read on from its checkpointed data position (a run started afresh
+        # would end alike, but would begin with the same batch as the first run).
+        first = lambda start: open(  # noqa: E731
+            os.path.join(workdir, f"first_batch_p{i}_s{start}.json")).read()
+        assert first(max(done)) != first(0)
+    _assert_same_run(tiny, one_process, workdir)
