@@ -26,9 +26,9 @@ parser.add_argument("--kill-at-batch", type=int, default=0)
 parser.add_argument("--process-id", type=int, default=0)
 parser.add_argument("--num-processes", type=int, default=1)
 parser.add_argument("--coordinator", default="")
-parser.add_argument("--peer-timeout", type=int, default=600,
-                    help="seconds before a process gives up on a silent peer (heartbeats, "
-                         "barriers, collectives)")
+parser.add_argument("--heartbeat-timeout", type=int, default=600,
+                    help="seconds of missed heartbeats after which the coordination service "
+                         "declares a process dead and stops the others")
 parser.add_argument("--text", action="store_true", help="tiny.text_config (a caption model)")
 parser.add_argument("--adam-eps", type=float, default=0.0, help="optim.eps (0: the config's)")
 parser.add_argument("--shard-state", default="", help="parallel.shard_state ('': the config's)")
@@ -100,12 +100,13 @@ def held(x) -> int:
 
 # Generous timeouts: the tests share 2 cores between these processes, pytest's workers and
 # whatever else runs, so one process can reach a synchronisation point minutes after another
-# (compiling with a cold cache); the defaults are set for dedicated hosts. --peer-timeout:
-# shorter, for a test whose peer is killed on purpose.
+# (compiling with a cold cache); the defaults are set for dedicated hosts. Heartbeats come
+# from a thread of their own whatever the process is doing, so a test whose peer is killed on
+# purpose shortens only theirs (--heartbeat-timeout).
 parallel.maybe_initialize_distributed(
     args.coordinator, args.num_processes, args.process_id, initialization_timeout_s=600,
-    heartbeat_timeout_s=args.peer_timeout, shutdown_timeout_s=600,
-    barrier_timeout_s=args.peer_timeout, collective_timeout_s=args.peer_timeout)
+    heartbeat_timeout_s=args.heartbeat_timeout, shutdown_timeout_s=600,
+    barrier_timeout_s=600, collective_timeout_s=600)
 mesh = parallel.make_mesh()
 make_config = tiny.text_config if args.text else tiny.config
 overrides = {"train.num_steps": args.steps, "train.sample_every": args.sample_every}

@@ -256,13 +256,14 @@ def test_posthoc_ema_on_two_processes_combines_the_sharded_snapshots(
 
 def test_a_process_killed_mid_run_resumes_with_its_peer(tiny, data_dir, one_process, tmp_path):
     """SIGKILL of process 1 of a 2-process fsdp run at its 7th batch, while the processes
-    write a sharded checkpoint: process 0 stops once the coordination service misses its peer
-    (after 30 s here: --peer-timeout), nothing of the unfinished checkpoint is read back, and
+    write a sharded checkpoint: process 0 stops once the coordination service misses its peer's
+    heartbeats (for 30 s here, --heartbeat-timeout; its barriers and collectives would wait
+    600 s), nothing of the unfinished checkpoint is read back, and
     the same two commands resume from the last complete one and end where one process with
     4 devices ends (parameters, EMA snapshots, grids)."""
     workdir = str(tmp_path / "killed")
     commands = _two_commands(tiny, data_dir, workdir, 4, "--shard-state", "fsdp",
-                             "--peer-timeout", 30, process_1=("--kill-at-batch", 7))
+                             "--heartbeat-timeout", 30, process_1=("--kill-at-batch", 7))
     procs = [subprocess.Popen(c, env=tiny.driver_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for c in commands]
     outs = [p.communicate(timeout=900) for p in procs]
