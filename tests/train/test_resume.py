@@ -5,15 +5,13 @@ import glob
 import json
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import portpicker
 import pytest
 from PIL import Image
+
 
 @pytest.fixture(scope="module")
 def data_dir(tiny_data):
@@ -69,12 +67,9 @@ def _two_processes(tiny, data_dir, workdir, steps, *extra):
 def _two_commands(tiny, data_dir, workdir, steps, *extra, process_1=()):
     """The driver commands of :func:`_two_processes`; ``process_1``: options of process 1's
     alone."""
-    port = portpicker.pick_unused_port()
-    cmd = lambda i: [sys.executable, tiny.DRIVER, data_dir, workdir, steps, 2,  # noqa: E731
-                     "--adam-eps", ADAM_EPS, "--process-id", i, "--num-processes", 2,
-                     "--coordinator", f"localhost:{port}", "--sample-every", 2,
-                     "--ema-snapshots", *extra, *(process_1 if i == 1 else ())]
-    return [list(map(str, cmd(i))) for i in range(2)]
+    return tiny.driver_processes([data_dir, workdir, steps, 2, "--adam-eps", ADAM_EPS,
+                                  "--sample-every", 2, "--ema-snapshots", *extra], 2,
+                                 process_1)
 
 
 def _held(out: str) -> tuple[int, int]:
@@ -264,11 +259,9 @@ def test_a_process_killed_mid_run_resumes_with_its_peer(tiny, data_dir, one_proc
     workdir = str(tmp_path / "killed")
     commands = _two_commands(tiny, data_dir, workdir, 4, "--shard-state", "fsdp",
                              "--heartbeat-timeout", 30, process_1=("--kill-at-batch", 7))
-    procs = [subprocess.Popen(c, env=tiny.driver_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for c in commands]
-    outs = [p.communicate(timeout=900) for p in procs]
-    assert procs[1].returncode == -9, outs[1][1][-2000:]
-    assert procs[0].returncode != 0, outs[0][1][-2000:]  # it did not finish alone
+    first, second = tiny.start_together(commands)
+    assert second.returncode == -9, second.stderr[-2000:]
+    assert first.returncode != 0, first.stderr[-2000:]  # it did not finish alone
     assert not os.path.exists(os.path.join(workdir, "final_params.npz"))
     done = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
     assert 0 < max(done) < 4, done  # seen: 1 and 2, with 3.orbax-checkpoint-tmp beside them

@@ -5,13 +5,11 @@ against the learned null caption)."""
 
 import json
 import os
-import sys
 import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import portpicker
 import pytest
 from PIL import Image
 
@@ -442,11 +440,8 @@ def test_two_processes_with_sharded_state_train_the_text_model_as_one(tiny, text
     reads its half of each batch and draws the training grids from prompts; the run ends
     where the 1-process run on 2 devices does."""
     workdir = str(tmp_path / "two")
-    port = portpicker.pick_unused_port()
-    cmd = lambda i: [sys.executable, tiny.DRIVER, text_data, workdir, "6", "1", "--text",  # noqa: E731
-                     "--process-id", str(i), "--num-processes", "2", "--coordinator",
-                     f"localhost:{port}", "--shard-state", "fsdp", "--sample-every", "3"]
-    tiny.run_together([cmd(i) for i in range(2)])
+    tiny.run_together(tiny.driver_processes(
+        [text_data, workdir, 6, 1, "--text", "--shard-state", "fsdp", "--sample-every", 3], 2))
     with open(os.path.join(workdir, "tokenizer.json")) as f, \
             open(os.path.join(straight, "tokenizer.json")) as g:
         assert json.load(f) == json.load(g)

@@ -170,17 +170,34 @@ def run_driver(args, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def run_together(commands, env=None) -> list[str]:
-    """Runs the commands at once (the processes of one run); their stdouts, once all end, each
-    successfully (else AssertionError with its stderr's tail). ``env``: :func:`driver_env`'s
-    by default."""
+def start_together(commands, env=None) -> list[subprocess.CompletedProcess]:
+    """Runs the commands at once (the processes of one run) and waits for all of them: each
+    one's return code, stdout and stderr. ``env``: :func:`driver_env`'s by default."""
     env = driver_env() if env is None else env
     procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for c in commands]
     outs = [p.communicate(timeout=900) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-4000:]
-    return [out for out, _ in outs]
+    return [subprocess.CompletedProcess(c, p.returncode, out, err)
+            for c, p, (out, err) in zip(commands, procs, outs)]
+
+
+def run_together(commands, env=None) -> list[str]:
+    """:func:`start_together`, each process successfully (else AssertionError with its
+    stderr's tail): their stdouts."""
+    done = start_together(commands, env)
+    for proc in done:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return [proc.stdout for proc in done]
+
+
+def driver_processes(args, processes: int, process_1=()) -> list[list[str]]:
+    """The commands of a ``processes``-process driver run: ``python driver.py *args`` with
+    each process's id and one coordinator address; ``process_1``: options of process 1's
+    alone (e.g. ``--kill-at-batch``)."""
+    port = portpicker.pick_unused_port()
+    return [[sys.executable, DRIVER, *map(str, args), "--process-id", str(i),
+             "--num-processes", str(processes), "--coordinator", f"localhost:{port}",
+             *map(str, process_1 if i == 1 else ())] for i in range(processes)]
 
 
 _CLI_CONFIG = """
