@@ -19,11 +19,12 @@ def data_dir(tiny_data):
 
 
 @pytest.fixture(scope="module")
-def straight(tiny, data_dir, tmp_path_factory):
+def straight(tiny, data_dir, built_once):
     """6 steps without interruption on 2 devices."""
-    workdir = str(tmp_path_factory.mktemp("straight"))
-    tiny.run_driver([data_dir, workdir, 6, 2])
-    return tiny.final_params(workdir)
+    def build(workdir):
+        tiny.run_driver([data_dir, workdir, 6, 2])
+
+    return tiny.final_params(built_once("resume_straight", build)[0])
 
 
 def test_kill_9_and_resume_follows_the_uninterrupted_trajectory(tiny, data_dir, straight,
@@ -79,13 +80,14 @@ def _held(out: str) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def one_process(tiny, data_dir, tmp_path_factory):
+def one_process(tiny, data_dir, built_once):
     """4 steps in one process with 4 devices, replicated state, sample grids and EMA
     snapshots at steps 2 and 4: the workdir."""
-    one = str(tmp_path_factory.mktemp("one_process"))
-    tiny.run_driver([data_dir, one, 4, 4, "--adam-eps", ADAM_EPS, "--sample-every", 2,
-                     "--ema-snapshots"])
-    return one
+    def build(workdir):
+        tiny.run_driver([data_dir, workdir, 4, 4, "--adam-eps", ADAM_EPS, "--sample-every", 2,
+                         "--ema-snapshots"])
+
+    return built_once("resume_one_process", build)[0]
 
 
 def _assert_same_run(tiny, one, two):
@@ -140,27 +142,48 @@ def test_two_processes_match_one_process_with_as_many_devices(tiny, data_dir, on
 
 
 @pytest.fixture(scope="module")
-def two_fsdp(tiny, data_dir, tmp_path_factory):
-    """A run with parallel.shard_state="fsdp" on 2 processes x 2 devices: 2 steps, then
-    resumed to 4: (workdir, the resumed processes' outputs)."""
-    two = str(tmp_path_factory.mktemp("two_fsdp"))
-    _two_processes(tiny, data_dir, two, 2, "--shard-state", "fsdp")
-    return two, _two_processes(tiny, data_dir, two, 4, "--shard-state", "fsdp")
+def two_fsdp(tiny, data_dir, built_once):
+    """A run with parallel.shard_state="fsdp" on 2 processes x 2 devices to step 4 whose
+    process 1 is SIGKILLed at its 7th batch, while the processes write a sharded checkpoint;
+    the same two commands then resume it: (workdir, the killed processes' return codes and
+    stderr tails, the last complete checkpoint's step, the resumed processes' outputs)."""
+
+    def build(workdir):
+        # Process 0 stops once the coordination service misses its peer's heartbeats for
+        # 30 s (--heartbeat-timeout); its barriers and collectives would wait 600 s.
+        commands = _two_commands(tiny, data_dir, workdir, 4, "--shard-state", "fsdp",
+                                 "--heartbeat-timeout", 30, process_1=("--kill-at-batch", 7))
+        killed = [(p.returncode, p.stderr[-2000:]) for p in tiny.start_together(commands)]
+        done = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+        resumed = _two_processes(tiny, data_dir, workdir, 4, "--shard-state", "fsdp")
+        return killed, max(done, default=0), resumed
+
+    workdir, (killed, last, resumed) = built_once("resume_two_fsdp", build)
+    return workdir, killed, last, resumed
 
 
-def test_two_processes_with_sharded_state_resume_and_match_one_process(tiny, one_process,
-                                                                      two_fsdp):
-    """parallel.shard_state="fsdp" across 2 processes x 2 devices: each array's shards lie on
-    both processes, and so do the checkpoint's; the run stops at step 2, resumes from its
-    own sharded checkpoint and ends where the 1-process replicated run does."""
-    two, second = two_fsdp
-    for i, out in enumerate(second):
-        assert f"process {i} starts at step 2" in out, out
+def test_a_process_killed_mid_run_resumes_with_its_peer(tiny, one_process, two_fsdp):
+    """parallel.shard_state="fsdp" across 2 processes x 2 devices, process 1 SIGKILLed while
+    the two write a sharded checkpoint: process 0 stops too, nothing of the unfinished
+    checkpoint is read back, and the same two commands resume from the last complete one,
+    each array's shards (and the checkpoint's) on both processes, and end where one process
+    with 4 devices ends on the replicated state (parameters, EMA snapshots, grids)."""
+    workdir, (first, second), last, resumed = two_fsdp
+    assert second[0] == -9, second[1]
+    assert first[0] != 0, first[1]  # it did not finish alone
+    assert 0 < last < 4, last  # seen: 1 and 2 complete, with 3.orbax-checkpoint-tmp beside them
+    for i, out in enumerate(resumed):
+        assert f"process {i} starts at step {last}" in out, out
         held, total = _held(out)
         assert held < total, out  # the large arrays' other shards lie on the other process
-    with open(os.path.join(two, "config.json")) as f:
+        # Each process read on from its checkpointed data position (a run started afresh
+        # would end alike, but would begin with the same batch as the first run).
+        first_batch = lambda start: open(  # noqa: E731
+            os.path.join(workdir, f"first_batch_p{i}_s{start}.json")).read()
+        assert first_batch(last) != first_batch(0)
+    with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["parallel"]["shard_state"] == "fsdp"
-    _assert_same_run(tiny, one_process, two)
+    _assert_same_run(tiny, one_process, workdir)
 
 
 def _cli(tiny, data_dir, workdir, config_dir, shard_state, processes, devices, mode,
@@ -247,30 +270,3 @@ def test_posthoc_ema_on_two_processes_combines_the_sharded_snapshots(
     for key, value in params["one"].items():
         np.testing.assert_allclose(params["two"][key], value, rtol=1e-5, atol=bound,
                                    err_msg=key)
-
-
-def test_a_process_killed_mid_run_resumes_with_its_peer(tiny, data_dir, one_process, tmp_path):
-    """SIGKILL of process 1 of a 2-process fsdp run at its 7th batch, while the processes
-    write a sharded checkpoint: process 0 stops once the coordination service misses its peer's
-    heartbeats (for 30 s here, --heartbeat-timeout; its barriers and collectives would wait
-    600 s), nothing of the unfinished checkpoint is read back, and
-    the same two commands resume from the last complete one and end where one process with
-    4 devices ends (parameters, EMA snapshots, grids)."""
-    workdir = str(tmp_path / "killed")
-    commands = _two_commands(tiny, data_dir, workdir, 4, "--shard-state", "fsdp",
-                             "--heartbeat-timeout", 30, process_1=("--kill-at-batch", 7))
-    first, second = tiny.start_together(commands)
-    assert second.returncode == -9, second.stderr[-2000:]
-    assert first.returncode != 0, first.stderr[-2000:]  # it did not finish alone
-    assert not os.path.exists(os.path.join(workdir, "final_params.npz"))
-    done = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
-    assert 0 < max(done) < 4, done  # seen: 1 and 2, with 3.orbax-checkpoint-tmp beside them
-    resumed = _two_processes(tiny, data_dir, workdir, 4, "--shard-state", "fsdp")
-    for i, out in enumerate(resumed):
-        assert f"process {i} starts at step {max(done)}" in out, out
-        # Each process read on from its checkpointed data position (a run started afresh
-        # would end alike, but would begin with the same batch as the first run).
-        first = lambda start: open(  # noqa: E731
-            os.path.join(workdir, f"first_batch_p{i}_s{start}.json")).read()
-        assert first(max(done)) != first(0)
-    _assert_same_run(tiny, one_process, workdir)

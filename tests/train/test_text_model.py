@@ -21,17 +21,20 @@ from diffjax.data import captions
 from diffjax.train import step as step_lib
 from diffjax.train.step import LossSpec
 
+
 @pytest.fixture(scope="module")
-def text_data(tiny, tmp_path_factory):
-    return tiny.write_text_dataset(str(tmp_path_factory.mktemp("text_data")))
+def text_data(tiny, built_once):
+    return built_once("text_data", tiny.write_text_dataset)[0]
 
 
 @pytest.fixture(scope="module")
-def straight(tiny, text_data, tmp_path_factory):
+def straight(tiny, text_data, built_once):
     """6 steps of the tiny caption model without interruption on 2 devices."""
-    workdir = str(tmp_path_factory.mktemp("text_straight"))
-    tiny.run_driver([text_data, workdir, 6, 2, "--text"])
-    return workdir
+
+    def build(workdir):
+        tiny.run_driver([text_data, workdir, 6, 2, "--text"])
+
+    return built_once("text_straight", build)[0]
 
 
 def _experiment(tiny, text_data, **overrides):
