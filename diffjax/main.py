@@ -18,6 +18,7 @@ latents of ``data.split`` under ``data.latent.workdir``'s autoencoder into
 
 from __future__ import annotations
 
+import importlib.util
 import logging as std_logging
 import os
 import sys
@@ -45,6 +46,7 @@ from diffjax.app import posthoc as app_posthoc
 from diffjax.app import sample as app_sample
 from diffjax.app import summary as app_summary
 from diffjax.app import train as app_train
+from diffjax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (path.py[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://...).")
@@ -67,7 +69,8 @@ _COORDINATION_TIMEOUT = flags.DEFINE_integer(
 _CACHE_DIR = flags.DEFINE_string(
     "compilation_cache_dir", None, "JAX's persistent compilation cache: compiled programs "
     "are kept here and reused by a restarted or preempted run (use a disk that outlives the "
-    "process: the TPU VM's, or gs://BUCKET/DIR). Default $JAX_COMPILATION_CACHE_DIR, else "
+    "process: the TPU VM's, or gs://BUCKET/DIR; with several hosts one that all of them "
+    "read, as JAX writes it from process 0 alone). Default $JAX_COMPILATION_CACHE_DIR, else "
     "~/.cache/diffjax/jax_compilation_cache; '' switches it off.")
 _COLLECTIVE_TIMEOUT = flags.DEFINE_integer(
     "collective_timeout_s", 0, "Multi-process on CPU: seconds one collective waits for the "
@@ -108,6 +111,18 @@ def parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
+def check_storage(**paths: str | None) -> None:
+    """ConfigError naming the first of ``paths`` (flag name -> value) on Google Cloud Storage
+    (gs://) when gcsfs, the package through which etils.epath (orbax, the logs, the grids)
+    and JAX's compilation cache reach it, is not installed: before any work, not as an
+    ImportError from the first file written."""
+    for flag, path in paths.items():
+        if path and str(path).startswith("gs://") and importlib.util.find_spec("gcsfs") is None:
+            raise ConfigError(f"--{flag}={path} is on Google Cloud Storage, which needs the "
+                              "gcsfs package; pip install 'diffjax[gcs]' (or gcsfs) on every "
+                              "host")
+
+
 def compilation_cache(directory: str | None) -> str:
     """Switches JAX's persistent compilation cache on in ``directory`` (None: the default
     above; "": off). Every compiled program is kept. Returns the
@@ -131,6 +146,7 @@ def run(config, mode: str, workdir: str | None, *, checkpoint: str = "",
         allow_config_change: bool = False) -> None:
     """One ``--mode`` of the ConfigDict ``config`` (what :func:`main` runs once the flags are
     read and the processes connected); raises the USER_ERRORS."""
+    check_storage(workdir=workdir, checkpoint=checkpoint)
     mesh = parallel.make_mesh()
     exp = experiment.build(config, num_devices=parallel.num_data_shards(mesh), mode=mode)
     if mode == "summary":
@@ -201,6 +217,10 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     _quiet_background_failures()
     parallel.xla_defaults()
+    try:
+        check_storage(compilation_cache_dir=_CACHE_DIR.value)
+    except ConfigError as e:
+        _fail(str(e))
     compilation_cache(_CACHE_DIR.value)
     try:
         wait = _COORDINATION_TIMEOUT.value

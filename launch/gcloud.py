@@ -131,14 +131,27 @@ def clone_command(tpu: Tpu, url: str, ref: str) -> str:
 
 
 def install_command(tpu: Tpu) -> str:
-    """Shell command on the hosts installing JAX for TPU, then diffjax from remote_dir."""
+    """Shell command on the hosts installing JAX for TPU, then diffjax from remote_dir with
+    its ``gcs`` extra (gcsfs: the runs' workdirs are on gs://)."""
     py, d = tpu.python, shlex.quote(tpu.remote_dir)
     return (f'{py} -m pip install -U "jax[tpu]" && '
-            f"cd {d} && {py} -m pip install -e .")
+            f'cd {d} && {py} -m pip install -e ".[gcs]"')
+
+
+CACHE_SUBDIR = "jax_compilation_cache"
 
 
 def main_command(tpu: Tpu, args: list[str]) -> str:
-    """Shell command on the hosts running ``python -m diffjax.main ARGS`` in remote_dir."""
+    """Shell command on the hosts running ``python -m diffjax.main ARGS`` in remote_dir.
+
+    Unless ARGS name one, the compilation cache is ``WORKDIR/jax_compilation_cache`` of a
+    gs:// workdir: JAX writes cache entries from process 0 alone and reads them on every
+    host, so a cache on each host's disk would leave all hosts but the first compiling
+    afresh after a restart, and a preempted spot VM is recreated without its disk."""
+    if "--compilation_cache_dir" not in args and "--workdir" in args:
+        workdir = args[args.index("--workdir") + 1]
+        if workdir.startswith("gs://"):
+            args = [*args, "--compilation_cache_dir", f"{workdir.rstrip('/')}/{CACHE_SUBDIR}"]
     return f"cd {shlex.quote(tpu.remote_dir)} && " + shlex.join(
         [tpu.python, "-m", "diffjax.main", *args])
 

@@ -8,6 +8,7 @@ to an error is printed, not asserted.
 """
 
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -523,6 +524,25 @@ def test_main_workdir_of_another_config(tmp_path):
     w = _workdir(tmp_path, other)
     _expect_cli_error("workdir_config", w, "different config", "diffjax.main", "--config", FM,
                       "--workdir", str(w))
+
+
+NO_GCSFS = pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None,
+                              reason="gcsfs is installed here")
+
+
+@NO_GCSFS
+def test_gs_paths_without_gcsfs(tmp_path):
+    """A gs:// workdir, checkpoint or compilation cache without gcsfs (etils.epath's backend
+    for Google Cloud Storage) is one line naming the flag, not an ImportError from the first
+    file written."""
+    c = _config(FM, {})
+    _expect_user_error("gcs_workdir", c, "train", "gs://bkt/run", "--workdir=gs://bkt/run")
+    _expect_user_error("gcs_checkpoint", c, "sample", _workdir(tmp_path), "diffjax[gcs]",
+                       checkpoint="gs://bkt/run")
+    w = tmp_path / "run"
+    _expect_cli_error("gcs_cache", w, "--compilation_cache_dir=gs://bkt/cache", "diffjax.main",
+                      "--config", FM, "--workdir", str(w), "--compilation_cache_dir",
+                      "gs://bkt/cache")
 
 
 def _safetensors_header_only(path) -> None:

@@ -15,9 +15,10 @@ from launch.tpu import Timing, TpuOps
 Z = "--zone=us-central2-b"
 RUN_ARGS = ["--config", "experiments/fashion_mnist.py", "--workdir", "gs://bkt/fm"]
 MAIN = ("'--command=cd diffjax && python3 -m diffjax.main --config experiments/fashion_mnist.py"
-        " --workdir gs://bkt/fm --mode train --config.guidance.scale=3.0'")
+        " --workdir gs://bkt/fm --mode train --config.guidance.scale=3.0"
+        " --compilation_cache_dir gs://bkt/fm/jax_compilation_cache'")
 INSTALL = ("'--command=python3 -m pip install -U \"jax[tpu]\" && cd diffjax && "
-           "python3 -m pip install -e .'")
+           "python3 -m pip install -e \".[gcs]\"'")
 
 
 def printed(capsys, argv) -> list[str]:
@@ -61,6 +62,19 @@ def test_dry_run_setup_and_run_lines(capsys):
                             "--config.guidance.scale=3.0"]) == [
         f"+ gcloud compute tpus tpu-vm ssh t1 {Z} --worker=all "
         f"--ssh-flag=-oServerAliveInterval=60 {MAIN}"]
+
+
+def test_the_compilation_cache_is_the_workdirs_unless_one_is_given():
+    """All hosts read one cache on gs:// (JAX writes it from process 0 alone) that outlives a
+    recreated VM; a cache named in the arguments, or a local workdir, is left as it is."""
+    tpu = gcloud.Tpu("t1", "z", "v4-32")
+    run = ["--config", "c.py", "--workdir", "gs://bkt/run/", "--mode", "train"]
+    assert gcloud.main_command(tpu, run).endswith(
+        "--compilation_cache_dir gs://bkt/run/jax_compilation_cache")
+    mine = [*run, "--compilation_cache_dir", "gs://bkt/cache"]
+    assert gcloud.main_command(tpu, mine).endswith("--mode train --compilation_cache_dir "
+                                                   "gs://bkt/cache")
+    assert "compilation_cache" not in gcloud.main_command(tpu, ["--workdir", "runs/x"])
 
 
 def test_run_rejects_local_workdir_and_unknown_args(capsys):
@@ -170,7 +184,8 @@ def test_sweep_on_tpu_vms(tmp_path, fake_gcloud, capsys):
     assert runs == [
         f"--command=cd diffjax && python3 -m diffjax.main --config {config} --workdir "
         f"gs://bkt/sw/scale-{s} --mode eval --checkpoint gs://bkt/fm "
-        f"--config.guidance.scale={s}.0" for s in (0, 2)]
+        f"--config.guidance.scale={s}.0 --compilation_cache_dir "
+        f"gs://bkt/sw/scale-{s}/jax_compilation_cache" for s in (0, 2)]
     assert {c[4] for c in calls if c[3:4] == ["ssh"]} <= {"a", "b"}
     uploads = json.loads(fake.state.read_text())["uploads"]
     assert sorted(uploads) == [f"gs://bkt/sw/scale-{s}/{m}" for s in (0, 2)
