@@ -88,16 +88,18 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return 10.0 * np.log10(4.0 / np.maximum(mse, 1e-20))
 
 
-def side_by_side(inputs: np.ndarray, outputs: np.ndarray, ncol: int = 8) -> np.ndarray:
-    """Interleaves rows of ``ncol`` inputs and their outputs ([N, H, W, C] each; smaller
-    inputs are enlarged by pixel repetition) for one grid: input row, result row, ..."""
-    factor = outputs.shape[1] // inputs.shape[1]
+def side_by_side(inputs: np.ndarray, *outputs: np.ndarray, ncol: int = 8) -> np.ndarray:
+    """Interleaves rows of ``ncol`` inputs and of each of ``outputs`` for them ([N, H, W, C]
+    each, outputs of one size; smaller inputs are enlarged by pixel repetition) for one grid:
+    input row, result row(s), input row, ...; short last rows are padded with white."""
+    factor = outputs[0].shape[1] // inputs.shape[1]
     inputs = np.repeat(np.repeat(inputs, factor, 1), factor, 2)
     rows = []
-    for i in range(0, len(outputs), ncol):
-        a, b = inputs[i:i + ncol], outputs[i:i + ncol]
-        pad = ((0, ncol - len(a)), (0, 0), (0, 0), (0, 0))
-        rows += [np.pad(a, pad, constant_values=1.0), np.pad(b, pad, constant_values=1.0)]
+    for i in range(0, len(inputs), ncol):
+        for group in (inputs, *outputs):
+            part = group[i:i + ncol]
+            rows.append(np.pad(part, ((0, ncol - len(part)), (0, 0), (0, 0), (0, 0)),
+                               constant_values=1.0))
     return np.concatenate(rows)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from diffjax import data, generate, parallel
 from diffjax.app import common, references
@@ -12,6 +13,7 @@ from diffjax.app import encode as encode_lib
 from diffjax.app import text as text_app
 from diffjax.app import sample as sample_lib
 from diffjax.data import latent_cache
+from diffjax.diffusion import superres as superres_lib
 from diffjax.specs import DataSpec, Experiment
 from diffjax.train import loop
 from diffjax.train.state import TrainState
@@ -57,12 +59,22 @@ def latent_train_iterator(experiment: Experiment, mesh, first_stage_params, ae_s
         num_epochs=None, drop_remainder=True, num_workers=d.num_workers))
 
 
+def first_eval_batch(experiment: Experiment, mesh, n: int) -> dict[str, np.ndarray]:
+    """The first ``n`` examples of the eval split (``image`` float32, ``label``), the same on
+    every process (each reads its part of a batch; the parts are gathered)."""
+    it, _, _ = references.eval_batches(experiment, mesh, max(n, 8))
+    batch = {k: np.asarray(v) for k, v in next(iter(it)).items() if k in ("image", "label")}
+    if jax.process_count() > 1:
+        batch = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
+                 for k, v in batch.items()}
+    return {"image": batch["image"].astype(np.float32)[:n], "label": batch["label"][:n]}
+
+
 def reconstruction_drawer(experiment: Experiment, mesh):
     """``ema_params -> (input | reconstruction rows, 0)`` on the first
     ``train.num_sample_images`` images of the eval split (an autoencoder's grids)."""
     task, n = experiment.task, experiment.train.num_sample_images
-    it, _, _ = references.eval_batches(experiment, mesh, max(n, 8))
-    images = np.asarray(next(iter(it))["image"], np.float32)[:n]
+    images = first_eval_batch(experiment, mesh, n)["image"]
     rep, shard = parallel.replicated(mesh), experiment.train.shard_state
 
     def reconstruct(p, x):
@@ -80,15 +92,37 @@ def reconstruction_drawer(experiment: Experiment, mesh):
     return draw
 
 
+def superres_drawer(experiment: Experiment, generator: generate.Generator, mesh):
+    """``ema_params -> (rows, their labels)``: for each 8 of the first
+    ``train.num_sample_images`` images of the eval split, a row of their low-resolution
+    versions (the training conditioning without augmentation, enlarged by pixel repetition),
+    a row of the model's samples from them and a row of the originals."""
+    task, t = experiment.task, experiment.train
+    batch = first_eval_batch(experiment, mesh, t.num_sample_images)
+    originals = batch["image"]
+    low = np.asarray(superres_lib.downsample(originals, task.superres.low_res_size))
+    labels = batch["label"].astype(np.int32) if task.class_cond else None
+    size = f"{task.superres.low_res_size}x{task.superres.low_res_size}"
+
+    def draw(ema_params):
+        images, _ = generator(ema_params, len(low), jax.random.PRNGKey(t.seed + 1),
+                              labels=labels, inputs=low)
+        rows = sample_lib.side_by_side(low, images, originals, ncol=8)
+        return rows, [f"{size} input", "sample", "original"] * (len(rows) // 24)
+
+    return draw
+
+
 def grid_drawer(experiment: Experiment, mesh, first_stage_params=None, tokenizer=None):
     """``ema_params -> (images, rows)`` of the training grids (rows: the number of classes,
-    0 = unlabelled, or a text model's prompts), or None for a task that draws no samples without inputs
-    (a classifier, a super-resolution model); first_stage_params: a latent model's
-    autoencoder (its samples are decoded); tokenizer: a text model's."""
+    0 = unlabelled, or the label of each row: a text model's prompts, a super-resolution
+    model's input | sample | original rows), or None for a task that draws no samples (a
+    classifier); first_stage_params: a latent model's autoencoder (its samples are
+    decoded); tokenizer: a text model's."""
     task, t = experiment.task, experiment.train
     if t.sample_every > 0 and task.reconstructs:
         return reconstruction_drawer(experiment, mesh)
-    if not task.draws_samples or task.needs_inputs or t.sample_every <= 0:
+    if not task.draws_samples or t.sample_every <= 0:
         return None
     generator = generate.Generator(task, experiment.sampling, mesh,
                                    common.classifier_params(experiment.sampling, mesh),
@@ -96,6 +130,8 @@ def grid_drawer(experiment: Experiment, mesh, first_stage_params=None, tokenizer
                                                   t.num_sample_images),
                                    first_stage_params=first_stage_params,
                                    shard_params=t.shard_state)
+    if task.needs_inputs:  # a super-resolution model: from the eval split's images
+        return superres_drawer(experiment, generator, mesh)
     per_row = task.num_classes if task.class_cond else 0
     tokens = None
     if experiment.text is not None:  # a text model: one row per prompt

@@ -2,6 +2,7 @@
 64 -> 256 upsampler config, a tiny upsampler's training steps and sampling, and conditional
 sampling from --mode sample (img2img / inpaint inputs, masks, the input | result grid)."""
 
+import gzip
 import importlib.util
 import os
 
@@ -14,8 +15,9 @@ from PIL import Image
 from diffjax import configlib, experiment, generate, parallel
 from diffjax.app import sample as app_sample
 from diffjax.app import summary
+from diffjax.app import train as app_train
 from diffjax.diffusion import schedules, superres
-from diffjax.train import loop
+from diffjax.train import loop, reporting
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EPS32 = float(np.finfo(np.float32).eps)
@@ -148,6 +150,45 @@ def test_tiny_upsampler_trains_and_samples(tiny, tiny_data, tmp_path):
     assert images.shape == (8, 8, 8, 1) and np.all(np.isfinite(images))
     with pytest.raises(ValueError, match="low-resolution"):
         generator(state.ema_params[0], 8, jax.random.PRNGKey(0))
+
+
+def test_training_grids_show_inputs_samples_and_originals(tiny, tiny_data, tmp_path):
+    """A super-resolution run's training grids: for each 8 of the eval split's first images a
+    row of their box-downsampled inputs (enlarged by pixel repetition), a row of the samples
+    drawn from those inputs and a row of the originals, labelled; a short last group is
+    padded with white."""
+    c = _superres_config(tiny, tiny_data)
+    c.train.sample_every, c.train.num_sample_images = 1, 12
+    exp = experiment.build(c, num_devices=1)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    params = _random_params(exp.task)
+    rows, labels = app_train.grid_drawer(exp, mesh)(params)
+    assert labels == ["4x4 input", "sample", "original"] * 2
+    assert rows.shape == (48, 8, 8, 1)
+    # The eval split (t10k) in its stored order, read independently of the pipeline.
+    with gzip.open(os.path.join(tiny_data, "t10k-images-idx3-ubyte.gz")) as f:
+        raw = np.frombuffer(f.read()[16:], np.uint8).reshape(-1, 8, 8, 1)[:12]
+    originals = raw.astype(np.float64) / 127.5 - 1.0
+    low = originals.reshape(12, 4, 2, 4, 2, 1).mean(axis=(2, 4))
+    enlarged = np.repeat(np.repeat(low, 2, 1), 2, 2)
+    # The samples: the generator's from the inputs shown (which equal `low` to rounding).
+    shown = np.concatenate([rows[0:8], rows[24:28]])[:, ::2, ::2]
+    samples, _ = generate.Generator(exp.task, exp.sampling, mesh, batch_size=8)(
+        params, 12, jax.random.PRNGKey(c.train.seed + 1), inputs=shown)
+    white = np.ones((4, 8, 8, 1))
+    for got, want in [(rows[0:8], enlarged[:8]), (rows[8:16], samples[:8]),
+                      (rows[16:24], originals[:8]), (rows[24:32], np.concatenate(
+                          [enlarged[8:], white])), (rows[32:40], np.concatenate(
+                              [samples[8:], white])), (rows[40:48], np.concatenate(
+                                  [originals[8:], white]))]:
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    # The trainer's reporter writes them as one labelled grid of 8 columns.
+    reporter = reporting.Reporter(str(tmp_path), enabled=True, total_steps=1, start_step=0,
+                                  batch_size=8)
+    path = reporter.image_grid(1, rows, labels)
+    reporter.close()
+    width, height = Image.open(path).size
+    assert height == 2 * (6 * 10 + 2) and width > 2 * (8 * 10 + 2)  # label column beside
 
 
 def _random_params(task):
