@@ -45,7 +45,10 @@ import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 # One compilation cache per process, as each host of a pod has its own disk: two processes
-# sharing one cache directory were seen to hang in the checkpoint barrier here.
+# sharing one cache directory were seen to hang in the checkpoint barrier here. JAX writes
+# cache entries from process 0 alone, and on CPU a program's cache key differs between the
+# processes (each one's topology and device assignment enter it), so process 1 compiles its
+# programs afresh in every run: most of what a multi-process test costs.
 cache = os.environ["DIFFJAX_TEST_CACHE"]
 if args.num_processes > 1:
     cache = os.path.join(cache, f"process{args.process_id}")
