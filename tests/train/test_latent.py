@@ -43,14 +43,19 @@ def _ae_run(tiny, tiny_data, workdir, mesh, seed, **overrides):
 
 
 @pytest.fixture(scope="module")
-def setup(tiny, tiny_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("latent")
+def setup(tiny, tiny_data, built_once):
+    """(its directory, the mesh, an autoencoder run, the latent cache encoded with it, the
+    cache's meta), built once for all workers (the tests only read them)."""
     mesh = parallel.make_mesh()
-    ae = _ae_run(tiny, tiny_data, str(root / "ae"), mesh, 1)
-    cache = str(root / "cache")
-    exp = experiment.build(_config(tiny, tiny_data, ae, cache), mode="encode")
-    meta = app_encode.run(exp, None, mesh)
-    return root, mesh, ae, cache, meta
+
+    def build(root):
+        ae = _ae_run(tiny, tiny_data, os.path.join(root, "ae"), mesh, 1)
+        exp = experiment.build(_config(tiny, tiny_data, ae, os.path.join(root, "cache")),
+                               mode="encode")
+        return app_encode.run(exp, None, mesh)
+
+    root, meta = built_once("latent", build)
+    return root, mesh, os.path.join(root, "ae"), os.path.join(root, "cache"), meta
 
 
 def _config(tiny, tiny_data, ae, cache, **overrides):
@@ -340,6 +345,7 @@ def test_fashion_mnist_latent_config_on_its_autoencoder(tiny, tmp_path):
     assert out.shape == (2, 8, 8, 4) and bool(np.isfinite(out).all())
 
 
+@pytest.mark.long
 def test_encode_and_train_on_two_processes(tiny, tiny_data, setup, tmp_path):
     """``--mode encode`` as 2 processes x 2 devices (``jax.distributed``) writes the cache one
     process writes, file for file; ``--mode train`` of the latent model with its state
