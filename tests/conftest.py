@@ -27,16 +27,3 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 # variable), not the user's own ~/.cache/diffjax.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 
-
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "long: runs for tens of seconds (processes of its own, a full-size model); "
-        "scheduled first")
-
-
-def pytest_collection_modifyitems(config, items):
-    """The tests marked ``long`` go first, in their collection order: pytest-xdist hands out
-    the first tests in turn to its workers, so each starts on long ones, and the short tests
-    fill both workers to the end instead of one worker finishing a long test alone. (Tests
-    that only reuse what a long one builds, :func:`built_once`, stay where they are, after it.)"""
-    items.sort(key=lambda item: item.get_closest_marker("long") is None)

@@ -139,7 +139,6 @@ def test_every_experiment_loads_validates_and_its_smoke_model_runs(name, monkeyp
     assert bool(jnp.all(jnp.isfinite(out))) and float(jnp.std(out)) > 1e-3
 
 
-@pytest.mark.long
 def test_diverging_run_stops_with_a_clear_message(tmp_path):
     cache = tmp_path / "cache"
     out = _main("--config", "experiments/fashion_mnist.py:smoke", "--workdir",

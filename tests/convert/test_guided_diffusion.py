@@ -403,7 +403,6 @@ def test_parity_detects_a_broken_mapping(mutate, tmp_path):
     assert _parity("unet_new_order", tmp_path, mutate=mutate) > 1e-2
 
 
-@pytest.mark.long
 def test_full_size_adm64_matches_guided_diffusion(tmp_path):
     """The released 64x64 model's architecture at full size (295,904,454 parameters, the flags
     of OpenAI's ``64x64_diffusion.pt``), random weights stored in half precision as released,

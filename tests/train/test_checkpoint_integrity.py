@@ -460,7 +460,6 @@ def _train(workdir, steps, cache, limit=0):
                           preexec_fn=preexec, check=False)
 
 
-@pytest.mark.long
 def test_disk_full_during_a_run_is_one_line_and_the_run_resumes(tmp_path):
     """ulimit -f below a checkpoint's size: the run stops with exit 2 and stderr holds its
     progress lines and one ``diffjax: error:`` line, nothing else (none of the tracebacks that

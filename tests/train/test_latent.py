@@ -345,7 +345,6 @@ def test_fashion_mnist_latent_config_on_its_autoencoder(tiny, tmp_path):
     assert out.shape == (2, 8, 8, 4) and bool(np.isfinite(out).all())
 
 
-@pytest.mark.long
 def test_encode_and_train_on_two_processes(tiny, tiny_data, setup, tmp_path):
     """``--mode encode`` as 2 processes x 2 devices (``jax.distributed``) writes the cache one
     process writes, file for file; ``--mode train`` of the latent model with its state

@@ -27,7 +27,6 @@ def straight(tiny, data_dir, built_once):
     return tiny.final_params(built_once("resume_straight", build)[0])
 
 
-@pytest.mark.long
 def test_kill_9_and_resume_follows_the_uninterrupted_trajectory(tiny, data_dir, straight,
                                                                 tmp_path):
     workdir = str(tmp_path / "killed")
@@ -112,7 +111,6 @@ def _assert_same_run(tiny, one, two):
         assert diff.max() <= 1 and np.mean(diff > 0) < 0.01, (step, diff.max(), diff.mean())
 
 
-@pytest.mark.long
 def test_two_processes_match_one_process_with_as_many_devices(tiny, data_dir, one_process,
                                                               tmp_path):
     """The multi-host path on one machine: 2 processes x 2 devices through jax.distributed,
@@ -164,7 +162,6 @@ def two_fsdp(tiny, data_dir, built_once):
     return workdir, killed, last, resumed
 
 
-@pytest.mark.long
 def test_a_process_killed_mid_run_resumes_with_its_peer(tiny, one_process, two_fsdp):
     """parallel.shard_state="fsdp" across 2 processes x 2 devices, process 1 SIGKILLed while
     the two write a sharded checkpoint: process 0 stops too, nothing of the unfinished

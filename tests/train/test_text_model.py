@@ -112,7 +112,6 @@ def test_label_dropout_drops_whole_captions_and_leaves_labels_as_they_were(tiny,
     np.testing.assert_array_equal(np.asarray(seen["y"]) == 10, dropped)
 
 
-@pytest.mark.long
 def test_kill_9_and_resume_trains_the_text_encoder_exactly(tiny, text_data, straight,
                                                             tmp_path):
     workdir = str(tmp_path / "killed")
@@ -437,7 +436,6 @@ def test_embedding_model_trains_samples_and_guides_against_its_null_row(
     np.testing.assert_allclose(plain(x, 2.0, noise), d_u, atol=1e-6)
 
 
-@pytest.mark.long
 def test_two_processes_with_sharded_state_train_the_text_model_as_one(tiny, text_data,
                                                                      straight, tmp_path):
     """The caption model (its text encoder trained jointly) with its state sharded (fsdp)
