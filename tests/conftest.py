@@ -26,4 +26,3 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 # The `python -m diffjax.main` subprocesses of the tests use the same cache (main reads this
 # variable), not the user's own ~/.cache/diffjax.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
-
