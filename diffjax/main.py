@@ -111,13 +111,17 @@ def parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
+def _has_gcsfs() -> bool:
+    return importlib.util.find_spec("gcsfs") is not None
+
+
 def check_storage(**paths: str | None) -> None:
     """ConfigError naming the first of ``paths`` (flag name -> value) on Google Cloud Storage
     (gs://) when gcsfs, the package through which etils.epath (orbax, the logs, the grids)
     and JAX's compilation cache reach it, is not installed: before any work, not as an
     ImportError from the first file written."""
     for flag, path in paths.items():
-        if path and str(path).startswith("gs://") and importlib.util.find_spec("gcsfs") is None:
+        if path and str(path).startswith("gs://") and not _has_gcsfs():
             raise ConfigError(f"--{flag}={path} is on Google Cloud Storage, which needs the "
                               "gcsfs package; pip install 'diffjax[gcs]' (or gcsfs) on every "
                               "host")

@@ -526,20 +526,22 @@ def test_main_workdir_of_another_config(tmp_path):
                       "--workdir", str(w))
 
 
-NO_GCSFS = pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None,
-                              reason="gcsfs is installed here")
-
-
-@NO_GCSFS
-def test_gs_paths_without_gcsfs(tmp_path):
-    """A gs:// workdir, checkpoint or compilation cache without gcsfs (etils.epath's backend
-    for Google Cloud Storage) is one line naming the flag, not an ImportError from the first
-    file written."""
+def test_gs_paths_without_gcsfs(tmp_path, monkeypatch):
+    """A gs:// workdir or checkpoint without gcsfs (etils.epath's backend for Google Cloud
+    Storage) is one line naming the flag, not an ImportError from the first file written."""
+    monkeypatch.setattr(cli, "_has_gcsfs", lambda: False)  # whether or not it is installed
     c = _config(FM, {})
     _expect_user_error("gcs_workdir", c, "train", "gs://bkt/run", "--workdir=gs://bkt/run")
     _expect_user_error("gcs_checkpoint", c, "sample", _workdir(tmp_path), "diffjax[gcs]",
                        checkpoint="gs://bkt/run")
-    w = tmp_path / "run"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None,
+                    reason="the command line's own check: only where gcsfs is missing")
+def test_gs_compilation_cache_without_gcsfs(tmp_path):
+    """The same for --compilation_cache_dir, checked before the cache is switched on (JAX
+    would warn once per entry and run uncached)."""
+    w = _workdir(tmp_path)
     _expect_cli_error("gcs_cache", w, "--compilation_cache_dir=gs://bkt/cache", "diffjax.main",
                       "--config", FM, "--workdir", str(w), "--compilation_cache_dir",
                       "gs://bkt/cache")
