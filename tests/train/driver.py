@@ -45,15 +45,17 @@ import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 # One compilation cache per process, as each host of a pod has its own disk: two processes
-# sharing one cache directory were seen to hang in the checkpoint barrier here. JAX writes
-# cache entries from process 0 alone, and on CPU a program's cache key differs between the
-# processes (each one's topology and device assignment enter it), so process 1 compiles its
-# programs afresh in every run: most of what a multi-process test costs.
+# sharing one cache directory were seen to hang in the checkpoint barrier here. Every process
+# writes its own (cache_writes: JAX writes only from process 0, and on CPU a program's cache
+# key differs between the processes, so process 1 would compile afresh in every run).
 cache = os.environ["DIFFJAX_TEST_CACHE"]
 if args.num_processes > 1:
     cache = os.path.join(cache, f"process{args.process_id}")
 jax.config.update("jax_compilation_cache_dir", cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # as main
+import cache_writes  # noqa: E402  (this script's directory is first on sys.path)
+
+cache_writes.enable()
 
 from diffjax import checkpoint, experiment, parallel  # noqa: E402
 from diffjax.app import text as text_app  # noqa: E402

@@ -148,6 +148,8 @@ def text_config(data_dir: str, **overrides):
 
 
 DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "driver.py")
+# python -m diffjax.main, every process writing its own compilation cache (cache_writes.py)
+MAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "main_cli.py")
 
 
 def driver_env() -> dict[str, str]:
@@ -226,12 +228,12 @@ def run_main(config_file: str, workdir: str, mode: str, processes: int, devices:
              cache_name: str = "cli") -> list[str]:
     """``python -m diffjax.main --config CONFIG_FILE --workdir WORKDIR --mode MODE`` as
     ``processes`` processes of ``devices`` CPU devices each (through ``jax.distributed`` when
-    more than one); their stdouts. Each process keeps its compilation cache in the tests'
-    cache directory, under ``cache_name`` and its index."""
+    more than one; run by :data:`MAIN`); their stdouts. Each process keeps and writes its
+    compilation cache in the tests' cache directory, under ``cache_name`` and its index."""
     env = {**driver_env(), "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     port = portpicker.pick_unused_port()
-    cmd = lambda i: [sys.executable, "-m", "diffjax.main", "--config", config_file,  # noqa: E731
+    cmd = lambda i: [sys.executable, MAIN, "--config", config_file,  # noqa: E731
                      "--workdir", workdir, "--mode", mode, "--compilation_cache_dir",
                      os.path.join(env["DIFFJAX_TEST_CACHE"], f"{cache_name}_process{i}")] + (
         ["--coordinator_address", f"localhost:{port}", "--num_processes", str(processes),
