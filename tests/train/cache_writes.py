@@ -26,7 +26,7 @@ def enable() -> bool:
     """Makes processes other than 0 write the entries that process 0 would write; whether it
     could (False: JAX's private write function has another signature, nothing changed)."""
     # Imported here: JAX's private modules are only touched when a test process asks.
-    from jax._src import compilation_cache, compiler, distributed
+    from jax._src import compilation_cache, compiler, config, distributed
 
     write = compiler._cache_write
     if getattr(write, "_every_process", False):
@@ -39,8 +39,10 @@ def enable() -> bool:
         if distributed.global_state.process_id == 0 or host_callbacks:
             return write(cache_key, compile_time_secs, module_name, backend, executable,
                          host_callbacks)
-        # The rest of JAX's own checks: the tests set the minimum compile time to 0, and
-        # put_executable_and_time applies the minimum entry size and the cache's absence.
+        # JAX's other checks: the minimum compile time here, the minimum entry size and an
+        # absent cache in put_executable_and_time.
+        if compile_time_secs < config.persistent_cache_min_compile_time_secs.value:
+            return None
         try:
             compilation_cache.put_executable_and_time(
                 cache_key, module_name, executable, backend, int(compile_time_secs))
