@@ -15,11 +15,15 @@ prediction. ``--mode summary`` reports 859,520,964 parameters, the count of diff
 
     python -m diffjax.main --config experiments/sd15_unet.py --mode summary
 
-The released weights (diffusers' format) convert with::
+The released weights convert with::
 
     python -m diffjax.convert --config experiments/sd15_unet.py \\
         --checkpoint stable-diffusion-v1-5/unet/diffusion_pytorch_model.safetensors \\
         --workdir runs/sd15_unet
+
+or, in CompVis/LDM's format, ``--checkpoint v1-5-pruned-emaonly.safetensors`` (a whole SD
+checkpoint: its ``model.diffusion_model.*`` tensors are the UNet; the VAE's convert with
+``experiments/autoencoder_sd_vae.py`` from the same file).
 
 Not wired yet (issue 13 part 2): the context source (CLIP's text encoder and its
 tokenizer, the empty prompt as the null condition of classifier-free guidance), so

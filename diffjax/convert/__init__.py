@@ -4,7 +4,8 @@ and converters of their state dicts, one module per family:
 * ``guided_diffusion``: OpenAI's ADM / improved-diffusion UNets, upsamplers, classifiers;
 * ``dit``: facebookresearch/DiT's ``.pt`` files and diffusers' ``DiTTransformer2DModel``;
 * ``autoencoder_kl``: Stable Diffusion's VAE (diffusers or CompVis/LDM key names);
-* ``sd_unet``: Stable Diffusion's UNet (diffusers' ``UNet2DConditionModel``).
+* ``sd_unet``: Stable Diffusion's UNet (diffusers' ``UNet2DConditionModel`` or CompVis/LDM
+  key names).
 
     params = diffjax.convert.load_checkpoint("64x64_diffusion.pt", experiment)
 
@@ -35,7 +36,8 @@ def load_checkpoint(path: str | os.PathLike, config: Any, key: str | None = None
     (:mod:`diffjax.convert.dit`), an autoencoder's diffusers' or CompVis/LDM names
     (:mod:`diffjax.convert.autoencoder_kl`; a whole SD ``.ckpt`` gives its
     ``first_stage_model``), a context-conditioned UNet (``model.context_dim`` > 0)
-    diffusers' SD UNet names (:mod:`diffjax.convert.sd_unet`), any other guided-diffusion's
+    diffusers' or CompVis/LDM's SD UNet names (:mod:`diffjax.convert.sd_unet`; a whole SD
+    ``.ckpt`` gives its ``model.diffusion_model``), any other guided-diffusion's
     (:mod:`diffjax.convert.guided_diffusion`). Returns NumPy arrays in the config's
     parameter dtypes. Raises WeightFileError (or its subclass ConversionError): one line.
     """

@@ -108,8 +108,11 @@ def _block_index(module: str, present: set[str]) -> int:
     return 1 + int(f"{kind}_blocks_{k}_attn" in present)  # up
 
 
-def _torch_module(path: tuple[str, ...], present: set[str]) -> str:
-    """guided-diffusion's module name of diffjax's module path (without the leaf)."""
+def module_name(path: tuple[str, ...], present: set[str]) -> str:
+    """guided-diffusion's module name of diffjax's module path (without the leaf); present:
+    the tree's top-level module names (an upsampler follows its level's attention block when
+    there is one). Also CompVis/LDM's names outside the transformer blocks
+    (:func:`diffjax.convert.sd_unet.ldm_names`)."""
     top, rest = path[0], path[1:]
     if top == "time_embed":
         return {"dense_0": "time_embed.0", "dense_1": "time_embed.2"}[rest[0]]
@@ -143,9 +146,9 @@ def torch_names(abstract_params: Any) -> dict[str, tuple[str, ...]]:
     for path in flat:
         leaf = path[-1]
         if leaf == "positional_embedding":
-            name = _torch_module(path[:-1], present) + ".positional_embedding"
+            name = module_name(path[:-1], present) + ".positional_embedding"
         else:
-            name = f"{_torch_module(path[:-1], present)}.{_LEAF[leaf]}"
+            name = f"{module_name(path[:-1], present)}.{_LEAF[leaf]}"
         out[name] = path
     return out
 

@@ -27,8 +27,20 @@ BasicTransformerBlock ``norm{1,2,3}``,    ``norm{1,2,3}``, ``attn{1,2}/{to_q,...
 ``ff.net.0.proj``, ``ff.net.2``
 ========================================  =============================================
 
-CompVis/LDM's ``model.diffusion_model.*`` names are not read (convert them to diffusers'
-first). Layouts: conv [O, I, kh, kw] -> HWIO; Linear [O, I] -> Dense [I, O]; the
+CompVis/LDM's names (``v1-5-pruned-emaonly.safetensors``, ``v2-1_768-ema-pruned.ckpt``, a
+Lightning ``.ckpt``'s ``state_dict``) are read too: tensors under ``model.diffusion_model.``
+are the UNet, everything outside that prefix (``first_stage_model.*``: the VAE,
+:mod:`diffjax.convert.autoencoder_kl`; ``cond_stage_model.*``: the text encoder;
+``model_ema.*``: LitEma's copies; the noise table's buffers) is ignored; a bare LDM
+``diffusion_model`` dict (``input_blocks.0.0.weight``, no prefix) is read as well. Its
+names are guided-diffusion's (:mod:`diffjax.convert.guided_diffusion`: ``input_blocks.K.M``,
+``middle_block.{0,1,2}``, ``output_blocks.K.M``, ``time_embed.{0,2}``, ``out.{0,2}``,
+ResBlock ``in_layers`` / ``emb_layers`` / ``out_layers`` / ``skip_connection``, Downsample
+``op``, Upsample ``conv``), with SpatialTransformer blocks at ``.1`` whose inner names are
+diffusers' (``norm``, ``proj_in``, ``transformer_blocks.N.attn1.to_q``, ..., ``proj_out``).
+A non-pruned ``.ckpt`` keeps its EMA weights apart, under ``model_ema.`` in LitEma's
+dot-less names, which are not read: it converts to its ``model.diffusion_model`` (non-EMA)
+weights; the ``-emaonly`` / ``-ema-pruned`` files hold the EMA weights there. Layouts: conv [O, I, kh, kw] -> HWIO; Linear [O, I] -> Dense [I, O]; the
 transformer's ``proj_in`` / ``proj_out``: a 1x1 conv [O, I, 1, 1] (SD 1.x) or a Linear
 (SD 2.x, ``use_linear_projection``) -> Dense [I, O], and the stored rank must be the one
 ``use_linear_in_transformer`` says; GroupNorm / LayerNorm ``weight`` -> ``scale``. Arrays
@@ -50,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from diffjax.convert import torch_file
+from diffjax.convert import guided_diffusion, torch_file
 from diffjax.convert.guided_diffusion import ConversionError, mismatch_error
 from diffjax.models.unet import UNet
 
@@ -63,6 +75,8 @@ _TOP = {"input_blocks_0_conv": "conv_in", "out_norm": "conv_norm_out", "out_conv
         "label_emb": "class_embedding", "middle_res_0": "mid_block.resnets.0",
         "middle_res_1": "mid_block.resnets.1", "middle_attn": "mid_block.attentions.0"}
 _ADM_BLOCK = re.compile(r"^(input|output)_blocks_(\d+)_(res|attn|down|up)$")
+LDM_PREFIX = "model.diffusion_model."  # the UNet's tensors in a CompVis/LDM checkpoint
+_PROJ = re.compile(r"(attentions\.\d+|_blocks\.\d+\.1|middle_block\.1)\.proj_(in|out)\.weight$")
 
 
 # ----------------------------------------------------------------------------- names
@@ -128,20 +142,74 @@ def diffusers_names(abstract_params: Any, module: UNet) -> dict[str, tuple[str, 
             for path in traverse_util.flatten_dict(abstract_params)}
 
 
+def _transformer_part(rest: tuple[str, ...]) -> str:
+    """The name inside a transformer block (diffusers' and LDM's alike) of diffjax's
+    ``transformer_blocks_N/<module>[/<projection>]``."""
+    name = f"transformer_blocks.{rest[0].rsplit('_', 1)[1]}.{_BLOCK[rest[1]]}"
+    if rest[1].startswith("attn"):
+        return f"{name}.{'to_out.0' if rest[2:] == ('to_out',) else '.'.join(rest[2:])}"
+    return name
+
+
+def ldm_names(abstract_params: Any, module: UNet) -> dict[str, tuple[str, ...]]:
+    """CompVis/LDM tensor name (without :data:`LDM_PREFIX`) -> diffjax parameter path, for
+    every parameter of the tree: guided-diffusion's names around SpatialTransformer blocks
+    named inside as diffusers names them."""
+    flat = traverse_util.flatten_dict(abstract_params)
+    present = {path[0] for path in flat}
+    out = {}
+    for path in flat:
+        top, rest = path[0], path[1:-1]
+        if top in ("time_embed", "label_emb", "out_norm", "out_conv", "middle_res_0",
+                   "middle_res_1", "middle_attn") or _ADM_BLOCK.match(top) or \
+                top == "input_blocks_0_conv":
+            if rest and rest[0].startswith("transformer_blocks_"):
+                base = guided_diffusion.module_name((top,), present)
+                name = f"{base}.{_transformer_part(rest)}"
+            elif rest and rest[0] in ("encoder_kv", "qkv"):
+                raise ConversionError(
+                    "CompVis/LDM's UNet has SD's transformer blocks, not GLIDE's attention: "
+                    "set model.use_spatial_transformer=True")
+            else:
+                name = guided_diffusion.module_name(path[:-1], present)
+        else:
+            raise ConversionError(
+                f"diffjax parameter {'/'.join(path)} has no counterpart in CompVis/LDM's "
+                "UNetModel; set model.context_pool='none' and no noise-augmentation embedding "
+                "(condition.aug_max=0)")
+        out[f"{name}.{_LEAF[path[-1]]}"] = path
+    return out
+
+
+def _ldm_part(state_dict: Mapping[str, np.ndarray]
+              ) -> tuple[dict[str, np.ndarray], str] | None:
+    """(the UNet's tensors of a CompVis/LDM state dict with the prefix stripped, the prefix:
+    :data:`LDM_PREFIX` for a whole SD checkpoint, whose other parts are left out, or "" for
+    a bare LDM UNet dict), or None for a dict in diffusers' names."""
+    if any(name.startswith(LDM_PREFIX) for name in state_dict):
+        return {name[len(LDM_PREFIX):]: array for name, array in state_dict.items()
+                if name.startswith(LDM_PREFIX)}, LDM_PREFIX
+    if "input_blocks.0.0.weight" in state_dict or "time_embed.0.weight" in state_dict:
+        return dict(state_dict), ""
+    return None
+
+
 # ----------------------------------------------------------------------------- errors
 
 
 def _proj(name: str) -> bool:
-    return bool(re.search(r"attentions\.\d+\.proj_(in|out)\.weight$", name))
+    """Is ``name`` a transformer's proj_in / proj_out weight (diffusers' or LDM's names)?"""
+    return bool(_PROJ.search(name))
 
 
 def _torch_shape(name: str, shape: tuple[int, ...], module: UNet,
                  torch_ndim: int) -> tuple[int, ...]:
-    """The shape a diffusers checkpoint stores for a diffjax parameter of ``shape``."""
+    """The shape a diffusers (or LDM) checkpoint stores for a diffjax parameter of
+    ``shape``."""
     if len(shape) == 4:
         kh, kw, i, o = shape
         return (o, i, kh, kw)
-    if len(shape) == 2 and not name.endswith("class_embedding.weight"):
+    if len(shape) == 2 and not name.endswith(("class_embedding.weight", "label_emb.weight")):
         if _proj(name):
             return (shape[1], shape[0]) + (() if module.use_linear_in_transformer else (1, 1))
         return (shape[1], shape[0]) + (1,) * max(0, torch_ndim - 2)
@@ -149,28 +217,31 @@ def _torch_shape(name: str, shape: tuple[int, ...], module: UNet,
 
 
 def _hint(name: str, got: tuple | None, want: tuple | None) -> str:
-    """The config option that most likely explains a mismatch at diffusers ``name``."""
+    """The config option that most likely explains a mismatch at ``name`` (diffusers' or
+    LDM's, without :data:`LDM_PREFIX`)."""
     both = got is not None and want is not None
     if _proj(name) and both and len(got) != len(want):
         return "model.use_linear_in_transformer (SD 2.x's use_linear_projection)"
-    if name.startswith("class_embedding"):
+    if name.startswith(("class_embedding", "label_emb")):
         return "model.class_cond and data.num_classes (diffusers' num_class_embeds)"
-    if name.startswith(("conv_in", "conv_out")):
+    if name.startswith(("conv_in", "conv_out", "input_blocks.0.0.", "out.2.")):
         return "data.channels (the latent channels) or model.model_channels"
     if ".attn2.to_k." in name or ".attn2.to_v." in name:
         return "model.context_dim (diffusers' cross_attention_dim)"
     if ".transformer_blocks." in name and not both:
         return "model.transformer_depth (diffusers' transformer_layers_per_block)"
-    if ".attentions." in name and not both:
+    ldm_attention = re.match(r"(input_blocks\.\d+\.1|output_blocks\.\d+\.1|middle_block\.1)"
+                             r"\.(norm|proj_in|proj_out)\.", name)
+    if (".attentions." in name or ldm_attention) and not both:
         return ("model.attention_resolutions (latent resolutions of the CrossAttn blocks) or "
                 "model.use_spatial_transformer")
-    if name.startswith("time_embedding"):
+    if name.startswith(("time_embedding", "time_embed.")):
         return "model.model_channels"
     return "model.model_channels, channel_mult or num_res_blocks"
 
 
-def _mismatch(name: str, got, want) -> ConversionError:
-    return mismatch_error(name, got, want, _hint(name, got, want))
+def _mismatch(name: str, got, want, prefix: str = "") -> ConversionError:
+    return mismatch_error(prefix + name, got, want, _hint(name, got, want))
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -189,24 +260,30 @@ def abstract_params(module: UNet, image_shape: tuple[int, int, int]) -> dict:
 
 
 def convert(state_dict: Mapping[str, np.ndarray], abstract: Any, module: UNet) -> dict:
-    """A diffusers UNet2DConditionModel state dict -> ``module``'s ``"params"`` tree (NumPy
-    arrays in the dtypes of ``abstract``, its abstract parameters).
+    """An SD UNet state dict -> ``module``'s ``"params"`` tree (NumPy arrays in the dtypes of
+    ``abstract``, its abstract parameters): diffusers' UNet2DConditionModel names, or
+    CompVis/LDM's (a whole SD checkpoint's ``model.diffusion_model.*``; see the module
+    docstring).
 
     Raises:
       ConversionError: one line naming the first tensor (in the checkpoint's order) that does
         not fit, both shapes (checkpoint layout) and the option that likely fixes it.
     """
     if not module.context_dim or not module.use_spatial_transformer:
-        raise ConversionError("diffusers' UNet2DConditionModel is SD's context-conditioned "
-                              "UNet: set model.context_dim > 0 and "
-                              "model.use_spatial_transformer=True")
+        raise ConversionError("SD's UNet (diffusers' UNet2DConditionModel, CompVis/LDM's "
+                              "UNetModel) is context-conditioned: set model.context_dim > 0 "
+                              "and model.use_spatial_transformer=True")
     flat = traverse_util.flatten_dict(abstract)
-    names = diffusers_names(abstract, module)
+    ldm, prefix = _ldm_part(state_dict), ""  # prefix: errors name tensors as the file does
+    if ldm is None:
+        names = diffusers_names(abstract, module)
+    else:
+        (state_dict, prefix), names = ldm, ldm_names(abstract, module)
     out = {}
     for name, array in state_dict.items():
         array = np.asarray(array)
         if name not in names:
-            raise _mismatch(name, tuple(array.shape), None)
+            raise _mismatch(name, tuple(array.shape), None, prefix)
         path = names[name]
         target = flat[path]
         want = _torch_shape(name, tuple(target.shape), module, array.ndim)
@@ -214,11 +291,12 @@ def convert(state_dict: Mapping[str, np.ndarray], abstract: Any, module: UNet) -
                  else torch_file.flax_layout(array, len(target.shape)))
         if value is None or value.shape != tuple(target.shape) or (
                 _proj(name) and array.ndim != len(want)):
-            raise _mismatch(name, tuple(array.shape), want)
+            raise _mismatch(name, tuple(array.shape), want, prefix)
         out[path] = np.ascontiguousarray(value.astype(target.dtype))
     for name, path in names.items():
         if path not in out:
-            raise _mismatch(name, None, _torch_shape(name, tuple(flat[path].shape), module, 0))
+            raise _mismatch(name, None, _torch_shape(name, tuple(flat[path].shape), module, 0),
+                            prefix)
     return traverse_util.unflatten_dict(out)
 
 

@@ -8,12 +8,16 @@ timesteps and ``encoder_hidden_states`` (with an attention mask): outputs agree 
 relative (max |diff| / max |reference|) in float32. Also: SD 2's Linear projections and two
 transformer blocks per level, the diffusers config -> module mapping, one-line errors, and
 ``diffjax.convert.load_checkpoint`` / ``python -m diffjax.convert`` on a context-conditioned
-UNet config.
+UNet config. CompVis/LDM's names: a checkpoint in them, built from the diffusers model's
+tensors, is what diffusers' own LDM -> diffusers conversion
+(``diffusers.loaders.single_file_utils.convert_ldm_unet_checkpoint``) turns back into that
+model's state dict, tensor for tensor, and converts to the same diffjax parameters.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -29,6 +33,7 @@ from diffjax.convert.guided_diffusion import ConversionError
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
+single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
 
 SIZE, CHANNELS, CTX = 16, 4, 12
 CONFIG = {"sample_size": SIZE, "in_channels": CHANNELS, "out_channels": CHANNELS,
@@ -244,3 +249,128 @@ def test_load_checkpoint_dispatch_and_the_cli(reference, tmp_path):
     restored, step = checkpoint.restore_ema_params(str(workdir), exp.task.abstract_params())
     assert step == 0
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored), params)
+
+
+# ----------------------------------------------------------------------------- CompVis/LDM
+
+SD2 = {"use_linear_projection": True, "attention_head_dim": (4, 8, 8),
+       "transformer_layers_per_block": 2}
+# What else a whole SD checkpoint holds (the VAE, the text encoder, LitEma's copies, the noise
+# table): ignored by the UNet's converter.
+OTHER_PARTS = {"first_stage_model.encoder.conv_in.weight": np.ones((8, 3, 3, 3), np.float32),
+               "cond_stage_model.transformer.text_model.final_layer_norm.weight":
+                   np.ones(12, np.float32),
+               "model_ema.decay": np.array(0.9999, np.float32),
+               "model_ema.diffusion_modelout2bias": np.ones(4, np.float32),
+               "betas": np.ones(1000, np.float32)}
+
+
+def _ldm_state_dict(model) -> tuple[dict[str, np.ndarray], sd_unet.UNet, dict]:
+    """(the diffusers model's tensors under CompVis/LDM's names, as a whole SD checkpoint holds
+    them, with its other parts; the diffjax module; its abstract params)."""
+    sd = _state_dict(model)
+    module = sd_unet.module_from_diffusers_config(dict(model.config))
+    abstract = sd_unet.abstract_params(module, (SIZE, SIZE, CHANNELS))
+    diffusers_name = {path: name for name, path in
+                      sd_unet.diffusers_names(abstract, module).items()}
+    ldm = {sd_unet.LDM_PREFIX + name: sd[diffusers_name[path]]
+           for name, path in sd_unet.ldm_names(abstract, module).items()}
+    return {**OTHER_PARTS, **ldm}, module, abstract
+
+
+@pytest.mark.parametrize("overrides", [{}, SD2], ids=["sd1", "sd2"])
+def test_compvis_names_are_those_diffusers_converts(overrides):
+    """diffusers' own LDM -> diffusers conversion turns the LDM-named checkpoint back into the
+    model's state dict, every tensor in place (so the names are LDM's: a swap of two
+    same-shaped tensors, e.g. norm1 / norm2, would show here), and diffjax converts the
+    LDM-named and the diffusers-named dicts to the same parameters, bit for bit."""
+    model = _diffusers_unet(3, **overrides)
+    ldm, module, abstract = _ldm_state_dict(model)
+    # diffusers' conversion finds an upsampler's conv at either index; LDM's is after the
+    # attention where a level has one (TimestepEmbedSequential's order)
+    p = sd_unet.LDM_PREFIX
+    assert {f"{p}output_blocks.1.1.conv.weight", f"{p}output_blocks.3.2.conv.weight"} <= set(ldm)
+    back = single_file_utils.convert_ldm_unet_checkpoint(
+        {k: torch.from_numpy(np.array(v)) for k, v in ldm.items()}, dict(model.config))
+    want = _state_dict(model)
+    assert sorted(back) == sorted(want)
+    for name, array in want.items():
+        np.testing.assert_array_equal(back[name].numpy(), array, err_msg=name)
+    from_ldm = sd_unet.convert(ldm, abstract, module)
+    from_diffusers = sd_unet.convert(want, abstract, module)
+    jax.tree.map(np.testing.assert_array_equal, from_ldm, from_diffusers)
+    # a bare LDM UNet dict (no model.diffusion_model. prefix) reads the same
+    bare = {k[len(sd_unet.LDM_PREFIX):]: v for k, v in ldm.items()
+            if k.startswith(sd_unet.LDM_PREFIX)}
+    jax.tree.map(np.testing.assert_array_equal, sd_unet.convert(bare, abstract, module),
+                 from_diffusers)
+
+
+def test_compvis_ckpt_through_load_checkpoint(reference, tmp_path):
+    """A Lightning ``.ckpt`` of a whole SD model (``state_dict`` beside ``global_step``),
+    written by torch.save, read without torch and converted by diffjax.convert.load_checkpoint:
+    the UNet's output agrees with diffusers' model."""
+    model, _, want = reference
+    ldm, _, _ = _ldm_state_dict(model)
+    path = tmp_path / "sd-tiny.ckpt"
+    torch.save({"state_dict": {k: torch.from_numpy(np.array(v)) for k, v in ldm.items()},
+                "global_step": 470000}, str(path))
+    config = tmp_path / "sd_tiny.py"
+    config.write_text(CONFIG_FILE)
+    exp = experiment.build(configlib.load_config_file(str(config)), mode="convert")
+    params = convert_lib.load_checkpoint(path, exp)
+    error = _rel(_apply(exp.task.model, params), want)
+    print(f"CompVis-named SD UNet: max relative error {error:.2e}")
+    assert error < 1e-4, error
+
+
+def test_compvis_errors_name_the_files_tensor_and_the_option(reference):
+    ldm, module, _ = _ldm_state_dict(reference[0])
+    p = sd_unet.LDM_PREFIX
+    message = _error(ldm, module.clone(context_dim=CTX + 4))
+    assert f"{p}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight has shape" in message
+    assert "model.context_dim" in message, message
+    message = _error(ldm, module.clone(attention_resolutions=(16,)))
+    assert re.search(rf"{re.escape(p)}input_blocks\.3\.1\.norm\.\w+ \(64,\) has no place",
+                     message), message
+    assert "attention_resolutions" in message, message
+    message = _error(ldm, module.clone(use_linear_in_transformer=True))
+    assert f"{p}input_blocks.1.1.proj_in.weight has shape (32, 32, 1, 1)" in message, message
+    assert "use_linear_in_transformer" in message, message
+    missing = {k: v for k, v in ldm.items() if k != f"{p}out.0.weight"}
+    assert f"lacks tensor {p}out.0.weight (32,)" in _error(missing, module)
+    message = _error(ldm, module.clone(transformer_depth=2))
+    assert f"lacks tensor {p}input_blocks.1.1.transformer_blocks.1." in message, message
+    assert "model.transformer_depth" in message, message
+    message = _error(dict(ldm, **{f"{p}out.2.weight": np.zeros((3, 32, 3, 3), np.float32)}),
+                     module)
+    assert f"{p}out.2.weight has shape (3, 32, 3, 3)" in message and "data.channels" in message
+
+
+def test_sd15_compvis_names_at_full_size():
+    """experiments/sd15_unet.py's parameters under LDM's names: diffusers' LDM conversion maps
+    them onto the names and shapes of diffusers' SD 1.5 UNet (built on the meta device:
+    shapes only, nothing allocated), e.g. the released file's upsamplers at
+    ``output_blocks.{2,5,8}.{1,2}.conv``."""
+    sd15 = {"sample_size": 64, "in_channels": 4, "out_channels": 4, "cross_attention_dim": 768,
+            "attention_head_dim": 8, "block_out_channels": (320, 640, 1280, 1280),
+            "layers_per_block": 2}
+    with torch.device("meta"):
+        model = diffusers.UNet2DConditionModel(**sd15)
+    want = model.state_dict()
+    exp = experiment.build(configlib.load_config_file(os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        "experiments", "sd15_unet.py")), mode="convert")
+    abstract, module = exp.task.abstract_params(), exp.task.model
+    diffusers_name = {path: name for name, path in
+                      sd_unet.diffusers_names(abstract, module).items()}
+    ldm_names = sd_unet.ldm_names(abstract, module)
+    assert len(ldm_names) == len(want) == 686
+    for name in ("output_blocks.2.1.conv.weight", "output_blocks.5.2.conv.weight",
+                 "output_blocks.8.2.conv.weight", "input_blocks.3.0.op.weight",
+                 "input_blocks.7.0.skip_connection.weight", "middle_block.1.proj_in.weight"):
+        assert name in ldm_names, name
+    ldm = {sd_unet.LDM_PREFIX + n: want[diffusers_name[p]] for n, p in ldm_names.items()}
+    back = single_file_utils.convert_ldm_unet_checkpoint(ldm, dict(model.config))
+    assert sorted(back) == sorted(want)
+    assert all(back[k] is want[k] for k in want)
