@@ -5,7 +5,9 @@ and converters of their state dicts, one module per family:
 * ``dit``: facebookresearch/DiT's ``.pt`` files and diffusers' ``DiTTransformer2DModel``;
 * ``autoencoder_kl``: Stable Diffusion's VAE (diffusers or CompVis/LDM key names);
 * ``sd_unet``: Stable Diffusion's UNet (diffusers' ``UNet2DConditionModel`` or CompVis/LDM
-  key names).
+  key names);
+* ``clip_text``: SD 1.x's text encoder (transformers' ``CLIPTextModel``, or a whole SD
+  checkpoint's ``cond_stage_model``) -> :class:`diffjax.models.clip_text.CLIPTextModel`.
 
     params = diffjax.convert.load_checkpoint("64x64_diffusion.pt", experiment)
 
