@@ -1,4 +1,5 @@
-"""Tokenizers for text conditioning, built from the training captions (nothing downloaded).
+"""Tokenizers for text conditioning: built from the training captions (nothing downloaded), or
+CLIP's (:class:`CLIPTokenizer`, from a released model's vocabulary files).
 
 GLIDE (issue 13) trains its text encoder jointly with the diffusion model, so the tokenizer
 need only cover the captions it is trained on. Two kinds:
@@ -20,8 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
+import unicodedata
 from collections.abc import Sequence
 
 import numpy as np
@@ -225,3 +228,168 @@ class Tokenizer:
             raise TextError(f"tokenizer {path} cannot be read ({e}); check the path and "
                             "its permissions") from None
         return cls.from_json(text, source=path)
+
+
+# ----------------------------------------------------------------------------- CLIP's BPE
+
+CLIP_CONTEXT_LENGTH = 77
+_CLIP_SPECIAL = ("<|startoftext|>", "<|endoftext|>")
+_CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table of byte-level BPE: the printable Latin-1
+    bytes stand for themselves, the others for the characters from U+0100 on, in order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _char_kind(ch: str) -> str:
+    """'L' letter, 'N' number, ' ' whitespace, else '.' (the classes of CLIP's pattern)."""
+    if ch.isspace():
+        return " "
+    cat = unicodedata.category(ch)
+    return cat[0] if cat[0] in "LN" else "."
+
+
+def _clip_pieces(text: str) -> list[str]:
+    """CLIP's pre-tokenisation (``<|startoftext|>|<|endoftext|>|'s|'t|'re|'ve|'m|'ll|'d|
+    [\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+``, alternatives tried in that order at each
+    position, whitespace between pieces dropped) of lower-cased text."""
+    pieces, i, n = [], 0, len(text)
+    while i < n:
+        special = next((s for s in _CLIP_SPECIAL if text.startswith(s, i)), None)
+        contraction = next((c for c in _CONTRACTIONS if text.startswith(c, i)), None)
+        kind = _char_kind(text[i])
+        if special or contraction:
+            piece = special or contraction
+        elif kind == " ":
+            i += 1
+            continue
+        elif kind == "N":
+            piece = text[i]
+        else:
+            j = i + 1
+            while j < n and _char_kind(text[j]) == kind:
+                j += 1
+            piece = text[i:j]
+        pieces.append(piece)
+        i += len(piece)
+    return pieces
+
+
+class CLIPTokenizer:
+    """CLIP's byte-level BPE tokenizer (SD 1.x's ``tokenizer/``) from the released model's
+    ``vocab.json`` ({token: id}) and ``merges.txt`` (one merge per line, most frequent first).
+
+    ``encode(texts)`` -> (ids [N, L] int32, mask [N, L] bool), L = context_length (SD: 77):
+    ``<|startoftext|>``, the text's tokens (cut to L - 2), ``<|endoftext|>``, then
+    ``pad_token`` (SD 1.x: ``<|endoftext|>``); mask True up to the end token. The text is
+    normalised as transformers' tokenizers-backed ``CLIPTokenizer`` does (Unicode NFC, lower
+    case; ftfy's repairs are not applied), split by CLIP's pattern, and
+    each piece's UTF-8 bytes merged pair by pair in the merges' order, its last symbol
+    marked with ``</w>``. Pure Python: no jax.
+    """
+
+    def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]], *,
+                 context_length: int = CLIP_CONTEXT_LENGTH, pad_token: str = "<|endoftext|>",
+                 source: str = "CLIP tokenizer") -> None:
+        for token in (*_CLIP_SPECIAL, pad_token):
+            if token not in vocab:
+                raise TextError(f"{source}: the vocabulary lacks {token!r}; is it CLIP's "
+                                "vocab.json?")
+        if context_length < 2:
+            raise TextError(f"{source}: context_length={context_length} leaves no room for "
+                            "the start and end tokens")
+        self.vocab = dict(vocab)
+        self.ranks = {tuple(pair): rank for rank, pair in enumerate(merges)}
+        self.context_length = context_length
+        self.bos, self.eos = vocab[_CLIP_SPECIAL[0]], vocab[_CLIP_SPECIAL[1]]
+        self.pad = vocab[pad_token]
+        self._bytes = _byte_alphabet()
+        self._cache: dict[str, list[int]] = {}
+
+    @classmethod
+    def from_files(cls, vocab_path: str | os.PathLike, merges_path: str | os.PathLike,
+                   **options) -> CLIPTokenizer:
+        """The tokenizer of a released ``vocab.json`` and ``merges.txt`` (``options``:
+        context_length, pad_token); TextError (one line) for a missing or unreadable file."""
+        try:
+            with open(vocab_path, encoding="utf-8") as f:
+                vocab = json.load(f)
+            with open(merges_path, encoding="utf-8") as f:
+                lines = f.read().split("\n")
+        except FileNotFoundError as e:
+            raise TextError(f"CLIP tokenizer file {e.filename} not found: pass the released "
+                            "model's tokenizer/vocab.json and tokenizer/merges.txt") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TextError(f"CLIP tokenizer files {os.fspath(vocab_path)}, "
+                            f"{os.fspath(merges_path)} cannot be read ({e})") from None
+        if not isinstance(vocab, dict):
+            raise TextError(f"{os.fspath(vocab_path)} holds no {{token: id}} object")
+        merges = []
+        for number, line in enumerate(lines, 1):
+            if not line or (number == 1 and line.startswith("#version")):
+                continue
+            pair = line.split(" ")
+            if len(pair) != 2:
+                raise TextError(f"{os.fspath(merges_path)} line {number}: {_short(line)} is "
+                                "not a merge of two symbols")
+            merges.append((pair[0], pair[1]))
+        return cls(vocab, merges, source=os.fspath(vocab_path), **options)
+
+    def _bpe(self, piece: str) -> list[int]:
+        """The ids of one pre-token (cached)."""
+        if piece in self._cache:
+            return self._cache[piece]
+        if piece in _CLIP_SPECIAL:
+            out = [self.vocab[piece]]
+        else:
+            symbols = [self._bytes[b] for b in piece.encode("utf-8")]
+            symbols[-1] += "</w>"
+            while len(symbols) > 1:  # the pair merged first in training, while one is here
+                first, second = min(zip(symbols, symbols[1:]),
+                                    key=lambda pair: self.ranks.get(pair, math.inf))
+                if (first, second) not in self.ranks:
+                    break
+                merged, i = [], 0
+                while i < len(symbols):  # every occurrence of the pair, left to right
+                    if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == (first, second):
+                        merged.append(first + second)
+                        i += 2
+                    else:
+                        merged.append(symbols[i])
+                        i += 1
+                symbols = merged
+            out = [self.vocab.get(s, self.eos) for s in symbols]  # unknown: <|endoftext|>
+        self._cache[piece] = out
+        return out
+
+    def tokens(self, text: str) -> list[int]:
+        """The ids of ``text`` alone (no start, end or padding tokens)."""
+        text = unicodedata.normalize("NFC", text).lower()  # whitespace only separates pieces
+        return [i for piece in _clip_pieces(text) for i in self._bpe(piece)]
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids [N, context_length] int32, mask [N, context_length] bool); see the class."""
+        if isinstance(texts, str):
+            raise TextError("CLIPTokenizer.encode takes a list of texts, got one string")
+        n = self.context_length
+        ids = np.full((len(texts), n), self.pad, np.int32)
+        mask = np.zeros((len(texts), n), bool)
+        for row, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TextError(f"CLIPTokenizer.encode: text {row} is a "
+                                f"{type(text).__name__}, not a string")
+            body = [self.bos, *self.tokens(text)[:n - 2], self.eos]
+            ids[row, :len(body)] = body
+            mask[row, :len(body)] = True
+        return ids, mask

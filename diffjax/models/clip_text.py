@@ -13,8 +13,7 @@ output for all 77 tokens of the padded prompt, with no padding mask; ``skip_last
 diffusers' ``clip_skip`` does.
 
 Nothing here tokenizes: CLIP's BPE vocabulary is a file of the released model
-(``tokenizer/vocab.json`` and ``merges.txt``), read by e.g. transformers' ``CLIPTokenizer``
-(no PyTorch needed).
+(``tokenizer/vocab.json`` and ``merges.txt``), read by :class:`diffjax.text.CLIPTokenizer`.
 """
 
 from __future__ import annotations
