@@ -7,7 +7,8 @@ and converters of their state dicts, one module per family:
 * ``sd_unet``: Stable Diffusion's UNet (diffusers' ``UNet2DConditionModel`` or CompVis/LDM
   key names);
 * ``clip_text``: SD 1.x's text encoder (transformers' ``CLIPTextModel``, or a whole SD
-  checkpoint's ``cond_stage_model``) -> :class:`diffjax.models.clip_text.CLIPTextModel`.
+  checkpoint's ``cond_stage_model``) and SD 2.x's (OpenCLIP's names) ->
+  :class:`diffjax.models.clip_text.CLIPTextModel`.
 
     params = diffjax.convert.load_checkpoint("64x64_diffusion.pt", experiment)
 

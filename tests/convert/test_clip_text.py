@@ -187,3 +187,71 @@ def test_bad_inputs_are_one_line_errors():
         module.apply({"params": params}, ids, skip_last_layers=2)
     with pytest.raises(ValueError, match="width=8 is not divisible by heads=3"):
         module.clone(heads=3).init(jax.random.key(0), ids)
+
+
+# ----------------------------------------------------------------------------- SD 2.x
+
+
+def _openclip(sd: dict[str, np.ndarray], extra_block: dict | None = None) -> dict:
+    """A transformers CLIPTextModel's tensors as a CompVis/LDM SD 2.x checkpoint holds
+    OpenCLIP's (q, k, v stacked into in_proj), with its pooled head and an optional extra
+    last block."""
+    sd = {k.removeprefix("text_model."): v for k, v in sd.items() if "position_ids" not in k}
+    out = {}
+    for name in sd:
+        key, third = clip_text.openclip_name(name)
+        if third is None:
+            out[key] = sd[name]
+        elif third == 0:
+            parts = [sd[name.replace(".q_proj.", f".{p}_proj.")] for p in "qkv"]
+            out[key] = np.concatenate(parts, axis=0)
+    out.update(extra_block or {})
+    width = sd["final_layer_norm.weight"].shape[0]
+    out["text_projection"] = np.ones((width, 8), np.float32)
+    out["logit_scale"] = np.array(4.6, np.float32)
+    return {clip_text.OPENCLIP_PREFIX + k: v for k, v in out.items()} | {
+        "model.diffusion_model.out.2.bias": np.zeros(4, np.float32)}
+
+
+def test_sd2_openclip_names_are_those_diffusers_converts():
+    """diffusers' own OpenCLIP -> transformers conversion of the SD 2-style checkpoint gives the
+    model's tensors back exactly (names, in_proj's q / k / v order); diffjax converts it to the
+    parameters of the transformers-named dict, its extra last block dropped as SD 2's, and the
+    encoder then equals transformers' on the 3-block model."""
+    single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
+    model = _reference_model(4, hidden_act="gelu")
+    sd = _state_dict(model)
+    extra = {f"transformer.resblocks.3.{k}": np.ones(2, np.float32)
+             for k in ("ln_1.weight", "mlp.c_fc.bias")}
+    ckpt = _openclip(sd)
+    back = single_file_utils.convert_open_clip_checkpoint(
+        model, {k: torch.from_numpy(np.array(v)) for k, v in ckpt.items()})
+    want = {k.removeprefix("text_model."): v for k, v in sd.items() if "position_ids" not in k}
+    back = {k.removeprefix("text_model."): v for k, v in back.items()
+            if k != "text_projection.weight"}
+    assert sorted(back) == sorted(want)
+    for name, array in want.items():
+        np.testing.assert_array_equal(back[name].numpy(), array, err_msg=name)
+    module = clip_text.module_from_transformers_config(model.config.to_dict())
+    abstract = clip_text.abstract_params(module)
+    params = clip_text.convert(_openclip(sd, extra), abstract)
+    jax.tree.map(np.testing.assert_array_equal, params, clip_text.convert(sd, abstract))
+    ids, _ = _tokens()
+    assert _rel(_apply(module, params, ids), _reference(model, ids)) < 1e-5
+
+
+def test_sd2_openclip_errors_name_openclip_tensors():
+    model = _reference_model(5, hidden_act="gelu")
+    ckpt = _openclip(_state_dict(model))
+    module = clip_text.module_from_transformers_config(model.config.to_dict())
+    p = clip_text.OPENCLIP_PREFIX
+    message = _error(ckpt, module.clone(layers=1))  # two blocks too many: not SD 2's one
+    assert f"{p}transformer.resblocks.1.attn.in_proj_weight[q] (32, 32) has no place" in message
+    assert "num_hidden_layers" in message, message
+    missing = {k: v for k, v in ckpt.items()
+               if k != f"{p}transformer.resblocks.2.attn.in_proj_bias"}
+    message = _error(missing, module)
+    assert f"lacks tensor {p}transformer.resblocks.2.attn.in_proj_bias[k] (32,)" in message
+    wide = module.clone(mlp_width=40)
+    message = _error(ckpt, wide)
+    assert f"{p}transformer.resblocks.0.mlp.c_fc.weight has shape (37, 32)" in message, message
