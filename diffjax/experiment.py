@@ -93,7 +93,9 @@ def build(c: ml_collections.ConfigDict, *, num_devices: int = 1,
     ds = _schedule(c)
     task = TASKS[_task_kind(c)](net_c, _data(net_c), ds)
     if latent is not None:
-        task = tasks.LatentDiffusionTask(
+        latent_task = (tasks.LatentTextDiffusionTask
+                       if isinstance(task, tasks.TextDiffusionTask) else tasks.LatentDiffusionTask)
+        task = latent_task(
             **{f.name: getattr(task, f.name) for f in dataclasses.fields(task)},
             first_stage=latent.autoencoder.task, scale_factor=latent.scale_factor,
             sample_posterior=bool(c.data.latent.sample_posterior),
@@ -283,9 +285,9 @@ def _check_text(c: ml_collections.ConfigDict, mode: str) -> None:
         raise ConfigError(f"guidance.type={c.guidance.type!r} is not available for a text "
                           "model; use 'classifier_free' (against the learned null caption) "
                           "or 'none'")
-    if c.condition.type != "none" or c.data.latent.workdir or c.data.latent.config:
-        raise ConfigError("a text model samples from noise in pixel space here: set "
-                          "condition.type='none' and no data.latent")
+    if c.condition.type != "none":
+        raise ConfigError("a text model samples from noise (in pixel space, or in its "
+                          "autoencoder's latents with data.latent): set condition.type='none'")
 
 
 def _check_model(c: ml_collections.ConfigDict) -> None:

@@ -331,6 +331,14 @@ class LatentDiffusionTask(DiffusionTask):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class LatentTextDiffusionTask(LatentDiffusionTask, TextDiffusionTask):
+    """A caption-conditioned model on an autoencoder's latents (LDM's text-to-image setup):
+    :class:`TextDiffusionTask`'s condition (tokens, or precomputed embeddings) and inputs at
+    the latent shape, :class:`LatentDiffusionTask`'s posterior batches (which also hold the
+    ``"tokens"`` / ``"context"`` column), encoding and decoding."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ClassifierTask(Task):
     """A classifier ``(x, t) -> logits [B, num_classes]``.
 

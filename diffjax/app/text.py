@@ -93,24 +93,27 @@ def load_tokenizer(experiment: Experiment, run_dir: str) -> text_lib.Tokenizer:
 
 
 def train_iterator(experiment: Experiment, tokenizer: text_lib.Tokenizer,
-                   process_index: int, process_count: int):
+                   process_index: int, process_count: int, inner=None):
     """Training batches {"image", "label", "tokens"} of this process (the train split with
-    each example's caption tokens)."""
+    each example's caption tokens); inner: a latent cache of the train split to read instead
+    of its images (batches {"mean", "std", "label", "tokens"})."""
     d, seed = experiment.data, experiment.train.seed
     train = data_lib.make_source(**d.source_kwargs())
     tokens = tokenizer.encode(captioner(experiment).captions(train))
-    source = text_source.CaptionedSource(train, tokens)
+    source = text_source.CaptionedSource(train if inner is None else inner, tokens)
     return iter(data_lib.build_dataset(
         source, global_batch_size=d.batch_size, seed=seed, shuffle=True,
         random_flip=d.random_flip, process_index=process_index, process_count=process_count,
         num_epochs=None, drop_remainder=True, num_workers=d.num_workers))
 
 
-def embedding_train_iterator(experiment: Experiment, process_index: int, process_count: int):
+def embedding_train_iterator(experiment: Experiment, process_index: int, process_count: int,
+                             inner=None):
     """Training batches {"image", "label", "context"} of a model of precomputed embeddings
-    (``text.embeddings``, checked against the data before any work)."""
+    (``text.embeddings``, checked against the data before any work); inner: a latent cache
+    of the train split to read instead of its images."""
     d, t = experiment.data, experiment.text
-    train = data_lib.make_source(**d.source_kwargs())
+    train = data_lib.make_source(**d.source_kwargs()) if inner is None else inner
     if text_source.is_record_file(t.embeddings):  # read per batch
         source = text_source.RecordEmbeddingSource(train, text_source.RecordEmbeddings(
             t.embeddings, t.width, t.context_length, count=len(train)))

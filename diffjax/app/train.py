@@ -39,24 +39,46 @@ def train_iterator(d: DataSpec, seed: int, process_index: int, process_count: in
         process_index=process_index, process_count=process_count, num_workers=d.num_workers)
 
 
-def latent_train_iterator(experiment: Experiment, mesh, first_stage_params, ae_step: int,
-                          process_index: int, process_count: int):
-    """A latent model's training batches ``{"mean", "std", "label"}``: from its latent cache
-    (checked against this autoencoder, data and latent shape first), else the pixel batches
-    encoded as they come."""
-    d, lat, seed = experiment.data, experiment.latent, experiment.train.seed
+def _latent_source(experiment: Experiment, first_stage_params, ae_step: int):
+    """The latent cache's source (checked against this autoencoder, data and latent shape),
+    or None without a cache."""
+    d, lat = experiment.data, experiment.latent
     if not lat.cache:
-        it = train_iterator(d, seed, process_index, process_count)
-        return encode_lib.EncodedBatches(it, experiment, mesh, first_stage_params)
+        return None
     identity = lat.identity(d, common.params_digest(first_stage_params), ae_step)
     source = latent_cache.LatentCacheSource(lat.cache, identity)
     if d.num_classes > 0 and source.num_classes != d.num_classes:
         raise data.DataError(f"latent cache {lat.cache} has {source.num_classes} classes, "
                              f"data.num_classes={d.num_classes}")
-    return iter(data.build_dataset(
-        source, global_batch_size=d.batch_size, seed=seed, shuffle=True,
-        random_flip=d.random_flip, process_index=process_index, process_count=process_count,
-        num_epochs=None, drop_remainder=True, num_workers=d.num_workers))
+    return source
+
+
+def latent_train_iterator(experiment: Experiment, mesh, first_stage_params, ae_step: int,
+                          process_index: int, process_count: int, tokenizer=None):
+    """A latent model's training batches ``{"mean", "std", "label"}`` (a text model's with
+    its ``"tokens"`` / ``"context"`` column, ``tokenizer``: a jointly trained encoder's):
+    from its latent cache (checked against this autoencoder, data and latent shape first),
+    else the pixel batches encoded as they come."""
+    d, seed = experiment.data, experiment.train.seed
+    source = _latent_source(experiment, first_stage_params, ae_step)
+    if experiment.text is not None:  # with the captions (or embeddings) of the same examples
+        if tokenizer is not None:
+            it = text_app.train_iterator(experiment, tokenizer, process_index, process_count,
+                                         inner=source)
+        else:
+            it = text_app.embedding_train_iterator(experiment, process_index, process_count,
+                                                   inner=source)
+    elif source is not None:
+        it = iter(data.build_dataset(
+            source, global_batch_size=d.batch_size, seed=seed, shuffle=True,
+            random_flip=d.random_flip, process_index=process_index,
+            process_count=process_count, num_epochs=None, drop_remainder=True,
+            num_workers=d.num_workers))
+    else:
+        it = train_iterator(d, seed, process_index, process_count)
+    if source is None:  # pixel batches, encoded as they come
+        return encode_lib.EncodedBatches(it, experiment, mesh, first_stage_params)
+    return it
 
 
 def first_eval_batch(experiment: Experiment, mesh, n: int) -> dict[str, np.ndarray]:
@@ -157,15 +179,15 @@ def run(experiment: Experiment, workdir: str, mesh, *, allow_config_change: bool
         tokenizer = text_app.training_tokenizer(experiment, workdir)
     if data_iterator is not None:
         it = data_iterator
+    elif experiment.latent is not None:
+        it = latent_train_iterator(experiment, mesh, fs_params, ae_step, jax.process_index(),
+                                   jax.process_count(), tokenizer)
     elif tokenizer is not None:
         it = text_app.train_iterator(experiment, tokenizer, jax.process_index(),
                                      jax.process_count())
     elif experiment.text is not None:
         it = text_app.embedding_train_iterator(experiment, jax.process_index(),
                                                jax.process_count())
-    elif experiment.latent is not None:
-        it = latent_train_iterator(experiment, mesh, fs_params, ae_step, jax.process_index(),
-                                   jax.process_count())
     else:
         it = train_iterator(experiment.data, experiment.train.seed, jax.process_index(),
                             jax.process_count())

@@ -97,7 +97,10 @@ class _LocalBatchReader:
         local = self._local_indices(k)
         mask = local >= 0
         if getattr(self.source, "yields_arrays", False):
-            return self._arrays(local, mask)
+            batch = self._arrays(local, mask)
+            if hasattr(self.source, "read_columns"):  # a latent cache with captions
+                batch.update(self._columns(local, mask))
+            return batch
         images = np.zeros((b,) + tuple(self.source.image_shape), dtype=np.uint8)
         labels = np.zeros(b, dtype=np.int32)
         if mask.all():

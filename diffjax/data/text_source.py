@@ -105,7 +105,8 @@ CAPTIONERS = {"fashion_mnist_attributes": FashionMnistAttributes}
 
 
 class CaptionedSource:
-    """``inner`` plus each example's caption as tokens [L] (``read_columns``).
+    """``inner`` (an image source, or a latent cache of its examples in their order) plus each
+    example's caption as tokens [L] (``read_columns``).
 
     tokens: [N, L] int32 of every example of ``inner`` in order (``Tokenizer.encode`` of the
     captioner's captions)."""
@@ -121,6 +122,11 @@ class CaptionedSource:
         return len(self.inner)
 
     @property
+    def yields_arrays(self) -> bool:
+        """Whether ``inner`` reads dicts of arrays (a latent cache's posteriors)."""
+        return getattr(self.inner, "yields_arrays", False)
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         return self.inner.image_shape
 
@@ -128,7 +134,7 @@ class CaptionedSource:
     def num_classes(self) -> int:
         return self.inner.num_classes
 
-    def read_batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def read_batch(self, indices: np.ndarray) -> Any:
         return self.inner.read_batch(indices)
 
     def read_columns(self, indices: np.ndarray) -> dict[str, np.ndarray]:
