@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from diffjax import configlib, data, experiment, parallel, tasks
+from diffjax import main as cli
 from diffjax.app import common
 from diffjax.app import encode as app_encode
 from diffjax.app import sample as app_sample
@@ -99,7 +100,8 @@ def test_cached_batches_carry_each_examples_caption(tiny, setup, tmp_path):
 
 def test_trains_and_samples_prompts_through_the_decoder(tiny, setup, tmp_path):
     """Two training steps from the cache with a prompt grid at step 2, then --mode sample of
-    two prompts: images of the data's (pixel) shape, their prompts recorded."""
+    two prompts: images of the data's (pixel) shape, their prompts recorded; --mode eval
+    scores the prompts' attributes on decoded samples."""
     mesh, text_data, ae, cache = setup
     workdir = str(tmp_path / "run")
     exp = experiment.build(_config(tiny, text_data, ae, cache, **{
@@ -117,6 +119,15 @@ def test_trains_and_samples_prompts_through_the_decoder(tiny, setup, tmp_path):
     with np.load(os.path.join(workdir, "samples.npz")) as f:
         assert list(f["prompts"]) == [prompts[0]] * 2 + [prompts[1]] * 2
         np.testing.assert_array_equal(f["tokens"], tokens)
+    # --mode eval measures the prompted attributes on the decoded images
+    cli.run(_config(tiny, text_data, ae, cache, **{
+        "eval.metrics": ("attribute_accuracy",), "eval.num_samples": 16, "eval.batch_size": 8,
+        "sampler.prompts": prompts}), "eval", workdir)
+    out = os.path.join(workdir, "eval")
+    (record,) = [json.load(open(os.path.join(out, f))) for f in os.listdir(out)
+                 if f.endswith(".json")]
+    assert sorted(record["metrics"]) == ["brightness_accuracy", "size_accuracy"]
+    assert all((v * 16).is_integer() for v in record["metrics"].values())
 
 
 def test_fashion_mnist_text_latent_config():
