@@ -87,6 +87,22 @@ def test_cached_batches_carry_each_examples_caption(tiny, setup, tmp_path):
         for mean, tokens in zip(a["mean"].reshape(len(a["mean"]), -1), a["tokens"]):
             (i,) = np.flatnonzero((means == mean).all(axis=1))  # the cache row it came from
             np.testing.assert_array_equal(tokens, every[i])
+    # precomputed embeddings (row i's context holds i) on the cache: each row's own
+    n, width, length = len(rows), 6, 4
+    context = np.repeat(np.arange(n, dtype=np.float32)[:, None, None], length, 1)
+    context = np.repeat(context, width, 2)
+    np.savez(tmp_path / "embeddings.npz", context=context, mask=np.ones((n, length), bool))
+    emb_exp = experiment.build(_config(tiny, text_data, ae, cache, **{
+        "text.encoder": "embeddings", "text.embeddings": str(tmp_path / "embeddings.npz"),
+        "text.width": width, "text.context_length": length}))
+    packed = app_train.latent_train_iterator(emb_exp, mesh, params, step, 0, 1)
+    for _ in range(6):
+        batch = next(packed)
+        assert set(batch) == {"mean", "std", "label", "context"}
+        for mean, cond in zip(batch["mean"].reshape(len(batch["mean"]), -1), batch["context"]):
+            (i,) = np.flatnonzero((means == mean).all(axis=1))
+            np.testing.assert_array_equal(cond[:, :width], i)  # and the mask after it
+            np.testing.assert_array_equal(cond[:, width], 1.0)
     # the loss is conditioned on the captions: other tokens, another loss
     rng = np.random.default_rng(0)
     net = jax.tree.map(lambda p: p + 0.1 * rng.standard_normal(p.shape, np.float32),
