@@ -38,9 +38,12 @@ names are guided-diffusion's (:mod:`diffjax.convert.guided_diffusion`: ``input_b
 ResBlock ``in_layers`` / ``emb_layers`` / ``out_layers`` / ``skip_connection``, Downsample
 ``op``, Upsample ``conv``), with SpatialTransformer blocks at ``.1`` whose inner names are
 diffusers' (``norm``, ``proj_in``, ``transformer_blocks.N.attn1.to_q``, ..., ``proj_out``).
-A non-pruned ``.ckpt`` keeps its EMA weights apart, under ``model_ema.`` in LitEma's
-dot-less names, which are not read: it converts to its ``model.diffusion_model`` (non-EMA)
-weights; the ``-emaonly`` / ``-ema-pruned`` files hold the EMA weights there. Layouts: conv [O, I, kh, kw] -> HWIO; Linear [O, I] -> Dense [I, O]; the
+A non-pruned ``.ckpt`` also holds LitEma's copy of the weights, under ``model_ema.`` with
+the names' dots removed: ``key="model_ema"`` (``--key model_ema``) converts that copy, no key
+the ``model.diffusion_model`` (non-EMA) weights; the ``-emaonly`` / ``-ema-pruned`` files
+hold the EMA weights under ``model.diffusion_model.``.
+
+Layouts: conv [O, I, kh, kw] -> HWIO; Linear [O, I] -> Dense [I, O]; the
 transformer's ``proj_in`` / ``proj_out``: a 1x1 conv [O, I, 1, 1] (SD 1.x) or a Linear
 (SD 2.x, ``use_linear_projection``) -> Dense [I, O], and the stored rank must be the one
 ``use_linear_in_transformer`` says; GroupNorm / LayerNorm ``weight`` -> ``scale``. Arrays
@@ -76,6 +79,10 @@ _TOP = {"input_blocks_0_conv": "conv_in", "out_norm": "conv_norm_out", "out_conv
         "middle_res_1": "mid_block.resnets.1", "middle_attn": "mid_block.attentions.0"}
 _ADM_BLOCK = re.compile(r"^(input|output)_blocks_(\d+)_(res|attn|down|up)$")
 LDM_PREFIX = "model.diffusion_model."  # the UNet's tensors in a CompVis/LDM checkpoint
+# LitEma's copy of them in a non-pruned CompVis checkpoint: "model_ema.diffusion_model" + the
+# LDM name without its dots (``key="model_ema"`` reads it)
+EMA_KEY = "model_ema"
+_EMA_PREFIX = "model_ema.diffusion_model"
 _PROJ = re.compile(r"(attentions\.\d+|_blocks\.\d+\.1|middle_block\.1)\.proj_(in|out)\.weight$")
 
 
@@ -181,6 +188,24 @@ def ldm_names(abstract_params: Any, module: UNet) -> dict[str, tuple[str, ...]]:
     return out
 
 
+def _lit_ema_part(state_dict: Mapping[str, np.ndarray], names: Mapping[str, Any]
+                  ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(LitEma's copy of the UNet under LDM's names ``names``, each name as the file shows
+    it); a copy's tensor of no such name keeps its own (its error names it)."""
+    flat = {_EMA_PREFIX + name.replace(".", ""): name for name in names}
+    if len(flat) < len(names):
+        raise ConversionError("LitEma's dot-less names of this UNet's tensors are ambiguous; "
+                              "convert the model.diffusion_model.* weights (no key)")
+    found = {k: v for k, v in state_dict.items() if k.startswith(_EMA_PREFIX)}
+    if not found:
+        raise ConversionError(f"the checkpoint holds no LitEma copy ({_EMA_PREFIX}*): a "
+                              "pruned file's model.diffusion_model.* are its weights; drop "
+                              f"key={EMA_KEY!r}")
+    shown = {flat.get(k, k): k for k in found}
+    shown.update({name: key for key, name in flat.items()})
+    return {flat.get(k, k): v for k, v in found.items()}, shown
+
+
 def _ldm_part(state_dict: Mapping[str, np.ndarray]
               ) -> tuple[dict[str, np.ndarray], str] | None:
     """(the UNet's tensors of a CompVis/LDM state dict with the prefix stripped, the prefix:
@@ -240,8 +265,9 @@ def _hint(name: str, got: tuple | None, want: tuple | None) -> str:
     return "model.model_channels, channel_mult or num_res_blocks"
 
 
-def _mismatch(name: str, got, want, prefix: str = "") -> ConversionError:
-    return mismatch_error(prefix + name, got, want, _hint(name, got, want))
+def _mismatch(name: str, got, want, prefix: str = "", shown: Mapping[str, str] = {}
+              ) -> ConversionError:
+    return mismatch_error(shown.get(name, prefix + name), got, want, _hint(name, got, want))
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -259,11 +285,12 @@ def abstract_params(module: UNet, image_shape: tuple[int, int, int]) -> dict:
                           x, t, y, ctx)["params"]
 
 
-def convert(state_dict: Mapping[str, np.ndarray], abstract: Any, module: UNet) -> dict:
+def convert(state_dict: Mapping[str, np.ndarray], abstract: Any, module: UNet,
+            ema: bool = False) -> dict:
     """An SD UNet state dict -> ``module``'s ``"params"`` tree (NumPy arrays in the dtypes of
     ``abstract``, its abstract parameters): diffusers' UNet2DConditionModel names, or
     CompVis/LDM's (a whole SD checkpoint's ``model.diffusion_model.*``; see the module
-    docstring).
+    docstring). ema: read LitEma's copy (``model_ema.*``) of a non-pruned CompVis checkpoint.
 
     Raises:
       ConversionError: one line naming the first tensor (in the checkpoint's order) that does
@@ -274,8 +301,11 @@ def convert(state_dict: Mapping[str, np.ndarray], abstract: Any, module: UNet) -
                               "UNetModel) is context-conditioned: set model.context_dim > 0 "
                               "and model.use_spatial_transformer=True")
     flat = traverse_util.flatten_dict(abstract)
-    ldm, prefix = _ldm_part(state_dict), ""  # prefix: errors name tensors as the file does
-    if ldm is None:
+    ldm, prefix, shown = _ldm_part(state_dict), "", {}  # errors name tensors as the file does
+    if ema:
+        names = ldm_names(abstract, module)
+        state_dict, shown = _lit_ema_part(state_dict, names)
+    elif ldm is None:
         names = diffusers_names(abstract, module)
     else:
         (state_dict, prefix), names = ldm, ldm_names(abstract, module)
@@ -283,7 +313,7 @@ def convert(state_dict: Mapping[str, np.ndarray], abstract: Any, module: UNet) -
     for name, array in state_dict.items():
         array = np.asarray(array)
         if name not in names:
-            raise _mismatch(name, tuple(array.shape), None, prefix)
+            raise _mismatch(name, tuple(array.shape), None, prefix, shown)
         path = names[name]
         target = flat[path]
         want = _torch_shape(name, tuple(target.shape), module, array.ndim)
@@ -291,12 +321,12 @@ def convert(state_dict: Mapping[str, np.ndarray], abstract: Any, module: UNet) -
                  else torch_file.flax_layout(array, len(target.shape)))
         if value is None or value.shape != tuple(target.shape) or (
                 _proj(name) and array.ndim != len(want)):
-            raise _mismatch(name, tuple(array.shape), want, prefix)
+            raise _mismatch(name, tuple(array.shape), want, prefix, shown)
         out[path] = np.ascontiguousarray(value.astype(target.dtype))
     for name, path in names.items():
         if path not in out:
             raise _mismatch(name, None, _torch_shape(name, tuple(flat[path].shape), module, 0),
-                            prefix)
+                            prefix, shown)
     return traverse_util.unflatten_dict(out)
 
 
@@ -312,16 +342,20 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], module: UNet,
 
 
 def load_checkpoint(path: str | os.PathLike, config: Any, key: str | None = None) -> dict:
-    """The diffjax parameters of a diffusers SD UNet weight file (``.safetensors``, or
-    ``.bin`` / ``.pt`` read without torch) for ``config``: a resolved Experiment or its Task
-    (anything with ``.task.abstract_params()`` or ``.abstract_params()`` and ``.model``).
+    """The diffjax parameters of an SD UNet weight file (``.safetensors``, or ``.bin`` /
+    ``.pt`` / ``.ckpt`` read without torch; diffusers' or CompVis/LDM's names) for
+    ``config``: a resolved Experiment or its Task (anything with ``.task.abstract_params()``
+    or ``.abstract_params()`` and ``.model``). key: the file's entry holding the state dict,
+    or ``"model_ema"``: LitEma's copy of a non-pruned CompVis checkpoint (``--key model_ema``).
 
     Raises:
       WeightFileError: a missing, corrupt or unsafe file; ConversionError (a subclass): a
         state dict of another architecture (one line: the first mismatching tensor).
     """
     task = getattr(config, "task", config)
-    return convert(torch_file.load_state_dict(path, key), task.abstract_params(), task.model)
+    ema = key == EMA_KEY
+    return convert(torch_file.load_state_dict(path, None if ema else key),
+                   task.abstract_params(), task.model, ema=ema)
 
 
 def module_from_diffusers_config(config: Mapping[str, Any], **options: Any) -> UNet:

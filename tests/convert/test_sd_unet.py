@@ -374,3 +374,41 @@ def test_sd15_compvis_names_at_full_size():
     back = single_file_utils.convert_ldm_unet_checkpoint(ldm, dict(model.config))
     assert sorted(back) == sorted(want)
     assert all(back[k] is want[k] for k in want)
+
+
+def test_lit_ema_copy_of_a_non_pruned_checkpoint(reference, tmp_path):
+    """key="model_ema" reads LitEma's copy (model_ema.diffusion_model<name without dots>),
+    as diffusers' LDM conversion with extract_ema=True does; without it, the non-EMA
+    weights. Errors name LitEma's tensors."""
+    model = reference[0]
+    ldm, module, abstract = _ldm_state_dict(model)
+    rng = np.random.default_rng(0)
+    ema = {"model_ema." + "".join(k.split(".")[1:]): (v + rng.standard_normal(v.shape)).astype(
+        np.float32) for k, v in ldm.items() if k.startswith(sd_unet.LDM_PREFIX)}
+    ckpt = {**ldm, **ema, "model_ema.decay": np.array(0.9999, np.float32),
+            "model_ema.num_updates": np.array(470000, np.int32)}
+    want = single_file_utils.convert_ldm_unet_checkpoint(
+        {k: torch.from_numpy(np.array(v)) for k, v in ckpt.items()}, dict(model.config),
+        extract_ema=True)
+    from_ema = sd_unet.convert(ckpt, abstract, module, ema=True)
+    from_diffusers = sd_unet.convert({k: v.numpy() for k, v in want.items()}, abstract, module)
+    jax.tree.map(np.testing.assert_array_equal, from_ema, from_diffusers)
+    plain = sd_unet.convert(ckpt, abstract, module)  # no key: the non-EMA weights
+    jax.tree.map(np.testing.assert_array_equal, plain, sd_unet.convert(ldm, abstract, module))
+    path = tmp_path / "sd-tiny-full.ckpt"
+    torch.save({"state_dict": {k: torch.from_numpy(np.array(v)) for k, v in ckpt.items()}},
+               str(path))
+
+    class Task:
+        def abstract_params(self):
+            return abstract
+
+    Task.model = module
+    loaded = sd_unet.load_checkpoint(path, Task(), key=sd_unet.EMA_KEY)
+    jax.tree.map(np.testing.assert_array_equal, loaded, from_ema)
+    missing = {k: v for k, v in ckpt.items() if k != "model_ema.diffusion_modelout2bias"}
+    with pytest.raises(ConversionError, match="lacks tensor model_ema.diffusion_modelout2bias"):
+        sd_unet.convert(missing, abstract, module, ema=True)
+    pruned = {k: v for k, v in ldm.items() if not k.startswith("model_ema.")}
+    with pytest.raises(ConversionError, match="holds no LitEma copy"):
+        sd_unet.convert(pruned, abstract, module, ema=True)
