@@ -25,10 +25,12 @@ or, in CompVis/LDM's format, ``--checkpoint v1-5-pruned-emaonly.safetensors`` (a
 checkpoint: its ``model.diffusion_model.*`` tensors are the UNet; the VAE's convert with
 ``experiments/autoencoder_sd_vae.py`` from the same file).
 
-Not wired yet (issue 13 part 2): the context source (CLIP's text encoder and its
-tokenizer, the empty prompt as the null condition of classifier-free guidance), so
-``--mode train`` / ``sample`` / ``eval`` of this config stop with a one-line error before any
-work. SD 1.5's own training (LAION-Aesthetics, 10% of captions dropped, AdamW 1e-4) and
+Not wired yet (issue 13 part 2): the context source. CLIP's text encoder and its tokenizer
+exist as library parts (``diffjax.models.clip_text``, ``diffjax.convert.clip_text``,
+``diffjax.text.CLIPTokenizer``: prompts -> the [B, 77, 768] context this UNet takes, from the
+released files), but no config runs them as a frozen encoder with the empty prompt as the
+null condition of classifier-free guidance, so ``--mode train`` / ``sample`` / ``eval`` of
+this config stop with a one-line error before any work. SD 1.5's own training (LAION-Aesthetics, 10% of captions dropped, AdamW 1e-4) and
 sampling (PNDM/DDIM 50 steps, guidance 7.5 = diffjax's w 6.5) wait for it. ``:smoke`` is
 the CPU-sized model of the same family (its init and apply run).
 """
