@@ -16,11 +16,12 @@ images, encoded once; each cache row's caption is computed from its image)::
         --config.sampler.prompts='("a dark sneaker", "a bright dress")'
 
 Samples, grids and ``--mode eval`` (class and attribute accuracy of the prompts) are decoded
-28x28 images, judged as ``fashion_mnist_text.py``'s. Measured (2 CPU cores, 2026-11-29; 400
-samples per guidance scale, DDIM-25): at w = 0 / 1 / 3 class accuracy 0.823 / 0.948 / 0.978,
-brightness 0.843 / 0.975 / 0.990, size 0.853 / 0.945 / 0.973, after the 3500 steps (about 18
-minutes at 3.2-3.45 steps/s); the pixel model's at 2000 steps: 0.844 / 0.944 / 0.970,
-0.876 / 0.985 / 0.978, 0.874 / 0.959 / 0.968. ``:smoke`` is a seconds-long CPU check (it
+28x28 images, judged as ``fashion_mnist_text.py``'s. Measured (2 CPU cores, 2026-11-29;
+``--config.eval.num_samples=800``: 40 prompts x 20 per guidance scale, DDIM-25): at w = 0 /
+1 / 3 class accuracy 0.845 / 0.951 / 0.979, brightness 0.860 / 0.975 / 0.990, size 0.855 /
+0.945 / 0.976, after the 3500 steps (about 18 minutes at 3.2-3.45 steps/s); the pixel
+model's at 2000 steps, same count: 0.844 / 0.944 / 0.970, 0.876 / 0.985 / 0.978, 0.874 /
+0.959 / 0.968. ``:smoke`` is a seconds-long CPU check (it
 still needs the autoencoder run).
 """
 
