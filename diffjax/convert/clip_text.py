@@ -66,7 +66,6 @@ _OPENCLIP_UNUSED = ("text_projection", "logit_scale")  # the pooled, contrastive
 _BLOCK_NAME = re.compile(r"^encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _OPENCLIP_BLOCK_NAME = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+?)[._](weight|bias)$")
 _LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "embedding": "weight"}
-_ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 def transformers_names(abstract_params: Any) -> dict[str, tuple[str, ...]]:

@@ -265,9 +265,10 @@ def _hint(name: str, got: tuple | None, want: tuple | None) -> str:
     return "model.model_channels, channel_mult or num_res_blocks"
 
 
-def _mismatch(name: str, got, want, prefix: str = "", shown: Mapping[str, str] = {}
-              ) -> ConversionError:
-    return mismatch_error(shown.get(name, prefix + name), got, want, _hint(name, got, want))
+def _mismatch(name: str, got, want, prefix: str = "",
+              shown: Mapping[str, str] | None = None) -> ConversionError:
+    shown_name = (shown or {}).get(name, prefix + name)
+    return mismatch_error(shown_name, got, want, _hint(name, got, want))
 
 
 # ----------------------------------------------------------------------------- conversion

@@ -152,15 +152,14 @@ class CLIPTextModel(layers.ReadsParams):
                          (self.context_length, self.width), self.param_dtype)
         h = h + pos[:tokens.shape[1]].astype(h.dtype)
         mask = None if mask is None else mask.astype(bool)
+        block = functools.partial(CLIPEncoderLayer, self.width, self.heads, self.mlp_width,
+                                  self.activation, self.layer_norm_eps, self.dtype,
+                                  self.param_dtype, self.attention_impl)
         for i in range(self.layers - skip_last_layers):
-            h = CLIPEncoderLayer(self.width, self.heads, self.mlp_width, self.activation,
-                                 self.layer_norm_eps, self.dtype, self.param_dtype,
-                                 self.attention_impl, name=f"layers_{i}")(h, mask)
+            h = block(name=f"layers_{i}")(h, mask)
         if skip_last_layers and self.is_initializing():  # the skipped blocks' parameters
             for i in range(self.layers - skip_last_layers, self.layers):
-                CLIPEncoderLayer(self.width, self.heads, self.mlp_width, self.activation,
-                                 self.layer_norm_eps, self.dtype, self.param_dtype,
-                                 self.attention_impl, name=f"layers_{i}")(h, mask)
+                block(name=f"layers_{i}")(h, mask)
         norm = layers.LayerNorm(epsilon=self.layer_norm_eps, dtype=jnp.float32,
                                 param_dtype=self.param_dtype, use_fast_variance=False,
                                 name="final_layer_norm")
